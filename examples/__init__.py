@@ -1,0 +1,1 @@
+"""Bundled research targets (see tinylm/)."""

@@ -1,0 +1,239 @@
+"""The `runner` command. Parses options, builds the config, calls one function; no logic here.
+
+Every expected failure (bad input, no daemon, missing image or data) ends as one `error:` line
+on stderr that says what to do, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safe unattended ML research loops in containers.")
+base_app = typer.Typer(no_args_is_help=True, help="The registry-less base image.")
+app.add_typer(base_app, name="base-image")
+
+RepoOpt = typer.Option(Path("."), "--repo", help="The research repo (prepare.py, train.py, program.md).")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from sandbox.backend import SandboxError
+    from sandbox.gpu import GpuError
+
+    from .config import ConfigError
+    from .data import DataError
+    from .loop import LoopError
+    from .proposers.base import ProposerError
+    from .repo import RepoError
+
+    return (SandboxError, GpuError, ConfigError, DataError, LoopError, RepoError, ProposerError)
+
+
+def cli_command(fn):
+    """Turn the expected failures of `fn` into one clear error line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _expected_errors() as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _config(repo: Path, **overrides):
+    from .config import load_config
+
+    return load_config(repo, overrides)
+
+
+def _open_repo(path: Path):
+    from .repo import ResearchRepo
+
+    return ResearchRepo(path)
+
+
+def _lease(request: str):
+    from sandbox import gpu
+
+    return gpu.acquire(request)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the runner version."""
+    typer.echo(__version__)
+
+
+@app.command("init-example")
+@cli_command
+def init_example(directory: Path = typer.Argument(..., help="Where to create the example repo (must not exist or be empty).")) -> None:
+    """Copy the bundled tinylm research target into DIRECTORY as a fresh git repo."""
+    from .examples import init_example as do_init
+
+    path = do_init(directory)
+    typer.echo(f"created {path} (git repo, one commit). Next: cd {path} && runner prepare && runner start --tag demo")
+
+
+@app.command("prepare")
+@cli_command
+def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host.")) -> None:
+    """Run the repo's own prepare.py once, in the trainer image, with the data cache writable."""
+    from .engine import Engine
+
+    cfg = _config(repo, data_dir=data_dir)
+    research = _open_repo(cfg.repo)
+    engine = Engine(cfg, research, progress=typer.echo)
+    log = research.path / ".autoresearch" / "prepare.log"
+    result = engine.prepare_data(log)
+    if result.exit_code != 0 or result.reason:
+        typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {log}:\n{result.tail_lines(15)}", err=True)
+        raise typer.Exit(2)
+    typer.echo(result.tail_lines(5))
+    typer.echo(f"data ready in {cfg.data_dir}")
+
+
+@app.command("run")
+@cli_command
+def run(
+    repo: Path = RepoOpt,
+    commit: str = typer.Option("HEAD", help="The commit to run."),
+    budget: Optional[float] = typer.Option(None, help="Training budget in seconds (default: TIME_BUDGET of prepare.py)."),
+    gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2"),
+    tag: str = typer.Option("adhoc", help="Image repository tag: autoresearch-runner/<tag>:<commit>."),
+    data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Run one commit in the sandbox and print its result."""
+    from sandbox.naming import check_tag
+
+    from .engine import Engine
+
+    cfg = _config(repo, budget_s=budget, gpus=gpus, data_dir=data_dir)
+    check_tag(tag)
+    research = _open_repo(cfg.repo)
+    research.ensure_clean()
+    sha = research.resolve(commit).sha
+    lease = _lease(cfg.gpus)
+    try:
+        engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
+        log = research.path / ".autoresearch" / "runs" / f"run-{sha[:7]}.log"
+        result = engine.run_commit(sha, tag, log)
+    finally:
+        lease.release()
+    record = result.to_dict()
+    if as_json:
+        typer.echo(json.dumps(record, sort_keys=True))
+    else:
+        val = "-" if record["val_bpb"] is None else f"{record['val_bpb']:.6f}"
+        typer.echo(f"{record['status']} {record['reason']} val_bpb:{val} mem:{record['memory_gb']}GB "
+                   f"wall:{record['wall_s']}s overhead:{record['overhead_s']}s image:{record['image']} log:{record['log']}")
+
+
+@app.command("start")
+@cli_command
+def start(
+    tag: str = typer.Option(..., help="Run tag: the branch is autoresearch/<tag>."),
+    repo: Path = RepoOpt,
+    resume: bool = typer.Option(False, help="Continue a stopped or killed run of this tag."),
+    max_experiments: Optional[int] = typer.Option(None, help="Stop after N experiments (the baseline not counted)."),
+    budget: Optional[float] = typer.Option(None, help="Training budget in seconds per experiment."),
+    proposer: Optional[str] = typer.Option(None, help="auto | offline | claude"),
+    min_delta: Optional[str] = typer.Option(None, help="A keep must beat the best by this much; 'auto' = 2 x noise spread."),
+    seed: Optional[int] = typer.Option(None, help="Offline proposer seed."),
+    gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2"),
+    data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+) -> None:
+    """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
+    from sandbox.naming import check_tag
+
+    from .engine import Engine
+    from .loop import Loop
+    from .proposers import make_proposer
+
+    delta = None if min_delta is None else (min_delta if min_delta == "auto" else _float(min_delta, "--min-delta"))
+    cfg = _config(repo, tag=check_tag(tag), max_experiments=max_experiments, budget_s=budget, proposer=proposer,
+                  min_delta=delta, seed=seed, gpus=gpus, data_dir=data_dir)
+    research = _open_repo(cfg.repo)
+    lease = _lease(cfg.gpus)
+    try:
+        engine = Engine(cfg, research, gpus=lease, progress=typer.echo)
+        loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=lambda m: typer.echo(m))
+        loop.run(resume=resume)
+    finally:
+        lease.release()
+
+
+def _float(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        from .config import ConfigError
+
+        raise ConfigError(f"{name} must be a number or 'auto', got {text!r}") from None
+
+
+@app.command("clean")
+@cli_command
+def clean(tag: Optional[str] = typer.Option(None, help="Only this tag's containers.")) -> None:
+    """Remove this user's leftover experiment containers whose runner has died."""
+    from sandbox.docker_backend import DockerSandbox
+
+    removed = DockerSandbox().cleanup(tag=tag)
+    typer.echo(f"removed {len(removed)} container(s)" + (": " + ", ".join(removed) if removed else ""))
+
+
+@app.command("doctor")
+def doctor(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None)) -> None:
+    """Check the daemon, base image, GPUs, repo and data cache; say what to do about each problem."""
+    from .doctor import run_checks
+
+    ok = run_checks(repo, data_dir, typer.echo)
+    raise typer.Exit(0 if ok else 1)
+
+
+@base_app.command("build")
+@cli_command
+def base_image_build(
+    ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip in the chroot (TLS-intercepting proxies). Default: $PIP_CERT if set."),
+    find_links: Optional[Path] = typer.Option(None, help="Local wheel directory (air-gapped hosts). Default: $PIP_FIND_LINKS if a directory."),
+    torch: str = typer.Option("torch==2.13.0", help="The torch requirement to install (a CPU build)."),
+    mirror: str = typer.Option("http://deb.debian.org/debian", help="Debian mirror for debootstrap."),
+    suite: str = typer.Option("bookworm", help="Debian suite."),
+    force: bool = typer.Option(False, help="Rebuild even if an image with the same recipe exists."),
+) -> None:
+    """Build the CPU base image with debootstrap and `docker import`: no container registry needed."""
+    from sandbox import images
+    from sandbox.docker_backend import connect
+
+    ca = ca_bundle or _env_path("PIP_CERT", file=True)
+    links = find_links or _env_path("PIP_FIND_LINKS", file=False)
+    recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,))
+    ref = images.build_base_image(connect(), recipe, ca_bundle=ca, find_links=links, progress=typer.echo, force=force)
+    typer.echo(ref)
+
+
+def _env_path(name: str, file: bool) -> Path | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    p = Path(value)
+    return p if (p.is_file() if file else p.is_dir()) else None
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,192 @@
+"""RunConfig: runner.yaml in the research repo, merged with CLI options (CLI wins).
+
+Every key of runner.yaml is a field below with its type; an unknown key or a wrong type is one
+error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sandbox.spec import GiB, MiB, Limits
+
+CONFIG_FILE = "runner.yaml"
+DATA_MOUNT = "/home/runner/.cache/autoresearch"   # where autoresearch's prepare.py looks (~ of the runner user)
+HF_MOUNT = "/home/runner/.cache/huggingface"
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+
+
+class ConfigError(ValueError):
+    """runner.yaml or an option is invalid; the message names the key."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("AUTORESEARCH_DATA_DIR", Path.home() / ".cache" / "autoresearch"))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """The `limits:` section. Sizes in the units their names say."""
+
+    timeout_factor: float = 2.0      # deadline = timeout_factor x budget + startup_grace_s
+    startup_grace_s: float = 60.0    # imports, data loading and evaluation around training
+    kill_grace_s: float = 10.0       # SIGTERM -> SIGKILL
+    memory_gb: float = 16.0          # RAM ceiling (no swap)
+    cpus: float | None = None        # CPU quota in cores; null = none
+    cpuset: str | None = None        # pin experiments to these host CPUs, e.g. "0-7"
+    pids: int = 512                  # processes + threads
+    tmp_mb: int = 1024               # /tmp tmpfs
+    out_mb: int = 256                # /out tmpfs
+    log_cap_mb: int = 8              # host log: this much of the head is kept ...
+    log_tail_mb: int = 1             # ... plus this much of the tail
+    vram_gb: float | None = None     # VRAM ceiling enforced by the NVML watchdog; null = none
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    repo: Path = Path(".")
+    tag: str | None = None
+    budget_s: float | None = None        # training budget; null = TIME_BUDGET from prepare.py
+    proposer: str = "auto"               # auto | offline | claude (auto: claude if ANTHROPIC_API_KEY is set)
+    model: str = "claude-sonnet-4-5"     # Claude model for the claude proposer
+    max_tokens: int = 16000              # per Claude reply
+    api_retries: int = 8                 # Anthropic API retries with backoff
+    max_turns: int = 30                  # tool-use turns per proposal
+    seed: int = 0                        # offline proposer seed
+    max_experiments: int | None = None   # stop after this many experiments (baseline excluded)
+    min_delta: float | str = 0.0         # keep needs val_bpb < best - min_delta; "auto" = 2 x noise spread
+    stale_after: int = 10                # experiments without improvement before widening the search
+    gpus: str = "auto"                   # auto | none | "0,2" (device indices) | "4" (a count)
+    base_image: str = "auto"             # auto | an image reference
+    requirements: str | None = None      # research deps file in the repo, installed in the trainer image
+    ca_bundle: Path | None = None        # CA bundle for pip inside image builds (TLS proxies)
+    data_dir: Path = field(default_factory=default_data_dir)  # prepared data, mounted read-only
+    hf_cache: Path | None = None         # Hugging Face cache, mounted read-only, hub offline
+    command: tuple[str, ...] = ("python", "train.py")
+    env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def sandbox_limits(self, time_budget_s: float) -> Limits:
+        lim = self.limits
+        return Limits(
+            time_budget_s=time_budget_s,
+            timeout_factor=lim.timeout_factor,
+            startup_grace_s=lim.startup_grace_s,
+            kill_grace_s=lim.kill_grace_s,
+            mem_limit_bytes=int(lim.memory_gb * GiB),
+            cpus=lim.cpus,
+            cpuset=lim.cpuset,
+            pids_limit=lim.pids,
+            tmp_size_bytes=lim.tmp_mb * MiB,
+            out_size_bytes=lim.out_mb * MiB,
+            log_cap_bytes=lim.log_cap_mb * MiB,
+            log_tail_bytes=lim.log_tail_mb * MiB,
+            vram_limit_gb=lim.vram_gb,
+        )
+
+    def to_dict(self) -> dict:
+        def plain(v):
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, tuple):
+                return list(v)
+            return v
+        d = dataclasses.asdict(self)
+        return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v)) for k, v in d.items()}
+
+
+def _check_type(key: str, value, hint):
+    """Coerce `value` to `hint` where that is lossless, else raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value).expanduser()
+    if origin is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: str(v) for k, v in value.items()}
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{CONFIG_FILE}: key '{key}' must be {name}, got {value!r}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{CONFIG_FILE}: '{prefix.rstrip('.') or 'top level'}' must be a mapping of keys")
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known or key in ("repo", "tag"):
+            allowed = sorted(known - {"repo", "tag"})
+            raise ConfigError(f"{CONFIG_FILE}: unknown key '{prefix}{key}' (known keys: {', '.join(allowed)})")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
+    """runner.yaml of `repo` (if present) with `overrides` (CLI options that were given) on top.
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown key, a wrong type, or an invalid value.
+    """
+    path = Path(repo) / CONFIG_FILE
+    data: dict = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{CONFIG_FILE} is not valid YAML: {exc}".splitlines()[0]) from None
+    cfg = _build(RunConfig, data)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in dataclasses.fields(LimitsConfig)}}
+    if limit_overrides:
+        overrides["limits"] = dataclasses.replace(cfg.limits, **limit_overrides)
+    cfg = dataclasses.replace(cfg, repo=Path(repo).resolve(), **overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.proposer not in ("auto", "offline", "claude"):
+        raise ConfigError(f"proposer must be auto, offline or claude, got {cfg.proposer!r}")
+    if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":
+        raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
+    if cfg.budget_s is not None and cfg.budget_s <= 0:
+        raise ConfigError(f"budget must be positive seconds, got {cfg.budget_s}")
+    if cfg.limits.memory_gb <= 0 or cfg.limits.pids <= 0:
+        raise ConfigError("limits.memory_gb and limits.pids must be positive")
+    for name in cfg.env:
+        if _SECRET_NAME.search(name):
+            raise ConfigError(f"env: '{name}' looks like a secret; experiments never receive secrets")

@@ -1,0 +1,62 @@
+"""`runner doctor`: is this host ready to run experiments? Each check says what to do if not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -> bool:
+    from sandbox import gpu, images
+    from sandbox.backend import SandboxError
+    from sandbox.docker_backend import connect
+
+    from .config import ConfigError, load_config
+    from .data import DataError, check_data_dir
+    from .repo import RepoError, ResearchRepo
+
+    ok = True
+
+    def report(good: bool, what: str, fix: str = "") -> None:
+        nonlocal ok
+        ok &= good
+        echo(f"[{'ok' if good else 'FAIL'}] {what}" + ("" if good else f" -> {fix}"))
+
+    client = None
+    try:
+        client = connect()
+        v = client.version()
+        report(True, f"Docker engine {v.get('Version')} (API {v.get('ApiVersion')})")
+    except SandboxError as exc:
+        report(False, "Docker engine", str(exc))
+
+    devices = gpu.RealNvml().devices()
+    if devices:
+        for d in devices:
+            echo(f"[ok] GPU {d.index}: {d.name} {d.memory_mb / 1024:.0f} GiB {d.uuid}")
+    else:
+        echo("[ok] no NVIDIA GPU visible (NVML): experiments run on the CPU")
+
+    if client is not None:
+        want = images.CUDA_BASE_DEFAULT if devices else images.CPU_BASE_ALIAS
+        present = images.find_image(client, want) is not None
+        report(present, f"base image {want}",
+               "run `runner base-image build`" if want == images.CPU_BASE_ALIAS else f"docker pull {want} (or docker load it)")
+
+    try:
+        cfg = load_config(repo, {"data_dir": data_dir})
+        report(True, f"config ({cfg.repo / 'runner.yaml'} {'found' if (cfg.repo / 'runner.yaml').exists() else 'absent: defaults'})")
+    except ConfigError as exc:
+        report(False, "runner.yaml", str(exc))
+        return False
+    try:
+        ResearchRepo(cfg.repo)
+        report(True, f"research repo {cfg.repo}")
+    except RepoError as exc:
+        report(False, "research repo", str(exc))
+    try:
+        check_data_dir(cfg.data_dir)
+        report(True, f"data cache {cfg.data_dir}")
+    except DataError as exc:
+        report(False, f"data cache {cfg.data_dir}", str(exc))
+    return ok

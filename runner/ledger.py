@@ -1,0 +1,120 @@
+"""The only writer of results.tsv and events.jsonl.
+
+Both are append-only. Each record is one `os.write` of a whole line to an O_APPEND descriptor,
+followed by fsync, so a kill leaves either the whole line or, at worst, a torn last line that
+`Ledger` trims (and reports as an event) when it next opens the file. Nothing is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .repo import RESULTS, RUNNER_DIR
+
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+STATUSES = ("keep", "discard", "crash")
+
+
+@dataclass(frozen=True)
+class Row:
+    commit: str
+    val_bpb: float
+    memory_gb: float
+    status: str
+    description: str
+
+    def line(self) -> str:
+        desc = " ".join(self.description.split())  # tabs and newlines would break the TSV
+        return f"{self.commit}\t{self.val_bpb:.6f}\t{self.memory_gb:.1f}\t{self.status}\t{desc}"
+
+    @classmethod
+    def parse(cls, line: str) -> "Row":
+        commit, val, mem, status, desc = line.split("\t", 4)
+        return cls(commit, float(val), float(mem), status, desc)
+
+
+def _append(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _trim_torn_tail(path: Path) -> int:
+    """Cut a last line that lacks its newline (a write torn by a kill). Returns bytes cut."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
+class Ledger:
+    def __init__(self, repo_root: Path, tag: str):
+        self.root = Path(repo_root)
+        self.tag = tag
+        self.results_path = self.root / RESULTS
+        self.dir = self.root / RUNNER_DIR / tag
+        self.events_path = self.dir / "events.jsonl"
+        self.runs_dir = self.dir / "runs"
+
+    def exists(self) -> bool:
+        return self.events_path.exists()
+
+    def open(self) -> None:
+        """Create the files if needed; repair a torn last line left by a kill."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        torn = {p.name: _trim_torn_tail(p) for p in (self.results_path, self.events_path)}
+        if not self.results_path.exists() or self.results_path.stat().st_size == 0:
+            _append(self.results_path, HEADER)
+        elif self.results_path.read_text().splitlines()[0] != HEADER:
+            raise ValueError(f"{self.results_path} does not start with the results.tsv header: move it away")
+        for name, cut in torn.items():
+            if cut:
+                self.event("repaired", file=name, bytes_cut=cut)
+
+    def log_path(self, iteration: int, commit: str) -> Path:
+        return self.runs_dir / f"{iteration}-{commit[:7]}.log"
+
+    # --- writing ---------------------------------------------------------------------
+
+    def append_row(self, row: Row) -> None:
+        if row.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {row.status!r}")
+        _append(self.results_path, row.line())
+
+    def event(self, kind: str, **fields) -> dict:
+        record = {"ts": round(time.time(), 3), "tag": self.tag, "event": kind, **fields}
+        _append(self.events_path, json.dumps(record, default=str, sort_keys=True))
+        return record
+
+    # --- reading ---------------------------------------------------------------------
+
+    def rows(self) -> list[Row]:
+        if not self.results_path.exists():
+            return []
+        lines = self.results_path.read_text().splitlines()[1:]
+        return [Row.parse(line) for line in lines if line.strip()]
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        if not self.events_path.exists():
+            return []
+        out = []
+        for line in self.events_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if kind is None or record.get("event") == kind:
+                out.append(record)
+        return out

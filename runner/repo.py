@@ -1,0 +1,181 @@
+"""The research repo through GitPython: layout checks, the autoresearch branch, commits,
+the guard that only train.py changes, resets, and the source snapshot an image is built from.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+EDITABLE = "train.py"
+REQUIRED = ("prepare.py", "train.py")
+RUNNER_DIR = ".autoresearch"
+RESULTS = "results.tsv"
+# Kept out of git's view: a run's own records must survive `git reset --hard` and never
+# make the tree dirty.
+IGNORED = (f"/{RUNNER_DIR}/", f"/{RESULTS}")
+
+
+class RepoError(ValueError):
+    """The repo cannot be used as asked; the message says what to do."""
+
+
+class GuardError(RepoError):
+    """A proposal or commit breaks the rules (touches files other than train.py, or does not parse)."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    sha: str
+    message: str
+
+    @property
+    def short(self) -> str:
+        return self.sha[:7]
+
+
+def branch_name(tag: str) -> str:
+    return f"autoresearch/{tag}"
+
+
+class ResearchRepo:
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        for name in REQUIRED:
+            if not (self.path / name).is_file():
+                raise RepoError(f"{self.path} has no {name}: point --repo at a research repo laid out like autoresearch "
+                                f"(prepare.py, train.py, program.md), or make one with `runner init-example DIR`")
+        try:
+            self.git = git.Repo(self.path)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise RepoError(f"{self.path} is not a git repository: run `git init` and commit prepare.py and train.py") from None
+        if not self.git.head.is_valid():
+            raise RepoError(f"{self.path} has no commits yet: commit prepare.py and train.py first")
+        self._exclude_runner_files()
+
+    def _exclude_runner_files(self) -> None:
+        exclude = Path(self.git.git_dir) / "info" / "exclude"
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        lines = exclude.read_text().splitlines() if exclude.exists() else []
+        missing = [p for p in IGNORED if p not in lines]
+        if missing:
+            with open(exclude, "a") as f:
+                f.write("\n# autoresearch-runner records\n" + "\n".join(missing) + "\n")
+
+    # --- state -----------------------------------------------------------------------
+
+    def head(self) -> Commit:
+        c = self.git.head.commit
+        return Commit(c.hexsha, c.message.strip())
+
+    def resolve(self, rev: str) -> Commit:
+        try:
+            c = self.git.commit(rev)
+        except (git.BadName, ValueError, git.GitCommandError):
+            raise RepoError(f"unknown commit {rev!r}: give a sha, branch or tag that `git log` shows") from None
+        return Commit(c.hexsha, c.message.strip())
+
+    def ensure_clean(self) -> None:
+        if self.git.is_dirty(untracked_files=False):
+            changed = sorted({d.a_path for d in self.git.index.diff(None)} | {d.a_path for d in self.git.index.diff("HEAD")})
+            raise RepoError(f"work tree has uncommitted changes ({', '.join(changed[:5])}): commit or stash them first")
+
+    def read(self, name: str, rev: str | None = None) -> str:
+        if rev is None:
+            return (self.path / name).read_text()
+        return self.git.git.show(f"{rev}:{name}")
+
+    def current_branch(self) -> str | None:
+        return None if self.git.head.is_detached else self.git.active_branch.name
+
+    def branch_exists(self, name: str) -> bool:
+        return name in [h.name for h in self.git.heads]
+
+    def log(self, n: int = 20) -> list[Commit]:
+        return [Commit(c.hexsha, c.message.strip()) for c in self.git.iter_commits(max_count=n)]
+
+    # --- changes ---------------------------------------------------------------------
+
+    def create_branch(self, name: str) -> None:
+        if self.branch_exists(name):
+            raise RepoError(f"branch {name} exists: continue it with --resume, or pick a new --tag")
+        self.git.create_head(name).checkout()
+
+    def checkout(self, name: str) -> None:
+        self.git.heads[name].checkout()
+
+    def commit_train_py(self, new_text: str, message: str) -> Commit:
+        """Write train.py, check it, commit it. The guard runs before anything is written.
+
+        Raises:
+            GuardError: the new text does not parse as Python.
+        """
+        check_python(new_text)
+        (self.path / EDITABLE).write_text(new_text)
+        self.git.index.add([EDITABLE])
+        c = self.git.index.commit(message)
+        self.guard(c.hexsha)
+        return Commit(c.hexsha, message)
+
+    def guard(self, sha: str) -> None:
+        """Raise GuardError if commit `sha` changes any file but train.py relative to its parent."""
+        c = self.git.commit(sha)
+        parent = c.parents[0] if c.parents else None
+        changed = {d.a_path for d in parent.diff(c)} | {d.b_path for d in parent.diff(c)} if parent else set()
+        others = sorted(p for p in changed if p and p != EDITABLE)
+        if others:
+            raise GuardError(f"commit {sha[:7]} changes {', '.join(others)}: only {EDITABLE} may change")
+
+    def reset_hard(self, sha: str) -> None:
+        self.git.head.reset(sha, index=True, working_tree=True)
+
+    # --- snapshot --------------------------------------------------------------------
+
+    def snapshot_tar(self, sha: str) -> bytes:
+        """The tree at `sha` as a tar under `repo/`: no .git, no results, no untracked files.
+
+        Every entry is root-owned and read-only (files 0444, executables and dirs 0555), so
+        inside the container the research code can change none of it.
+        """
+        raw = io.BytesIO()
+        self.git.archive(raw, sha, format="tar")
+        raw.seek(0)
+        out = io.BytesIO()
+        with tarfile.open(fileobj=raw) as src, tarfile.open(fileobj=out, mode="w") as dst:
+            for m in src.getmembers():
+                if m.type == tarfile.XGLTYPE or m.name in ("pax_global_header",):
+                    continue
+                data = src.extractfile(m) if m.isfile() else None
+                m.name = f"repo/{m.name}".rstrip("/")
+                m.uid = m.gid = 0
+                m.uname = m.gname = "root"
+                m.mode = 0o555 if (m.isdir() or m.mode & 0o111) else 0o444
+                dst.addfile(m, data)
+        return out.getvalue()
+
+
+def check_python(text: str) -> None:
+    try:
+        ast.parse(text)
+    except SyntaxError as exc:
+        raise GuardError(f"train.py does not parse: line {exc.lineno}: {exc.msg}") from None
+
+
+def read_time_budget(prepare_py: str) -> float | None:
+    """TIME_BUDGET from prepare.py's top level, if it is a literal (or int(os.environ.get(.., "N")))."""
+    for node in ast.parse(prepare_py).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TIME_BUDGET" for t in node.targets):
+            for sub in ast.walk(node.value):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, (int, float)) and not isinstance(sub.value, bool):
+                    return float(sub.value)
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    try:
+                        return float(sub.value)
+                    except ValueError:
+                        continue
+    return None

@@ -1,0 +1,122 @@
+"""The one parser of a run's summary block, and the one judge of a finished run.
+
+autoresearch's train.py ends by printing
+
+    ---
+    val_bpb:          0.997900
+    training_seconds: 300.1
+    ...
+
+Only the last such block counts, only from a process that exited 0 on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from sandbox.spec import REASON_TIMEOUT, RunResult
+
+STATUS_OK = "ok"
+STATUS_CRASH = "crash"
+STATUS_TIMEOUT = "timeout"
+
+REASON_NO_SUMMARY = "no_summary"
+REASON_BAD_METRIC = "bad_metric"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    val_bpb: float
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    peak_vram_mb: float | None = None
+    mfu_percent: float | None = None
+    total_tokens_M: float | None = None
+    num_steps: int | None = None
+    num_params_M: float | None = None
+    depth: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_FLOAT_KEYS = {"val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_params_M"}
+_INT_KEYS = {"num_steps", "depth"}
+
+
+def parse_summary(text: str) -> Metrics | None:
+    """Metrics from the last `---` block of `text`, or None if there is none with a val_bpb.
+
+    A val_bpb that is not a finite number yields a Metrics whose val_bpb is NaN, so the judge
+    can tell "no block" from "a block with a broken number".
+    """
+    lines = text.splitlines()
+    try:
+        start = len(lines) - 1 - lines[::-1].index("---")
+    except ValueError:
+        return None
+    values: dict[str, str] = {}
+    for line in lines[start + 1:]:
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip() or " " in key.strip():
+            break
+        values[key.strip()] = value.strip()
+    if "val_bpb" not in values:
+        return None
+    kwargs: dict = {"extra": {}}
+    for key, raw in values.items():
+        if key in _FLOAT_KEYS:
+            kwargs[key] = _number(raw, float)
+        elif key in _INT_KEYS:
+            kwargs[key] = _number(raw, int)
+        else:
+            kwargs["extra"][key] = raw
+    if kwargs.get("val_bpb") is None:
+        kwargs["val_bpb"] = math.nan
+    return Metrics(**kwargs)
+
+
+def _number(raw: str, kind):
+    try:
+        value = kind(float(raw)) if kind is int else float(raw)
+    except (ValueError, OverflowError):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished run as the loop sees it: status ok|crash|timeout, why, and the metrics."""
+
+    status: str
+    reason: str
+    metrics: Metrics | None
+
+    @property
+    def val_bpb(self) -> float:
+        return self.metrics.val_bpb if self.status == STATUS_OK and self.metrics else 0.0
+
+
+def judge(result: RunResult) -> Outcome:
+    """Decide what a run produced. The number only counts from a clean exit with a finite val_bpb."""
+    if result.reason == REASON_TIMEOUT:
+        return Outcome(STATUS_TIMEOUT, REASON_TIMEOUT, None)
+    if result.reason or result.exit_code != 0:
+        return Outcome(STATUS_CRASH, result.reason or "exit_code", None)
+    metrics = parse_summary(result.output_tail)
+    if metrics is None:
+        return Outcome(STATUS_CRASH, REASON_NO_SUMMARY, None)
+    if not math.isfinite(metrics.val_bpb) or metrics.val_bpb <= 0:
+        return Outcome(STATUS_CRASH, REASON_BAD_METRIC, metrics)
+    return Outcome(STATUS_OK, "", metrics)
+
+
+def memory_gb(result: RunResult) -> float:
+    """Peak memory of the run in GB: NVML's VRAM peak on a GPU, else the container's RAM peak.
+
+    Measured by the host, never taken from the run's own log.
+    """
+    if result.peak_vram_mb:
+        return round(result.peak_vram_mb / 1024, 1)
+    if result.peak_mem_bytes:
+        return round(result.peak_mem_bytes / 1024**3, 1)
+    return 0.0

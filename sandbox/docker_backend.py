@@ -1,0 +1,317 @@
+"""The Sandbox on a local Docker engine, through the Docker SDK.
+
+Lifecycle, explicitly: create -> attach -> start -> our own deadline and watchdogs ->
+reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import docker
+import docker.errors
+import docker.types
+
+from . import naming
+from .backend import Sandbox, SandboxError
+from .logcap import CappedLog
+from .spec import (
+    REASON_EXIT,
+    REASON_INTERRUPTED,
+    REASON_OOM,
+    REASON_TIMEOUT,
+    REASON_VRAM,
+    RunResult,
+    RunSpec,
+)
+
+POLL_S = 0.2  # watchdog period: memory, VRAM, deadline and stop requests
+
+# Called with the container's host PIDs; returns VRAM in MiB used by them (None: no GPU view).
+VramProbe = Callable[[set[int]], "float | None"]
+
+
+def connect() -> docker.DockerClient:
+    """A client for the engine named by DOCKER_HOST (or the default socket).
+
+    Raises:
+        SandboxError: no engine answers, with what to do about it.
+    """
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+        return client
+    except docker.errors.DockerException as exc:
+        raise SandboxError(
+            f"no Docker engine answers ({exc.__class__.__name__}): start dockerd "
+            "(or set DOCKER_HOST) and check that this user may use its socket"
+        ) from None
+
+
+def hardened_create_kwargs(spec: RunSpec) -> dict:
+    """The container settings that enforce the sandbox contract. One place, every run."""
+    lim = spec.limits
+    kwargs = dict(
+        image=spec.image,
+        command=list(spec.command),
+        name=spec.name,
+        labels=dict(spec.labels),
+        environment=dict(spec.env),
+        user=spec.user,
+        working_dir=spec.workdir,
+        network_mode="bridge" if spec.network else "none",
+        read_only=spec.read_only_root,
+        # /tmp stays executable: torch and triton compile kernels there.
+        tmpfs={
+            "/tmp": f"rw,nosuid,nodev,size={lim.tmp_size_bytes},mode=1777",
+            "/out": f"rw,nosuid,nodev,noexec,size={lim.out_size_bytes},mode=1777",
+        },
+        mounts=[
+            docker.types.Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ],
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        init=True,  # tini reaps zombies and forwards SIGTERM to the training process
+        ipc_mode="private",
+        pids_limit=lim.pids_limit,
+        mem_limit=lim.mem_limit_bytes,
+        memswap_limit=lim.mem_limit_bytes,  # equal: no swap to hide a blow-up in
+        # The engine's own copy of the output is tiny: our capped stream is the log of record,
+        # and an unbounded json-file would let a print flood fill the engine's disk.
+        log_config=docker.types.LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
+        stdin_open=False,
+        tty=False,
+        detach=True,
+    )
+    if lim.cpus:
+        kwargs["nano_cpus"] = int(lim.cpus * 1e9)
+    if lim.cpuset:
+        kwargs["cpuset_cpus"] = lim.cpuset
+    if spec.gpus:
+        kwargs["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
+    return kwargs
+
+
+class _CgroupMemory:
+    """Reads a container's memory high-water mark from the host's cgroup files (v1 and v2).
+
+    Works when the runner shares the host's PID namespace; otherwise `peak()` stays None and
+    the Docker stats API is sampled instead.
+    """
+
+    def __init__(self, pid: int):
+        self.files: list[Path] = []
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if controllers == "memory":  # v1
+                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                self.files = [base / "memory.max_usage_in_bytes", base / "memory.usage_in_bytes"]
+                return
+            if controllers == "":  # v2 unified
+                base = Path("/sys/fs/cgroup") / path.lstrip("/")
+                if (base / "memory.current").exists():
+                    self.files = [base / "memory.peak", base / "memory.current"]
+
+    def sample(self) -> int | None:
+        for f in self.files:
+            try:
+                return int(f.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+
+
+def _container_pids(container) -> set[int]:
+    try:
+        top = container.top(ps_args="-eo pid")
+        return {int(row[0]) for row in top.get("Processes") or []}
+    except (docker.errors.APIError, ValueError, IndexError):
+        return set()
+
+
+class DockerSandbox(Sandbox):
+    def __init__(self, client: docker.DockerClient | None = None, vram_probe: VramProbe | None = None):
+        self.client = client or connect()
+        self.vram_probe = vram_probe
+
+    def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
+        lim = spec.limits
+        stop = stop or threading.Event()
+        try:
+            image = self.client.images.get(spec.image)
+        except docker.errors.ImageNotFound:
+            raise SandboxError(f"image {spec.image} is not on this engine: build it first (runner run builds it)") from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"Docker engine error looking up {spec.image}: {exc}") from None
+
+        log = CappedLog(spec.log_path, lim.log_cap_bytes, lim.log_tail_bytes)
+        container = None
+        try:
+            try:
+                container = self.client.containers.create(**hardened_create_kwargs(spec))
+                # Attach before start so not one byte of output is missed.
+                stream = container.attach(stdout=True, stderr=True, stream=True, logs=True)
+                container.start()
+            except docker.errors.APIError as exc:
+                raise SandboxError(f"could not start container {spec.name}: {exc.explanation or exc}") from None
+            started = time.monotonic()
+
+            reader = threading.Thread(target=self._pump, args=(stream, log), daemon=True)
+            reader.start()
+            exited = threading.Event()
+            exit_status: dict = {}
+            waiter = threading.Thread(target=self._wait, args=(container, exit_status, exited), daemon=True)
+            waiter.start()
+
+            reason, peak_mem, peak_vram = self._watch(container, spec, started, exited, stop)
+            wall_s = time.monotonic() - started
+            reader.join(timeout=10)
+
+            container.reload()
+            state = container.attrs["State"]
+            exit_code = state.get("ExitCode", exit_status.get("StatusCode"))
+            if not reason and state.get("OOMKilled"):
+                reason = REASON_OOM
+            if not reason and exit_code != 0:
+                reason = REASON_EXIT
+            return RunResult(
+                exit_code=exit_code,
+                reason=reason,
+                wall_s=round(wall_s, 3),
+                log_path=spec.log_path,
+                output_tail=log.tail().decode("utf-8", errors="replace"),
+                log_bytes=log.total_bytes,
+                log_truncated=log.truncated,
+                peak_mem_bytes=peak_mem,
+                peak_vram_mb=peak_vram,
+                image_id=image.id,
+                container_name=spec.name,
+            )
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"Docker engine error during {spec.name}: {exc}; log: {spec.log_path}") from None
+        finally:
+            log.close()
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except docker.errors.NotFound:
+                    pass
+
+    @staticmethod
+    def _pump(stream, log: CappedLog) -> None:
+        try:
+            for chunk in stream:
+                log.write(chunk)
+        except Exception:  # the stream ends with the container; a broken pipe is that end too
+            pass
+
+    @staticmethod
+    def _wait(container, status: dict, exited: threading.Event) -> None:
+        try:
+            status.update(container.wait())
+        except Exception:
+            pass
+        finally:
+            exited.set()
+
+    def _watch(self, container, spec: RunSpec, started: float, exited: threading.Event, stop: threading.Event):
+        """Poll until the process exits, the deadline passes, VRAM overflows or `stop` is set.
+
+        Returns (reason, peak_mem_bytes, peak_vram_mb); reason is "" when the process exited
+        on its own.
+        """
+        lim = spec.limits
+        container.reload()
+        memory = _CgroupMemory(container.attrs["State"].get("Pid") or 0)
+        peak_mem: int | None = None
+        peak_vram: float | None = None
+        last_stats = 0.0
+        reason = ""
+        while not exited.wait(POLL_S):
+            now = time.monotonic()
+            used = memory.sample()
+            if used is None and now - last_stats > 1.0:
+                last_stats = now
+                used = self._stats_memory(container)
+            if used is not None:
+                peak_mem = max(peak_mem or 0, used)
+            if self.vram_probe and spec.gpus:
+                vram = self.vram_probe(_container_pids(container))
+                if vram is not None:
+                    peak_vram = max(peak_vram or 0.0, vram)
+                    if lim.vram_limit_gb and vram > lim.vram_limit_gb * 1024:
+                        reason = REASON_VRAM
+                        container.kill(signal="SIGKILL")
+                        break
+            if stop.is_set():
+                reason = REASON_INTERRUPTED
+                self._terminate(container, lim.kill_grace_s, exited)
+                break
+            if now - started > lim.deadline_s:
+                reason = REASON_TIMEOUT
+                self._terminate(container, lim.kill_grace_s, exited)
+                break
+        exited.wait(lim.kill_grace_s + 5)
+        final = memory.sample()
+        if final is not None:
+            peak_mem = max(peak_mem or 0, final)
+        return reason, peak_mem, peak_vram
+
+    @staticmethod
+    def _terminate(container, grace_s: float, exited: threading.Event) -> None:
+        """SIGTERM (tini forwards it), then SIGKILL if the process ignores it for `grace_s`."""
+        try:
+            container.kill(signal="SIGTERM")
+            if not exited.wait(grace_s):
+                container.kill(signal="SIGKILL")
+        except docker.errors.APIError:
+            pass  # it exited between our check and the signal
+
+    @staticmethod
+    def _stats_memory(container) -> int | None:
+        try:
+            stats = container.stats(stream=False, one_shot=True)
+            mem = stats.get("memory_stats") or {}
+            return mem.get("max_usage") or mem.get("usage")
+        except (docker.errors.APIError, ValueError):
+            return None
+
+    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True) -> list[str]:
+        # Only this user's containers: on a shared host, another user's leftovers are theirs.
+        labels = {naming.L_USER: str(os.getuid())}
+        if tag:
+            labels[naming.L_TAG] = tag
+        removed = []
+        try:
+            for kind in (naming.KIND_RUN, naming.KIND_PREPARE):
+                for c in self.client.containers.list(all=True, filters=naming.managed_filter(kind, **labels)):
+                    if only_dead_owners and _owner_alive(c.labels.get(naming.L_OWNER, "")):
+                        continue
+                    c.remove(force=True)
+                    removed.append(c.name)
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"Docker engine error during cleanup: {exc}") from None
+        return removed
+
+
+def _owner_alive(owner: str) -> bool:
+    """True if `owner` (host:pid) names a live process on this host."""
+    host, _, pid = owner.rpartition(":")
+    if host != naming.owner().rpartition(":")[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

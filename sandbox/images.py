@@ -1,0 +1,326 @@
+"""The three image layers, each named by what built it:
+
+  base        a Debian root filesystem with python3 and torch, made without any registry
+              (debootstrap + `docker import`), or an official CUDA PyTorch image on GPU hosts
+  trainer     base + research dependencies + a non-root user, from Dockerfile.trainer
+  experiment  trainer + the repo snapshot at one commit (one small source layer)
+
+Content keys make builds idempotent: the same inputs never build twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import docker
+import docker.errors
+
+from . import __version__, naming
+from .backend import SandboxError
+
+Progress = Callable[[str], None]
+TRAINER_DOCKERFILE = Path(__file__).with_name("Dockerfile.trainer")
+CPU_BASE_ALIAS = f"{naming.REPO}/base:cpu"
+CUDA_BASE_DEFAULT = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+RUNNER_UID = 10001
+
+
+class ImageBuildError(SandboxError):
+    """An image could not be built; the message says which log or step to read."""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _sha256(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def find_image(client: docker.DockerClient, ref: str):
+    """The image called `ref`, or None."""
+    try:
+        return client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Base image without a registry
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """Everything that decides the content of a registry-less base image (its content key)."""
+
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    debs: tuple[str, ...] = ("python3", "python3-pip", "python-is-python3", "ca-certificates", "procps")
+    python_packages: tuple[str, ...] = ("torch==2.13.0",)
+    index_url: str | None = None
+
+    def key(self) -> str:
+        return _sha256(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+
+def build_base_image(
+    client: docker.DockerClient,
+    recipe: BaseRecipe = BaseRecipe(),
+    ca_bundle: Path | None = None,
+    find_links: Path | None = None,
+    progress: Progress = _quiet,
+    force: bool = False,
+) -> str:
+    """Build (or reuse) the CPU base image: debootstrap, pip install, `docker import`.
+
+    Args:
+        recipe: what goes into the image; its key names the image.
+        ca_bundle: a CA bundle for pip inside the chroot, for TLS-intercepting proxies.
+        find_links: a local directory of wheels (an air-gapped host's torch wheel).
+        progress: called with one line per step.
+        force: rebuild even if an image with this key exists.
+
+    Returns:
+        The image reference (also tagged as `autoresearch-runner/base:cpu`).
+
+    Raises:
+        ImageBuildError: not root, debootstrap missing, or a step failed (its output is in
+            the message).
+    """
+    key = recipe.key()
+    ref = naming.base_image_ref(key)
+    existing = find_image(client, ref)
+    if existing is not None and not force:
+        progress(f"base image {ref} exists ({existing.short_id}); reusing it")
+        existing.tag(CPU_BASE_ALIAS)
+        return ref
+    if os.geteuid() != 0:
+        raise ImageBuildError("building the base image needs root (debootstrap and chroot): run it with sudo")
+    if shutil.which("debootstrap") is None:
+        raise ImageBuildError("debootstrap is missing: apt-get install -y debootstrap")
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise ImageBuildError(f"--ca-bundle {ca_bundle} is not a file")
+
+    with tempfile.TemporaryDirectory(prefix="ar-base-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
+        root = Path(tmp) / "rootfs"
+        t0 = time.monotonic()
+        progress(f"debootstrap {recipe.suite} (minbase + {', '.join(recipe.debs)}) from {recipe.mirror}")
+        _run_step(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(recipe.debs)}", recipe.suite, str(root), recipe.mirror],
+            "debootstrap",
+            progress,
+        )
+        progress(f"debootstrap done in {time.monotonic() - t0:.0f}s")
+
+        if recipe.python_packages:
+            t1 = time.monotonic()
+            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "PIP_NO_CACHE_DIR": "1"}
+            pip = ["python3", "-m", "pip", "install", "--break-system-packages", "--no-cache-dir"]
+            shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+            if ca_bundle is not None:
+                shutil.copy(ca_bundle, root / "tmp/runner-ca.pem")
+                env["PIP_CERT"] = "/tmp/runner-ca.pem"
+            if find_links is not None:
+                shutil.copytree(find_links, root / "tmp/wheels")
+                pip += ["--find-links", "/tmp/wheels"]
+            if recipe.index_url:
+                pip += ["--index-url", recipe.index_url]
+            progress(f"pip install {' '.join(recipe.python_packages)} in the chroot")
+            _run_step(["chroot", str(root), *pip, *recipe.python_packages], "pip install", progress, env=env)
+            progress(f"pip done in {time.monotonic() - t1:.0f}s")
+
+        for junk in ("tmp/wheels", "tmp/runner-ca.pem", "var/cache/apt/archives", "var/lib/apt/lists",
+                     "usr/share/doc", "usr/share/man", "usr/share/locale"):
+            target = root / junk
+            if target.is_dir():
+                shutil.rmtree(target)
+                target.mkdir()
+            elif target.exists():
+                target.unlink()
+        (root / "etc/resolv.conf").write_text("")  # the engine writes the real one per container
+
+        progress("importing the root filesystem into Docker")
+        labels = naming.managed_labels(naming.KIND_BASE, **{naming.L_KEY: key})
+        labels["org.opencontainers.image.description"] = json.dumps(dataclasses.asdict(recipe), sort_keys=True)
+        changes = [f"LABEL {k}={json.dumps(v)}" for k, v in labels.items()] + [
+            'ENV PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"',
+            "ENV LANG=C.UTF-8",
+            "ENV PIP_BREAK_SYSTEM_PACKAGES=1",
+            'CMD ["python3"]',
+        ]
+        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-cf", "-", "."], stdout=subprocess.PIPE)
+        repository, tag = ref.rsplit(":", 1)
+        try:
+            client.api.import_image(src=tar.stdout, stream_src=True, repository=repository, tag=tag, changes=changes)
+        except docker.errors.APIError as exc:
+            raise ImageBuildError(f"docker import failed: {exc}") from None
+        finally:
+            tar.stdout.close()
+            tar.wait()
+    image = client.images.get(ref)
+    image.tag(CPU_BASE_ALIAS)
+    progress(f"base image {ref} ({image.short_id}) ready in {time.monotonic() - t0:.0f}s")
+    return ref
+
+
+def _run_step(cmd: list[str], what: str, progress: Progress, env: dict | None = None) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-30:]
+        if line.startswith(("I: Retrieving", "I: Installing", "I: Base system", "Successfully", "Collecting", "ERROR")):
+            progress(f"  {line}")
+    if proc.wait() != 0:
+        raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def resolve_base_image(client: docker.DockerClient, requested: str, want_gpu: bool) -> str:
+    """Turn the configured base image ("auto" or a reference) into one present on this engine.
+
+    Raises:
+        ImageBuildError: the image is missing, with the command that makes it.
+    """
+    ref = requested
+    if requested == "auto":
+        ref = CUDA_BASE_DEFAULT if want_gpu else CPU_BASE_ALIAS
+    if find_image(client, ref) is not None:
+        return ref
+    if ref == CPU_BASE_ALIAS:
+        raise ImageBuildError("no base image: run `runner base-image build` once (no registry needed)")
+    try:
+        client.images.pull(ref)
+        return ref
+    except docker.errors.APIError:
+        raise ImageBuildError(
+            f"base image {ref} is not on this engine and cannot be pulled: "
+            f"`docker load` it, or use `runner base-image build` and base_image: {CPU_BASE_ALIAS}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Trainer and experiment images (docker build through the SDK)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    ref: str
+    id: str
+    reused: bool
+    build_s: float
+
+
+def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+        if extra_tar:
+            with tarfile.open(fileobj=io.BytesIO(extra_tar)) as src:
+                for member in src.getmembers():
+                    tar.addfile(member, src.extractfile(member) if member.isfile() else None)
+    buf.seek(0)
+    return buf
+
+
+def _build(client, context: io.BytesIO, ref: str, labels: dict, progress: Progress, buildargs: dict | None = None) -> str:
+    log: list[str] = []
+    try:
+        for chunk in client.api.build(
+            fileobj=context, custom_context=True, tag=ref, labels=labels, buildargs=buildargs or {},
+            rm=True, forcerm=True, pull=False, decode=True,
+        ):
+            if "stream" in chunk:
+                line = chunk["stream"].rstrip()
+                if line:
+                    log.append(line)
+                    if line.startswith("Step "):
+                        progress(f"  {line}")
+            if "error" in chunk:
+                raise ImageBuildError(f"building {ref} failed: {chunk['error'].strip()}\n" + "\n".join(log[-20:]))
+    except docker.errors.APIError as exc:
+        raise ImageBuildError(f"building {ref} failed: {exc}") from None
+    return client.images.get(ref).id
+
+
+def ensure_trainer_image(
+    client: docker.DockerClient,
+    base_ref: str,
+    requirements: str = "",
+    ca_bundle: Path | None = None,
+    progress: Progress = _quiet,
+) -> BuiltImage:
+    """Build the trainer image on `base_ref` unless one with the same content key exists.
+
+    The key covers Dockerfile.trainer, the base image id and the research requirements, so
+    the trainer is rebuilt only when one of them changes.
+    """
+    base = find_image(client, base_ref)
+    if base is None:
+        raise ImageBuildError(f"base image {base_ref} is missing: run `runner base-image build`")
+    dockerfile = TRAINER_DOCKERFILE.read_bytes()
+    key = _sha256(dockerfile, base.id, requirements, str(RUNNER_UID))
+    ref = naming.trainer_image_ref(key)
+    existing = find_image(client, ref)
+    if existing is not None and existing.labels.get(naming.L_KEY) == key:
+        return BuiltImage(ref, existing.id, True, 0.0)
+    t0 = time.monotonic()
+    progress(f"building trainer image {ref} on {base_ref}")
+    files = {
+        "Dockerfile": dockerfile,
+        "requirements.txt": requirements.encode(),
+        "ca-bundle.crt": ca_bundle.read_bytes() if ca_bundle else b"",
+    }
+    labels = naming.managed_labels(naming.KIND_TRAINER, **{naming.L_KEY: key, naming.L_BASE: base.id})
+    labels[naming.OCI_BASE_DIGEST] = base.id
+    image_id = _build(client, _tar_context(files), ref, labels, progress,
+                      buildargs={"BASE_IMAGE": base_ref, "RUNNER_UID": str(RUNNER_UID)})
+    return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+
+
+def ensure_experiment_image(
+    client: docker.DockerClient,
+    ref: str,
+    trainer: BuiltImage,
+    source_tar: bytes,
+    labels: dict[str, str],
+) -> BuiltImage:
+    """Trainer image + the repo snapshot (`source_tar`, entries under `repo/`) as `ref`.
+
+    Reused when an image `ref` on the same trainer and commit exists: the same commit never
+    builds twice. Only one layer (the sources) is added, so an experiment costs its sources.
+    """
+    existing = find_image(client, ref)
+    commit = labels.get(naming.L_COMMIT)
+    if (existing is not None and existing.labels.get(naming.L_TRAINER) == trainer.id
+            and existing.labels.get(naming.L_COMMIT) == commit):
+        return BuiltImage(ref, existing.id, True, 0.0)
+    t0 = time.monotonic()
+    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
+    all_labels = dict(labels)
+    all_labels[naming.L_TRAINER] = trainer.id
+    all_labels[naming.OCI_REVISION] = commit or ""
+    all_labels[naming.OCI_VERSION] = __version__
+    image_id = _build(client, _tar_context({"Dockerfile": dockerfile}, source_tar), ref, all_labels, _quiet)
+    return BuiltImage(ref, image_id, False, time.monotonic() - t0)

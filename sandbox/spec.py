@@ -1,0 +1,101 @@
+"""What one sandboxed run is asked to do (RunSpec, Limits) and what it reports back (RunResult).
+
+Plain frozen data: the runner builds a RunSpec, a Sandbox backend turns it into a RunResult.
+Nothing here talks to Docker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 1024**3
+MiB = 1024**2
+
+# Why a run ended; RunResult.reason carries one of these (or "" for a clean exit).
+REASON_EXIT = "exit_code"        # the process exited non-zero
+REASON_OOM = "oom"               # the kernel OOM-killed it at the container memory ceiling
+REASON_TIMEOUT = "timeout"       # the host deadline passed
+REASON_VRAM = "vram"             # the NVML watchdog saw it above the VRAM ceiling
+REASON_INTERRUPTED = "interrupted"  # the runner was asked to stop (Ctrl-C, SIGTERM)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every ceiling a run is held to. All overridable from runner.yaml."""
+
+    time_budget_s: float = 300.0        # training time the research code is promised
+    timeout_factor: float = 2.0         # deadline = factor x budget + startup grace
+    startup_grace_s: float = 60.0       # imports, data loading, evaluation after training
+    kill_grace_s: float = 10.0          # SIGTERM -> SIGKILL
+    mem_limit_bytes: int = 16 * GiB     # RAM, and RAM + swap (no swap)
+    cpus: float | None = None           # CPU quota in cores; None = no quota
+    cpuset: str | None = None           # pin to these host CPUs ("0-3"); None = any
+    pids_limit: int = 512               # processes + threads
+    tmp_size_bytes: int = 1 * GiB       # /tmp tmpfs
+    out_size_bytes: int = 256 * MiB     # /out tmpfs
+    log_cap_bytes: int = 8 * MiB        # host log file: this much of the head, plus the tail
+    log_tail_bytes: int = 1 * MiB       # tail of the output always kept (holds the summary)
+    vram_limit_gb: float | None = None  # NVML watchdog ceiling; None = whole device
+
+    @property
+    def deadline_s(self) -> float:
+        """Seconds from container start until the host stops the run."""
+        return self.timeout_factor * self.time_budget_s + self.startup_grace_s
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory bind-mounted into the container."""
+
+    source: Path
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of `command` in `image`, held to `limits`.
+
+    `env` is the complete environment the process sees beyond the image's own ENV: the
+    runner builds it from an allow-list, the backend adds nothing of the host's.
+    """
+
+    image: str
+    command: tuple[str, ...]
+    limits: Limits
+    log_path: Path
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    gpus: tuple[str, ...] = ()          # device ids or UUIDs; empty = no GPU
+    workdir: str = "/repo"
+    user: str = "10001:10001"
+    network: bool = False               # True only for trusted code (runner prepare)
+    read_only_root: bool = True
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened. An experiment outcome, never a harness failure (those raise)."""
+
+    exit_code: int | None
+    reason: str                 # "" or one of the REASON_* constants
+    wall_s: float               # container start -> process exit (or kill)
+    log_path: Path
+    output_tail: str            # the last `log_tail_bytes` of output; holds the summary block
+    log_bytes: int              # everything the process printed
+    log_truncated: bool         # the host log file holds only head + tail
+    peak_mem_bytes: int | None  # container memory high-water mark, None if unmeasurable
+    peak_vram_mb: float | None  # NVML high-water mark over the container's processes
+    image_id: str
+    container_name: str
+
+    def tail_lines(self, n: int = 50) -> str:
+        """The last `n` lines of output, for crash reports."""
+        return "\n".join(self.output_tail.splitlines()[-n:])
