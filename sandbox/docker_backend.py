@@ -88,6 +88,10 @@ def hardened_create_kwargs(spec: RunSpec) -> dict:
         tty=False,
         detach=True,
     )
+    if not spec.network:
+        # The engine copies the host's resolv.conf even into network "none"; hide it so the
+        # code inside learns no resolver address either.
+        kwargs["mounts"].append(docker.types.Mount(target="/etc/resolv.conf", source="/dev/null", type="bind", read_only=True))
     if lim.cpus:
         kwargs["nano_cpus"] = int(lim.cpus * 1e9)
     if lim.cpuset:

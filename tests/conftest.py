@@ -1,0 +1,116 @@
+"""Shared fixtures. Tests marked `docker` use the real Docker daemon: no mocks of the sandbox."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import git
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A prepare.py in the autoresearch shape that needs no torch: sandbox tests start in ~1 s.
+MINI_PREPARE = textwrap.dedent('''\
+    import os
+    TIME_BUDGET = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "2"))  # seconds
+    ''')
+
+SUMMARY = textwrap.dedent('''\
+    print("---")
+    print("val_bpb:          1.234567")
+    print("training_seconds: 1.0")
+    print("total_seconds:    1.0")
+    print("peak_vram_mb:     0.0")
+    print("mfu_percent:      0.00")
+    print("total_tokens_M:   0.0")
+    print("num_steps:        1")
+    print("num_params_M:     0.0")
+    print("depth:            1")
+    ''')
+
+
+def make_repo(path: Path, train_py: str, prepare_py: str = MINI_PREPARE, extra: dict | None = None) -> Path:
+    """A committed research repo at `path` with the given train.py."""
+    path.mkdir(parents=True, exist_ok=True)
+    files = {"prepare.py": prepare_py, "train.py": train_py, "program.md": "# test program\n", **(extra or {})}
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    repo = git.Repo.init(path, initial_branch="main")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "test")
+        cw.set_value("user", "email", "test@localhost")
+    repo.index.add(list(files))
+    repo.index.commit("initial")
+    return path
+
+
+def runner_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `runner` command in a child process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    from sandbox.backend import SandboxError
+    from sandbox.docker_backend import connect
+
+    try:
+        return connect()
+    except SandboxError as exc:
+        pytest.fail(f"these tests need a Docker daemon: {exc}")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data cache for mini repos (they read nothing from it, but it must exist)."""
+    d = tmp_path_factory.mktemp("data")
+    (d / "placeholder.txt").write_text("prepared\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tinylm(tmp_path_factory, docker_client) -> tuple[Path, Path]:
+    """The bundled example as a fresh repo, prepared once per session: (repo, data_dir)."""
+    root = tmp_path_factory.mktemp("tinylm")
+    repo, data = root / "repo", root / "data"
+    r = runner_cli("init-example", str(repo))
+    assert r.returncode == 0, r.stderr
+    r = runner_cli("prepare", "--repo", str(repo), "--data-dir", str(data))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return repo, data
+
+
+@pytest.fixture
+def engine_for(docker_client, data_dir):
+    """Build an Engine for a repo with config overrides; runs go through the real sandbox."""
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.repo import ResearchRepo
+
+    def make(repo_path: Path, **overrides):
+        overrides.setdefault("data_dir", data_dir)
+        cfg = load_config(repo_path, overrides)
+        return Engine(cfg, ResearchRepo(repo_path), progress=lambda m: None)
+
+    return make
+
+
+@pytest.fixture
+def run_train(tmp_path, engine_for):
+    """Run one train.py text in the sandbox; returns the ExperimentRun."""
+    counter = {"n": 0}
+
+    def run(train_py: str, budget_s: float = 2, **overrides):
+        counter["n"] += 1
+        repo = make_repo(tmp_path / f"repo{counter['n']}", train_py)
+        engine = engine_for(repo, budget_s=budget_s, **overrides)
+        return engine.run_commit(engine.repo.head().sha, "test", repo / ".autoresearch" / "run.log")
+
+    return run

@@ -1,0 +1,97 @@
+"""The sandbox contract, seen from inside a container on the real Docker daemon."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from probes import probe_train_py, read_probe
+
+pytestmark = pytest.mark.docker
+
+SECRET = "sk-ant-planted-0123456789"
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory, docker_client):
+    """One probe run shared by the assertions below (each reads a different fact)."""
+    from conftest import make_repo
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.repo import ResearchRepo
+
+    root = tmp_path_factory.mktemp("probe")
+    data = root / "data"
+    data.mkdir()
+    (data / "f").write_text("x")
+    # Plant secrets where a careless runner would leak them: its environment and its home.
+    os.environ["ANTHROPIC_API_KEY"] = SECRET
+    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
+    try:
+        repo = make_repo(root / "repo", probe_train_py())
+        engine = Engine(load_config(repo, {"budget_s": 2, "data_dir": data}), ResearchRepo(repo), progress=lambda m: None)
+        run = engine.run_commit(engine.repo.head().sha, "probe", root / "run.log")
+    finally:
+        del os.environ["ANTHROPIC_API_KEY"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    return run, read_probe(run.result.log_path.read_text())
+
+
+def test_probe_run_is_judged_ok(probe):
+    run, _ = probe
+    assert run.outcome.status == "ok", run.result.tail_lines()
+    assert run.outcome.val_bpb == pytest.approx(1.234567)
+
+
+def test_no_network_only_loopback_no_route_no_resolver(probe):
+    _, facts = probe
+    assert facts["interfaces"] == ["lo"]
+    assert facts["routes"] == []
+    assert "nameserver" not in facts["resolv_conf"]
+
+
+def test_non_root_without_capabilities(probe):
+    _, facts = probe
+    assert facts["uid"] == 10001 and facts["gid"] == 10001
+    assert int(facts["cap_eff"], 16) == 0 and int(facts["cap_prm"], 16) == 0
+    assert facts["no_new_privs"] == "1"
+
+
+def test_host_secrets_never_enter(probe):
+    _, facts = probe
+    assert "ANTHROPIC_API_KEY" not in facts["env"] and "AWS_SECRET_ACCESS_KEY" not in facts["env"]
+    assert SECRET not in facts["environ_raw"]
+    assert facts["env"]["AUTORESEARCH_TIME_BUDGET"] == "2"
+
+
+def test_evaluation_code_and_image_are_read_only(probe):
+    _, facts = probe
+    assert facts["write_prepare"].startswith(("OSError", "PermissionError"))
+    assert facts["chmod_prepare"].startswith(("OSError", "PermissionError"))
+    assert facts["write_root"].startswith(("OSError", "PermissionError"))
+    assert facts["write_repo_new"].startswith(("OSError", "PermissionError"))
+    assert facts["prepare_owner"] == 0 and facts["prepare_stat"].endswith("444")
+
+
+def test_scratch_space_is_writable(probe):
+    _, facts = probe
+    assert facts["write_tmp"] == "ok" and facts["write_out"] == "ok"
+
+
+def test_no_docker_socket_no_git_no_runner_files(probe):
+    _, facts = probe
+    assert facts["docker_sock"] is False
+    assert facts["git_dir"] is False
+    assert ".autoresearch" not in facts["repo_files"] and "results.tsv" not in facts["repo_files"]
+    assert facts["repo_files"] == ["prepare.py", "program.md", "train.py"]
+
+
+def test_container_is_removed_and_labelled(probe, docker_client):
+    from sandbox import naming
+
+    run, _ = probe
+    names = [c.name for c in docker_client.containers.list(all=True)]
+    assert run.result.container_name not in names
+    image = docker_client.images.get(run.image.ref)
+    assert image.labels[naming.L_COMMIT] == run.commit
+    assert image.labels[naming.L_MANAGED] == "true"
+    assert image.labels[naming.OCI_REVISION] == run.commit
