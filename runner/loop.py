@@ -24,6 +24,8 @@ from .summary import STATUS_OK, STATUS_TIMEOUT
 
 KEEP, DISCARD, CRASH = "keep", "discard", "crash"
 LOG_TAIL_FOR_FIX = 50  # lines of a crashed run's output offered to the proposer
+PROPOSER_BACKOFF_S = 15  # first wait after a failed proposal; doubles, capped at 10 minutes
+PROPOSER_MAX_ERRORS = 12  # failed proposals in a row (about 1.5 hours of backoff) before giving up
 
 
 class LoopError(RuntimeError):
@@ -249,12 +251,14 @@ class Loop:
                 try:
                     self.step()
                     errors_in_row = 0
+                    done += 1
                 except ProposerError:
+                    # An API outage must not end a night's run: back off and ask again.
                     errors_in_row += 1
-                    if errors_in_row >= 3:
-                        self.ledger.event("stopped", reason="proposer failed 3 times in a row")
+                    if errors_in_row >= PROPOSER_MAX_ERRORS:
+                        self.ledger.event("stopped", reason=f"proposer failed {errors_in_row} times in a row")
                         break
-                done += 1
+                    self.stop.wait(min(PROPOSER_BACKOFF_S * 2 ** (errors_in_row - 1), 600))
             return self.finish()
         finally:
             restore()

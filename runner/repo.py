@@ -51,7 +51,9 @@ class ResearchRepo:
                 raise RepoError(f"{self.path} has no {name}: point --repo at a research repo laid out like autoresearch "
                                 f"(prepare.py, train.py, program.md), or make one with `runner init-example DIR`")
         try:
-            self.git = git.Repo(self.path)
+            # GitDB reads objects in-process. The default keeps `git cat-file` children alive,
+            # and a terminal's Ctrl-C reaches them too: the loop would lose git mid-shutdown.
+            self.git = git.Repo(self.path, odbt=git.GitDB)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise RepoError(f"{self.path} is not a git repository: run `git init` and commit prepare.py and train.py") from None
         if not self.git.head.is_valid():
@@ -80,9 +82,13 @@ class ResearchRepo:
             raise RepoError(f"unknown commit {rev!r}: give a sha, branch or tag that `git log` shows") from None
         return Commit(c.hexsha, c.message.strip())
 
+    def changed_files(self) -> set[str]:
+        """Tracked files that differ from HEAD, staged or not."""
+        return {d.a_path for d in self.git.index.diff(None)} | {d.a_path for d in self.git.index.diff("HEAD")}
+
     def ensure_clean(self) -> None:
         if self.git.is_dirty(untracked_files=False):
-            changed = sorted({d.a_path for d in self.git.index.diff(None)} | {d.a_path for d in self.git.index.diff("HEAD")})
+            changed = sorted(self.changed_files())
             raise RepoError(f"work tree has uncommitted changes ({', '.join(changed[:5])}): commit or stash them first")
 
     def read(self, name: str, rev: str | None = None) -> str:
@@ -116,6 +122,9 @@ class ResearchRepo:
             GuardError: the new text does not parse as Python.
         """
         check_python(new_text)
+        touched = self.changed_files() - {EDITABLE}
+        if touched:
+            raise GuardError(f"the work tree has changes to {', '.join(sorted(touched))}: only {EDITABLE} may change")
         (self.path / EDITABLE).write_text(new_text)
         self.git.index.add([EDITABLE])
         c = self.git.index.commit(message)
@@ -132,6 +141,10 @@ class ResearchRepo:
             raise GuardError(f"commit {sha[:7]} changes {', '.join(others)}: only {EDITABLE} may change")
 
     def reset_hard(self, sha: str) -> None:
+        """Branch, index and tracked files back to `sha`.
+
+        results.tsv and .autoresearch/ are excluded from git's view, so they are never touched.
+        """
         self.git.head.reset(sha, index=True, working_tree=True)
 
     # --- snapshot --------------------------------------------------------------------

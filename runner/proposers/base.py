@@ -68,3 +68,16 @@ class Proposer(abc.ABC):
     @abc.abstractmethod
     def summarize(self, ctx: Context, rows: list) -> Summary:
         """The end-of-run narrative: trajectory and next ideas."""
+
+
+def trajectory_from_rows(rows: list) -> list[str]:
+    """3-5 bullets from the ledger alone: the baseline, the latest improvements, the counts."""
+    kept = [r for r in rows if r.status == "keep"]
+    bullets = []
+    if kept:
+        bullets.append(f"baseline {kept[0].val_bpb:.6f} at {kept[0].commit}")
+        steps = [f"{row.description}: {prev.val_bpb:.6f} -> {row.val_bpb:.6f}" for prev, row in zip(kept, kept[1:])]
+        bullets += steps[-3:]
+    counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash")}
+    bullets.append(f"{len(rows)} experiments: {counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash")
+    return bullets

@@ -10,7 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .base import Context, Proposal, Proposer, ProposerError, Summary
+from .base import Context, Proposal, Proposer, ProposerError, Summary, trajectory_from_rows
 
 NORMAL_FACTORS = (0.5, 0.75, 1.25, 1.5, 2.0)
 WIDE_FACTORS = (0.25, 0.33, 3.0, 4.0)
@@ -108,23 +108,12 @@ class OfflineProposer(Proposer):
         )
 
     def summarize(self, ctx: Context, rows: list) -> Summary:
-        kept = [r for r in rows if r.status == "keep"]
-        trajectory = []
-        if kept:
-            trajectory.append(f"baseline {kept[0].val_bpb:.6f} at {kept[0].commit}")
-            for prev, row in zip(kept, kept[1:]):
-                trajectory.append(f"{row.description}: {prev.val_bpb:.6f} -> {row.val_bpb:.6f}")
-        trajectory = trajectory[:1] + trajectory[1:][-4:]
-        counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash")}
-        trajectory.append(
-            f"offline search (seed {self.seed}): {len(rows)} rows, {counts['keep']} keep, "
-            f"{counts['discard']} discard, {counts['crash']} crash"
-        )
+        trajectory = trajectory_from_rows(rows)
+        trajectory[-1] += f" (offline search, seed {self.seed})"
         tried_names = {m["name"] for r in rows if (m := _DESC.match(r.description))}
-        knobs = find_knobs(ctx.train_py)
-        untried = [k.name for k in knobs if k.name not in tried_names]
+        untried = [k.name for k in find_knobs(ctx.train_py) if k.name not in tried_names]
         ideas = [f"try {name} (not varied yet)" for name in untried[:3]]
-        helped = [r.description.split()[0] for r in kept[1:]]
+        helped = [r.description.split()[0] for r in rows if r.status == "keep" and _DESC.match(r.description)]
         ideas += [f"push {name} further in the direction that helped" for name in dict.fromkeys(reversed(helped))]
         ideas += ["combine the kept changes with a longer budget", "rerun the best commit to measure noise"]
-        return Summary(trajectory=trajectory[:5], next_ideas=ideas[:3])
+        return Summary(trajectory=trajectory, next_ideas=ideas[:3])
