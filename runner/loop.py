@@ -147,8 +147,11 @@ class Loop:
         )
 
     def _run(self, commit: str, iteration: int) -> ExperimentRun:
-        return self.engine.run_commit(commit, self.tag, self.ledger.log_path(iteration, commit),
-                                      iteration=iteration, stop=self.stop)
+        run = self.engine.run_commit(commit, self.tag, self.ledger.log_path(iteration, commit),
+                                     iteration=iteration, stop=self.stop)
+        if self.stop.is_set():
+            self.repo.respawn_git()
+        return run
 
     def _record(self, iteration: int, run: ExperimentRun, status: str, description: str,
                 proposal: Proposal | None) -> Row:
@@ -192,6 +195,10 @@ class Loop:
             self.ledger.event("proposer_error", iteration=ctx.iteration, error=str(exc))
             self.out(f"proposer: {exc}")
             raise
+        if self.stop.is_set():  # stopped while the proposer worked: drop the proposal
+            self.repo.respawn_git()
+            self.ledger.event("interrupted", iteration=ctx.iteration, commit=None, description=proposal.description)
+            return
         self._try(ctx, proposal, retry_fix=True)
 
     def _try(self, ctx: Context, proposal: Proposal, retry_fix: bool) -> None:
@@ -264,6 +271,8 @@ class Loop:
             restore()
 
     def finish(self) -> Summary:
+        if self.stop.is_set():
+            self.repo.respawn_git()
         rows = self._rows_of_this_tag()
         summary = self.proposer.summarize(self.context(), rows)
         self.ledger.event("summary", experiments=len(rows), best_commit=self.state.best_commit,

@@ -51,9 +51,7 @@ class ResearchRepo:
                 raise RepoError(f"{self.path} has no {name}: point --repo at a research repo laid out like autoresearch "
                                 f"(prepare.py, train.py, program.md), or make one with `runner init-example DIR`")
         try:
-            # GitDB reads objects in-process. The default keeps `git cat-file` children alive,
-            # and a terminal's Ctrl-C reaches them too: the loop would lose git mid-shutdown.
-            self.git = git.Repo(self.path, odbt=git.GitDB)
+            self.git = git.Repo(self.path)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise RepoError(f"{self.path} is not a git repository: run `git init` and commit prepare.py and train.py") from None
         if not self.git.head.is_valid():
@@ -68,6 +66,14 @@ class ResearchRepo:
         if missing:
             with open(exclude, "a") as f:
                 f.write("\n# autoresearch-runner records\n" + "\n".join(missing) + "\n")
+
+    def respawn_git(self) -> None:
+        """Drop GitPython's persistent `git cat-file` children and let it start fresh ones.
+
+        A terminal's Ctrl-C goes to the whole process group, so it kills those children too;
+        the loop calls this after a stop request before touching git again.
+        """
+        self.git.git.clear_cache()
 
     # --- state -----------------------------------------------------------------------
 

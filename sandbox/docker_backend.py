@@ -185,6 +185,8 @@ class DockerSandbox(Sandbox):
             exit_code = state.get("ExitCode", exit_status.get("StatusCode"))
             if not reason and state.get("OOMKilled"):
                 reason = REASON_OOM
+                # The kernel kills at the ceiling; a blow-up can get there between two samples.
+                peak_mem = max(peak_mem or 0, lim.mem_limit_bytes)
             if not reason and exit_code != 0:
                 reason = REASON_EXIT
             return RunResult(
@@ -199,6 +201,7 @@ class DockerSandbox(Sandbox):
                 peak_vram_mb=peak_vram,
                 image_id=image.id,
                 container_name=spec.name,
+                container_id=container.id,
             )
         except docker.errors.APIError as exc:
             raise SandboxError(f"Docker engine error during {spec.name}: {exc}; log: {spec.log_path}") from None

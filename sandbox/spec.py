@@ -95,6 +95,7 @@ class RunResult:
     peak_vram_mb: float | None  # NVML high-water mark over the container's processes
     image_id: str
     container_name: str
+    container_id: str = ""
 
     def tail_lines(self, n: int = 50) -> str:
         """The last `n` lines of output, for crash reports."""
