@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox.backend import SandboxError
 from sandbox.spec import REASON_INTERRUPTED
 
 from .config import RunConfig
@@ -75,6 +76,7 @@ class Loop:
         # Readiness before anything changes: Docker, base and trainer images, data.
         check_data_dir(self.cfg.data_dir)
         self.engine.trainer()
+        self._sweep()
         self.min_delta = self._min_delta()
         if resume:
             self.ledger.open()
@@ -123,9 +125,14 @@ class Loop:
         if head != self.state.best_commit:
             self.ledger.event("reset_on_resume", abandoned=head, to=self.state.best_commit)
             self.repo.reset_hard(self.state.best_commit)
-        swept = self.engine.sandbox.cleanup(tag=self.tag)
+
+    def _sweep(self) -> None:
+        """Remove containers that this user's dead runners left (any tag; never another user's)."""
+        swept = self.engine.sandbox.cleanup()
         if swept:
-            self.ledger.event("swept", containers=swept)
+            self.out(f"removed {len(swept)} container(s) left by dead runners")
+            if self.ledger.events_path.parent.exists():
+                self.ledger.event("swept", containers=swept)
 
     # --- one experiment --------------------------------------------------------------
 
@@ -269,6 +276,10 @@ class Loop:
             return self.finish()
         finally:
             restore()
+            try:
+                self._sweep()
+            except SandboxError:
+                pass  # the daemon went away; the next start sweeps
 
     def finish(self) -> Summary:
         if self.stop.is_set():

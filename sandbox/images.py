@@ -244,11 +244,20 @@ def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None) -> io.
     return buf
 
 
-def _build(client, context: io.BytesIO, ref: str, labels: dict, progress: Progress, buildargs: dict | None = None) -> str:
+def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Progress,
+           buildargs: dict | None = None, extra_tar: bytes | None = None) -> str:
+    """docker build of `files` (+ `extra_tar`) as `ref`; returns the image id.
+
+    Labels go into one LABEL instruction appended to the Dockerfile: the build API's `labels`
+    argument adds a build step per label, which costs most of a small build's time.
+    """
+    label_line = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items()))
+    files = {**files, "Dockerfile": files["Dockerfile"] + f"\nLABEL {label_line}\n".encode()}
+    context = _tar_context(files, extra_tar)
     log: list[str] = []
     try:
         for chunk in client.api.build(
-            fileobj=context, custom_context=True, tag=ref, labels=labels, buildargs=buildargs or {},
+            fileobj=context, custom_context=True, tag=ref, buildargs=buildargs or {},
             rm=True, forcerm=True, pull=False, decode=True,
         ):
             if "stream" in chunk:
@@ -294,7 +303,7 @@ def ensure_trainer_image(
     }
     labels = naming.managed_labels(naming.KIND_TRAINER, **{naming.L_KEY: key, naming.L_BASE: base.id})
     labels[naming.OCI_BASE_DIGEST] = base.id
-    image_id = _build(client, _tar_context(files), ref, labels, progress,
+    image_id = _build(client, files, ref, labels, progress,
                       buildargs={"BASE_IMAGE": base_ref, "RUNNER_UID": str(RUNNER_UID)})
     return BuiltImage(ref, image_id, False, time.monotonic() - t0)
 
@@ -317,10 +326,10 @@ def ensure_experiment_image(
             and existing.labels.get(naming.L_COMMIT) == commit):
         return BuiltImage(ref, existing.id, True, 0.0)
     t0 = time.monotonic()
-    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
     all_labels = dict(labels)
     all_labels[naming.L_TRAINER] = trainer.id
     all_labels[naming.OCI_REVISION] = commit or ""
     all_labels[naming.OCI_VERSION] = __version__
-    image_id = _build(client, _tar_context({"Dockerfile": dockerfile}, source_tar), ref, all_labels, _quiet)
+    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
+    image_id = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=source_tar)
     return BuiltImage(ref, image_id, False, time.monotonic() - t0)

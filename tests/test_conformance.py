@@ -1,0 +1,163 @@
+"""The sandbox contract (DESIGN.md's table) as one suite that every Sandbox backend must pass.
+
+A new backend joins by adding itself to BACKENDS; the tests speak only the Sandbox interface.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import docker
+import pytest
+
+from sandbox import images, naming
+from sandbox.backend import Sandbox, SandboxError
+from sandbox.spec import Limits, RunSpec
+
+pytestmark = pytest.mark.docker
+
+
+def _docker_backend(client):
+    from sandbox.docker_backend import DockerSandbox
+
+    image = images.ensure_trainer_image(client, images.CPU_BASE_ALIAS)
+    return DockerSandbox(client), image.ref
+
+
+BACKENDS = {"docker": _docker_backend}
+
+
+@pytest.fixture(params=sorted(BACKENDS), scope="module")
+def backend(request, docker_client) -> tuple[Sandbox, str]:
+    return BACKENDS[request.param](docker_client)
+
+
+LIMITS = Limits(time_budget_s=1, timeout_factor=1, startup_grace_s=3, kill_grace_s=1,
+                mem_limit_bytes=256 * 1024**2, pids_limit=32, tmp_size_bytes=8 * 1024**2,
+                out_size_bytes=8 * 1024**2, log_cap_bytes=64 * 1024, log_tail_bytes=16 * 1024)
+
+
+def spec(tmp_path, image, code: str, **overrides) -> RunSpec:
+    fields = dict(image=image, command=("python", "-c", code), limits=LIMITS, log_path=tmp_path / "run.log",
+                  name=naming.container_name("run", "conformance", "0" * 8),
+                  labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "conformance", naming.L_OWNER: naming.owner()}),
+                  workdir="/tmp")
+    fields.update(overrides)
+    return RunSpec(**fields)
+
+
+def test_exit_code_and_output_are_reported(backend, tmp_path):
+    sandbox, image = backend
+    r = sandbox.run(spec(tmp_path, image, "print('hello'); raise SystemExit(7)"))
+    assert r.exit_code == 7 and r.reason == "exit_code"
+    assert "hello" in r.output_tail and "hello" in r.log_path.read_text()
+
+
+def test_deadline_ends_the_run(backend, tmp_path):
+    sandbox, image = backend
+    t0 = time.monotonic()
+    r = sandbox.run(spec(tmp_path, image, "import time; time.sleep(100)"))
+    assert r.reason == "timeout" and time.monotonic() - t0 < LIMITS.deadline_s + LIMITS.kill_grace_s + 5
+
+
+def test_stop_request_interrupts(backend, tmp_path):
+    sandbox, image = backend
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    r = sandbox.run(spec(tmp_path, image, "import time; time.sleep(100)", limits=Limits(time_budget_s=60)), stop)
+    assert r.reason == "interrupted" and r.wall_s < 10
+
+
+def test_isolation_holds(backend, tmp_path):
+    sandbox, image = backend
+    os.environ["CONFORMANCE_HOST_SECRET"] = "leak"
+    try:
+        r = sandbox.run(spec(tmp_path, image, (
+            "import os, socket\n"
+            "assert os.listdir('/sys/class/net') == ['lo'], os.listdir('/sys/class/net')\n"
+            "assert 'CONFORMANCE_HOST_SECRET' not in os.environ\n"
+            "assert os.environ.get('ALLOWED') == 'yes'\n"
+            "assert os.getuid() != 0\n"
+            "for path in ('/etc/x', '/usr/x'):\n"
+            "    try:\n"
+            "        open(path, 'w'); raise SystemExit('wrote ' + path)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "open('/tmp/ok', 'w').write('ok')\n"
+            "print('isolated')\n"), env={"ALLOWED": "yes"}))
+    finally:
+        del os.environ["CONFORMANCE_HOST_SECRET"]
+    assert r.exit_code == 0, r.output_tail
+    assert "isolated" in r.output_tail
+
+
+def test_memory_ceiling_is_an_oom(backend, tmp_path):
+    sandbox, image = backend
+    r = sandbox.run(spec(tmp_path, image, "x = []\nwhile True: x.append(bytearray(16 << 20))"))
+    assert r.reason == "oom" and r.peak_mem_bytes >= LIMITS.mem_limit_bytes * 0.9
+
+
+def test_pids_and_scratch_are_bounded(backend, tmp_path):
+    sandbox, image = backend
+    r = sandbox.run(spec(tmp_path, image, (
+        "import os, errno\n"
+        "try:\n"
+        "    open('/tmp/f', 'wb').write(b'x' * (16 << 20))\n"
+        "except OSError as e:\n"
+        "    assert e.errno == errno.ENOSPC\n"
+        "else:\n"
+        "    raise SystemExit('tmp not bounded')\n"
+        "kids = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            import time; time.sleep(30); os._exit(0)\n"
+        "        kids += 1\n"
+        "except OSError:\n"
+        "    print('kids', kids)\n")))
+    assert r.exit_code == 0, r.output_tail
+    assert int(r.output_tail.split("kids")[1].split()[0]) < LIMITS.pids_limit
+
+
+def test_log_is_capped_but_the_tail_kept(backend, tmp_path):
+    sandbox, image = backend
+    r = sandbox.run(spec(tmp_path, image, "import sys\nfor i in range(200000): print('line', i)\nprint('THE END')"))
+    assert r.exit_code == 0 and r.log_truncated
+    assert r.log_path.stat().st_size <= LIMITS.log_cap_bytes + LIMITS.log_tail_bytes + 200
+    assert r.output_tail.rstrip().endswith("THE END")
+
+
+def test_nothing_outlives_the_run(backend, tmp_path, docker_client):
+    sandbox, image = backend
+    s = spec(tmp_path, image, "print('bye')")
+    sandbox.run(s)
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(s.name)
+
+
+def test_missing_image_is_a_harness_error(backend, tmp_path):
+    sandbox, _ = backend
+    with pytest.raises(SandboxError, match="not on this engine"):
+        sandbox.run(spec(tmp_path, "autoresearch-runner/none:missing", "pass"))
+
+
+def test_cleanup_removes_only_our_dead_runners_containers(backend, docker_client):
+    sandbox, image = backend
+    dead = docker_client.containers.create(image, ["sleep", "60"], name=naming.container_name("run", "conformance", "dead0000"),
+                                           labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "conformance", naming.L_OWNER: f"{naming.owner().rsplit(':', 1)[0]}:999999999"}))
+    alive = docker_client.containers.create(image, ["sleep", "60"], name=naming.container_name("run", "conformance", "live0000"),
+                                            labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "conformance", naming.L_OWNER: naming.owner()}))
+    foreign = docker_client.containers.create(image, ["sleep", "60"], name="ar-run-conformance-not-ours")
+    try:
+        removed = sandbox.cleanup(tag="conformance")
+        assert removed == [dead.name]
+        names = [c.name for c in docker_client.containers.list(all=True)]
+        assert alive.name in names and foreign.name in names
+    finally:
+        for c in (dead, alive, foreign):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
