@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -181,6 +182,171 @@ def _float(text: str, name: str) -> float:
         from .config import ConfigError
 
         raise ConfigError(f"{name} must be a number or 'auto', got {text!r}") from None
+
+
+images_app = typer.Typer(help="Experiment images: list them, and remove what a policy allows.")
+app.add_typer(images_app, name="images")
+
+
+@app.command("rerun")
+@cli_command
+def rerun(
+    what: str = typer.Argument(..., help="A commit (prefix) or an experiment image reference."),
+    n: int = typer.Option(1, "--n", help="How many times to run it."),
+    tag: Optional[str] = typer.Option(None, help="The run tag, if the commit has images in several."),
+    repo: Path = RepoOpt,
+    data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Run an experiment image again, exactly: same image, limits and data. Prints recorded vs new."""
+    from sandbox.docker_backend import connect
+
+    from . import reruns
+    from .engine import Engine
+
+    cfg = _config(repo, data_dir=data_dir, gpus="none")
+    client = connect()
+    image = reruns.find_experiment_image(client, what, tag)
+    root = repo.resolve() if (repo / ".autoresearch").exists() else None
+    record = reruns.recorded_result(root, image)
+    engine = Engine(cfg, None, progress=lambda m: typer.echo(m, err=True))
+    log_dir = (root or Path(tempfile.gettempdir())) / ".autoresearch" / "reruns"
+    runs = reruns.rerun(engine, image, n, log_dir)
+    recorded = record["val_bpb"] if record and record.get("outcome", "ok") == "ok" else None
+    new = [r.outcome.val_bpb if r.outcome.status == "ok" else None for r in runs]
+    out = {"image": image.ref, "image_id": image.id, "commit": image.commit, "recorded_val_bpb": recorded,
+           "recorded_status": record.get("status") if record else None, "new_val_bpb": new,
+           "diff": [None if v is None or recorded is None else round(v - recorded, 6) for v in new],
+           "statuses": [r.outcome.status for r in runs], "logs": [str(r.result.log_path) for r in runs]}
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{image.ref} (commit {image.commit[:7]}, recorded: {record.get('status') if record else 'unknown'})")
+    typer.echo(f"  recorded val_bpb: {'-' if recorded is None else f'{recorded:.6f}'}")
+    for v, d, r in zip(new, out["diff"], runs):
+        typer.echo(f"  rerun   val_bpb: {'-' if v is None else f'{v:.6f}'}  diff {'-' if d is None else f'{d:+.6f}'}"
+                   f"  ({r.outcome.status}{' ' + r.outcome.reason if r.outcome.reason else ''})")
+
+
+@app.command("noise")
+@cli_command
+def noise(
+    tag: str = typer.Option(..., help="The run whose baseline to rerun."),
+    n: int = typer.Option(3, "--n", help="Reruns of the baseline."),
+    repo: Path = RepoOpt,
+    data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+) -> None:
+    """Rerun a run's baseline N times and record the spread; --min-delta auto then keeps only
+    improvements beyond twice that spread."""
+    from sandbox.docker_backend import connect
+
+    from . import reruns
+    from .engine import Engine
+    from .ledger import Ledger
+
+    cfg = _config(repo, data_dir=data_dir, gpus="none")
+    baseline = next((e for e in Ledger(cfg.repo, tag).events("experiment") if e["iteration"] == 0), None)
+    if baseline is None:
+        from .loop import LoopError
+
+        raise LoopError(f"run {tag} has no baseline yet: start it first (`runner start --tag {tag}`)")
+    image = reruns.find_experiment_image(connect(), baseline["commit"], tag)
+    runs = reruns.rerun(Engine(cfg, None, progress=typer.echo), image, n, cfg.repo / ".autoresearch" / tag / "runs")
+    values = [r.outcome.val_bpb for r in runs if r.outcome.status == "ok"]
+    if len(values) < 2:
+        typer.echo("error: fewer than 2 reruns succeeded; read their logs under .autoresearch/", err=True)
+        raise typer.Exit(2)
+    result = reruns.noise_floor(values)
+    path = reruns.save_noise(cfg.repo, tag, result)
+    Ledger(cfg.repo, tag).event("noise", **result, min_delta=2 * result["spread"])
+    typer.echo(f"baseline {image.commit[:7]}: {n} reruns, mean {result['mean']:.6f}, stdev {result['stdev']:.6f}, "
+               f"spread {result['spread']:.6f} -> --min-delta auto = {2 * result['spread']:.6f} (saved {path})")
+
+
+@images_app.callback(invoke_without_command=True)
+@cli_command
+def images_list(
+    ctx: typer.Context,
+    tag: Optional[str] = typer.Option(None, help="Only this run tag."),
+    repo: Path = RepoOpt,
+) -> None:
+    """List experiment images with status, val_bpb and the disk each added."""
+    if ctx.invoked_subcommand:
+        return
+    from sandbox.docker_backend import connect
+
+    from . import reruns
+
+    client = connect()
+    found = reruns.experiment_images(client, tag)
+    root = repo.resolve()
+    typer.echo(f"{'image':48} {'status':8} {'val_bpb':>9} {'added':>10}")
+    for img in found:
+        rec = reruns.recorded_result(root, img) or {}
+        val = rec.get("val_bpb")
+        typer.echo(f"{img.ref:48} {rec.get('status', '?'):8} {'-' if not val else f'{val:.6f}':>9} "
+                   f"{img.size_added_bytes / 1024:>8.1f}KiB")
+    if found:
+        mean = sum(i.size_added_bytes for i in found) / len(found)
+        typer.echo(f"{len(found)} images, {mean / 1024:.1f} KiB added per experiment beyond the trainer image")
+
+
+@images_app.command("gc")
+@cli_command
+def images_gc(
+    keep_discarded: int = typer.Option(0, help="Keep the newest N discarded/crashed images per tag."),
+    tag: Optional[str] = typer.Option(None, help="Only this run tag."),
+    repo: Path = RepoOpt,
+    dry_run: bool = typer.Option(False, help="Only say what would go."),
+) -> None:
+    """Remove images of discarded and crashed experiments. Never the kept chain, never an image
+    whose status is unknown, never another tool's images."""
+    from sandbox.docker_backend import connect
+
+    from . import reruns
+
+    client = connect()
+    found = reruns.experiment_images(client, tag)
+    statuses = reruns.statuses_from_ledger(repo.resolve(), {i.tag for i in found})
+    doomed = reruns.gc_plan(found, statuses, keep_discarded)
+    freed = 0
+    for img in doomed:
+        freed += img.size_added_bytes
+        if not dry_run:
+            client.images.remove(img.ref, noprune=False)
+    typer.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} image(s), {freed / 1024:.1f} KiB"
+               + "".join(f"\n  {i.ref}" for i in doomed))
+
+
+@app.command("export")
+@cli_command
+def export(
+    what: str = typer.Argument(..., help="A commit (prefix) or an experiment image reference."),
+    output: Path = typer.Option(..., "-o", "--output", help="The file to write."),
+    tag: Optional[str] = typer.Option(None),
+    repo: Path = RepoOpt,
+) -> None:
+    """Write an experiment image and its recorded result to one file, for `runner import` elsewhere."""
+    from sandbox.docker_backend import connect
+
+    from . import reruns
+
+    client = connect()
+    image = reruns.find_experiment_image(client, what, tag)
+    reruns.export_image(client, image, reruns.recorded_result(repo.resolve(), image), output)
+    typer.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): {image.ref}")
+
+
+@app.command("import")
+@cli_command
+def import_(file: Path = typer.Argument(..., help="A file written by `runner export`.")) -> None:
+    """Load an exported experiment; `runner rerun <image>` then runs it on this host."""
+    from sandbox.docker_backend import connect
+
+    from . import reruns
+
+    image = reruns.import_image(connect(), file)
+    typer.echo(f"imported {image.ref} (commit {image.commit[:7]}); run it with: runner rerun {image.ref}")
 
 
 @app.command("clean")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ def _expand_cpuset(cpuset: str) -> list[int]:
 class Engine:
     """Holds the Docker connection, the trainer image and the config for one research repo."""
 
-    def __init__(self, cfg: RunConfig, repo: ResearchRepo, gpus: GpuLease | None = None, progress=print):
+    def __init__(self, cfg: RunConfig, repo: ResearchRepo | None, gpus: GpuLease | None = None, progress=print):
+        """`repo` may be None for reruns of existing images, which need no sources."""
         self.cfg = cfg
         self.repo = repo
         self.client = connect()
@@ -137,10 +139,11 @@ class Engine:
                 naming.L_DATA: digest,
                 naming.L_LIMITS: json.dumps(limits.to_dict(), sort_keys=True),
                 naming.L_GPU_MODEL: self.gpus.model or "",
+                naming.L_BASE: self.client.images.get(self.trainer().ref).labels.get(naming.L_BASE, ""),
             },
         )
         return images.ensure_experiment_image(
-            self.client, naming.experiment_image_ref(tag, commit), self.trainer(), self.repo.snapshot_tar(commit), labels
+            self.client, naming.experiment_image_ref(tag, commit), self.trainer(), self.repo.snapshot_tars(commit), labels
         )
 
     # --- runs ------------------------------------------------------------------------
@@ -212,8 +215,6 @@ class Engine:
         limits = self.limits()
         built = self.experiment_image(head, "prepare", limits, "")
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        import os
-
         spec = RunSpec(
             image=built.ref,
             command=("python", "prepare.py"),

@@ -19,12 +19,14 @@ from .config import RunConfig
 from .data import check_data_dir
 from .engine import Engine, ExperimentRun
 from .ledger import HEADER, Ledger, Row
+from .reruns import load_noise, noise_floor, save_noise
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, GuardError, ResearchRepo, branch_name
 from .summary import STATUS_OK, STATUS_TIMEOUT
 
 KEEP, DISCARD, CRASH = "keep", "discard", "crash"
 LOG_TAIL_FOR_FIX = 50  # lines of a crashed run's output offered to the proposer
+NOISE_RERUNS = 2  # extra baseline runs when --min-delta auto has no noise floor yet
 PROPOSER_BACKOFF_S = 15  # first wait after a failed proposal; doubles, capped at 10 minutes
 PROPOSER_MAX_ERRORS = 12  # failed proposals in a row (about 1.5 hours of backoff) before giving up
 
@@ -90,12 +92,8 @@ class Loop:
     def _min_delta(self) -> float:
         if self.cfg.min_delta != "auto":
             return float(self.cfg.min_delta)
-        from .noise import load_noise
-
         noise = load_noise(self.repo.path, self.tag)
-        if noise is None:
-            raise LoopError(f"--min-delta auto needs a noise floor: run `runner noise --tag {self.tag} --n 3` first")
-        return 2 * noise["spread"]
+        return 0.0 if noise is None else 2 * noise["spread"]  # measured after the baseline otherwise
 
     def _recover(self) -> None:
         """Rebuild the state from the ledger; put the branch back at the last keep.
@@ -153,8 +151,8 @@ class Loop:
             widen=self.state.since_keep > self.cfg.stale_after,
         )
 
-    def _run(self, commit: str, iteration: int) -> ExperimentRun:
-        run = self.engine.run_commit(commit, self.tag, self.ledger.log_path(iteration, commit),
+    def _run(self, commit: str, iteration: int, log_path: Path | None = None) -> ExperimentRun:
+        run = self.engine.run_commit(commit, self.tag, log_path or self.ledger.log_path(iteration, commit),
                                      iteration=iteration, stop=self.stop)
         if self.stop.is_set():
             self.repo.respawn_git()
@@ -192,6 +190,22 @@ class Loop:
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
+        if self.cfg.min_delta == "auto" and load_noise(self.repo.path, self.tag) is None:
+            self.measure_noise(run.outcome.val_bpb)
+
+    def measure_noise(self, first: float) -> None:
+        """Rerun the baseline NOISE_RERUNS more times; keeps must then beat 2 x the spread."""
+        values = [first]
+        for i in range(NOISE_RERUNS):
+            run = self._run(self.state.best_commit, 0, self.ledger.runs_dir / f"noise-{i + 1}.log")
+            if self.stop.is_set() or run.outcome.status != STATUS_OK:
+                return
+            values.append(run.outcome.val_bpb)
+        noise = noise_floor(values)
+        save_noise(self.repo.path, self.tag, noise)
+        self.min_delta = 2 * noise["spread"]
+        self.ledger.event("noise", **noise, min_delta=self.min_delta)
+        self.out(f"noise floor: {len(values)} baseline runs, spread {noise['spread']:.6f} -> min_delta {self.min_delta:.6f}")
 
     def step(self) -> None:
         """One experiment: orient, propose, guard, commit, run, decide, log."""

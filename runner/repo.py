@@ -155,27 +155,33 @@ class ResearchRepo:
 
     # --- snapshot --------------------------------------------------------------------
 
-    def snapshot_tar(self, sha: str) -> bytes:
-        """The tree at `sha` as a tar under `repo/`: no .git, no results, no untracked files.
+    def snapshot_tars(self, sha: str) -> tuple[bytes, bytes]:
+        """The tree at `sha` as two tars under `repo/`: (every fixed file, train.py alone).
 
-        Every entry is root-owned and read-only (files 0444, executables and dirs 0555), so
-        inside the container the research code can change none of it.
+        No .git, no results, no untracked files. Every entry is root-owned and read-only
+        (files 0444, executables and dirs 0555), so inside the container the research code can
+        change none of it. Timestamps are zeroed: the fixed tar of two commits that differ only
+        in train.py is byte-identical, so their images share one sources layer.
         """
         raw = io.BytesIO()
         self.git.archive(raw, sha, format="tar")
         raw.seek(0)
-        out = io.BytesIO()
-        with tarfile.open(fileobj=raw) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        fixed, editable = io.BytesIO(), io.BytesIO()
+        with tarfile.open(fileobj=raw) as src, tarfile.open(fileobj=fixed, mode="w") as f_out, \
+                tarfile.open(fileobj=editable, mode="w") as e_out:
             for m in src.getmembers():
-                if m.type == tarfile.XGLTYPE or m.name in ("pax_global_header",):
+                if m.type == tarfile.XGLTYPE or m.name == "pax_global_header":
                     continue
                 data = src.extractfile(m) if m.isfile() else None
+                out = e_out if m.name == EDITABLE else f_out
                 m.name = f"repo/{m.name}".rstrip("/")
                 m.uid = m.gid = 0
                 m.uname = m.gname = "root"
+                m.mtime = 0
+                m.pax_headers = {}
                 m.mode = 0o555 if (m.isdir() or m.mode & 0o111) else 0o444
-                dst.addfile(m, data)
-        return out.getvalue()
+                out.addfile(m, data)
+        return fixed.getvalue(), editable.getvalue()
 
 
 def check_python(text: str) -> None:

@@ -3,7 +3,8 @@
   base        a Debian root filesystem with python3 and torch, made without any registry
               (debootstrap + `docker import`), or an official CUDA PyTorch image on GPU hosts
   trainer     base + research dependencies + a non-root user, from Dockerfile.trainer
-  experiment  trainer + the repo snapshot at one commit (one small source layer)
+  sources     trainer + the repo's fixed files (prepare.py, data, ...), shared by a whole run
+  experiment  sources + train.py at one commit (one small layer)
 
 Content keys make builds idempotent: the same inputs never build twice.
 """
@@ -308,17 +309,38 @@ def ensure_trainer_image(
     return BuiltImage(ref, image_id, False, time.monotonic() - t0)
 
 
+def ensure_sources_image(client: docker.DockerClient, trainer: BuiltImage, fixed_tar: bytes) -> BuiltImage:
+    """Trainer image + the fixed files of the repo (everything but train.py), keyed by content.
+
+    Every experiment of a run shares this layer: the guard lets only train.py change.
+    """
+    key = _sha256(trainer.id, fixed_tar)
+    ref = naming.sources_image_ref(key)
+    existing = find_image(client, ref)
+    if existing is not None and existing.labels.get(naming.L_KEY) == key:
+        return BuiltImage(ref, existing.id, True, 0.0)
+    t0 = time.monotonic()
+    labels = naming.managed_labels(naming.KIND_SOURCES, **{naming.L_KEY: key, naming.L_TRAINER: trainer.id})
+    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
+    image_id = _build(client, {"Dockerfile": dockerfile}, ref, labels, _quiet, extra_tar=fixed_tar)
+    return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+
+
 def ensure_experiment_image(
     client: docker.DockerClient,
     ref: str,
     trainer: BuiltImage,
-    source_tar: bytes,
+    sources: tuple[bytes, bytes],
     labels: dict[str, str],
 ) -> BuiltImage:
-    """Trainer image + the repo snapshot (`source_tar`, entries under `repo/`) as `ref`.
+    """Trainer + the fixed sources (a shared layer) + train.py (this experiment's layer), as `ref`.
+
+    Args:
+        sources: (fixed_tar, editable_tar), entries under `repo/`, as ResearchRepo.snapshot_tars
+            makes them.
 
     Reused when an image `ref` on the same trainer and commit exists: the same commit never
-    builds twice. Only one layer (the sources) is added, so an experiment costs its sources.
+    builds twice. What an experiment adds on disk is its train.py layer.
     """
     existing = find_image(client, ref)
     commit = labels.get(naming.L_COMMIT)
@@ -326,10 +348,13 @@ def ensure_experiment_image(
             and existing.labels.get(naming.L_COMMIT) == commit):
         return BuiltImage(ref, existing.id, True, 0.0)
     t0 = time.monotonic()
+    fixed_tar, editable_tar = sources
+    base = ensure_sources_image(client, trainer, fixed_tar)
     all_labels = dict(labels)
     all_labels[naming.L_TRAINER] = trainer.id
+    all_labels[naming.L_SOURCES] = base.id
     all_labels[naming.OCI_REVISION] = commit or ""
     all_labels[naming.OCI_VERSION] = __version__
-    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
-    image_id = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=source_tar)
+    dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
+    image_id = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
     return BuiltImage(ref, image_id, False, time.monotonic() - t0)

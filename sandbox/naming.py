@@ -27,6 +27,7 @@ L_GPUS = f"{LABEL}.gpus"                # device ids a container holds
 L_ITERATION = f"{LABEL}.iteration"
 L_TRAINER = f"{LABEL}.trainer-image"    # trainer image id an experiment image sits on
 L_BASE = f"{LABEL}.base-image"
+L_SOURCES = f"{LABEL}.sources-image"    # the shared fixed-sources image an experiment sits on
 L_DATA = f"{LABEL}.data-manifest"       # sha256 of the data manifest the run saw
 L_LIMITS = f"{LABEL}.limits"            # JSON of the Limits the experiment ran under
 L_RUNNER_VERSION = f"{LABEL}.runner-version"
@@ -39,6 +40,7 @@ OCI_CREATED_BY = "org.opencontainers.image.vendor"
 
 KIND_BASE = "base"
 KIND_TRAINER = "trainer"
+KIND_SOURCES = "sources"
 KIND_EXPERIMENT = "experiment"
 KIND_RUN = "run"          # a container running an experiment
 KIND_PREPARE = "prepare"  # a container running the repo's prepare.py
@@ -61,6 +63,10 @@ def base_image_ref(key: str) -> str:
 
 def trainer_image_ref(key: str) -> str:
     return f"{REPO}/trainer:{key[:12]}"
+
+
+def sources_image_ref(key: str) -> str:
+    return f"{REPO}/sources:{key[:12]}"
 
 
 def experiment_image_ref(tag: str, commit: str) -> str:

@@ -122,10 +122,18 @@ def test_snapshot_is_root_owned_and_read_only(tmp_path):
     path = make_repo(tmp_path / "r", SUMMARY)
     (path / "results.tsv").write_text("untracked\n")
     repo = ResearchRepo(path)
-    with tarfile.open(fileobj=io.BytesIO(repo.snapshot_tar(repo.head().sha))) as tar:
-        members = {m.name: m for m in tar.getmembers()}
+    fixed, editable = repo.snapshot_tars(repo.head().sha)
+    members = {}
+    for blob in (fixed, editable):
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            members.update({m.name: m for m in tar.getmembers()})
     assert set(members) == {"repo/prepare.py", "repo/train.py", "repo/program.md"}
-    assert all(m.uid == 0 and m.mode == 0o444 for m in members.values())
+    assert all(m.uid == 0 and m.mode == 0o444 and m.mtime == 0 for m in members.values())
+    with tarfile.open(fileobj=io.BytesIO(editable)) as tar:
+        assert tar.getnames() == ["repo/train.py"]
+    # A commit that changes only train.py leaves the fixed part byte-identical.
+    new = repo.commit_train_py(SUMMARY + "# changed\n", "edit")
+    assert repo.snapshot_tars(new.sha)[0] == fixed
 
 
 def test_log_cap_keeps_head_and_tail(tmp_path):

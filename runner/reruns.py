@@ -1,0 +1,218 @@
+"""Every experiment is an image; every row can be run again.
+
+Rerun an experiment image with the limits and data it first ran with (from its labels), measure
+the noise floor, list and garbage-collect experiment images, and move them between hosts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from sandbox import naming
+from sandbox.spec import Limits
+
+from .data import DataError, data_digest
+from .ledger import Ledger
+from .repo import RepoError
+
+RECORDS_DIR = Path.home() / ".cache" / "autoresearch-runner" / "records"
+NOISE_FILE = "noise.json"
+
+
+@dataclass(frozen=True)
+class ExperimentImage:
+    ref: str
+    id: str
+    tag: str
+    commit: str
+    data_digest: str
+    limits: Limits
+    size_added_bytes: int   # layers above the shared sources image: what this experiment cost on disk
+    created: str
+
+    @classmethod
+    def of(cls, client, image) -> "ExperimentImage":
+        labels = image.labels or {}
+        ref = next((t for t in image.tags if t.startswith(naming.REPO + "/")), image.id)
+        return cls(ref=ref, id=image.id, tag=labels.get(naming.L_TAG, ""), commit=labels.get(naming.L_COMMIT, ""),
+                   data_digest=labels.get(naming.L_DATA, ""),
+                   limits=Limits(**json.loads(labels.get(naming.L_LIMITS, "{}"))),
+                   size_added_bytes=added_size(client, image, labels.get(naming.L_SOURCES) or labels.get(naming.L_TRAINER, "")),
+                   created=image.attrs.get("Created", ""))
+
+
+def added_size(client, image, below_id: str) -> int:
+    """Bytes of the layers between `image` and the image `below_id` it was built on."""
+    total = 0
+    for layer in client.api.history(image.id):
+        if layer.get("Id") == below_id:
+            break
+        total += layer.get("Size", 0)
+    return total
+
+
+def experiment_images(client, tag: str | None = None) -> list[ExperimentImage]:
+    labels = {naming.L_TAG: tag} if tag else {}
+    found = client.images.list(filters=naming.managed_filter(naming.KIND_EXPERIMENT, **labels))
+    return sorted((ExperimentImage.of(client, i) for i in found), key=lambda e: e.created)
+
+
+def find_experiment_image(client, what: str, tag: str | None = None) -> ExperimentImage:
+    """An experiment image by reference, id, or (a prefix of) its commit.
+
+    Raises:
+        RepoError: nothing matches, or a commit prefix matches several tags (say --tag).
+    """
+    if ":" in what or "/" in what:
+        try:
+            image = client.images.get(what)
+        except docker.errors.ImageNotFound:
+            raise RepoError(f"no image {what} on this engine: `runner images` lists them, `runner import` brings one") from None
+        if (image.labels or {}).get(naming.L_KIND) != naming.KIND_EXPERIMENT:
+            raise RepoError(f"{what} is not an autoresearch-runner experiment image")
+        return ExperimentImage.of(client, image)
+    matches = [e for e in experiment_images(client, tag) if e.commit.startswith(what.lower())]
+    if not matches:
+        raise RepoError(f"no experiment image for commit {what}: `runner images` lists them")
+    if len({e.ref for e in matches}) > 1:
+        raise RepoError(f"commit {what} has images in several tags ({', '.join(e.tag for e in matches)}): add --tag")
+    return matches[0]
+
+
+# --- the recorded result -------------------------------------------------------------------
+
+
+def recorded_result(repo_root: Path | None, image: ExperimentImage) -> dict | None:
+    """What the experiment scored when it first ran: from the repo's ledger, else from an
+    imported record (`runner import`)."""
+    if repo_root is not None and image.tag:
+        for e in reversed(Ledger(repo_root, image.tag).events("experiment")):
+            if e["commit"] == image.commit:
+                return {"val_bpb": e["row"]["val_bpb"], "status": e["row"]["status"], "outcome": e["outcome"],
+                        "description": e["row"]["description"], "image_id": e["run"].get("image_id")}
+    path = RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- rerun -----------------------------------------------------------------------------------
+
+
+def rerun(engine, image: ExperimentImage, n: int, log_dir: Path) -> list:
+    """Run `image` n times with the limits it first ran with, on data with the same digest.
+
+    Raises:
+        DataError: the data cache differs from the one the experiment saw.
+    """
+    current = data_digest(engine.cfg.data_dir)
+    if image.data_digest and current != image.data_digest:
+        raise DataError(
+            f"the data in {engine.cfg.data_dir} (digest {current[:12]}) is not what {image.ref} ran on "
+            f"({image.data_digest[:12]}): point --data-dir at that data, or prepare it with the same prepare.py"
+        )
+    runs = []
+    for i in range(n):
+        log = log_dir / f"rerun-{image.commit[:7]}-{int(time.time())}-{i}.log"
+        runs.append(engine.run_commit(image.commit, image.tag or "rerun", log, limits=image.limits, image_ref=image.ref))
+    return runs
+
+
+def noise_floor(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "values": values,
+        "mean": statistics.fmean(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "spread": max(values) - min(values),
+    }
+
+
+def save_noise(repo_root: Path, tag: str, noise: dict) -> Path:
+    path = Path(repo_root) / ".autoresearch" / tag / NOISE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(noise, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_noise(repo_root: Path, tag: str) -> dict | None:
+    path = Path(repo_root) / ".autoresearch" / tag / NOISE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- images on disk --------------------------------------------------------------------------
+
+
+def gc_plan(images: list[ExperimentImage], statuses: dict[str, str], keep_discarded: int) -> list[ExperimentImage]:
+    """Images a policy allows removing: discarded or crashed experiments beyond the newest
+    `keep_discarded` per tag. Kept experiments and images of unknown status always stay."""
+    doomed = []
+    by_tag: dict[str, list[ExperimentImage]] = {}
+    for img in images:
+        if statuses.get(img.commit) in ("discard", "crash"):
+            by_tag.setdefault(img.tag, []).append(img)
+    for imgs in by_tag.values():
+        imgs.sort(key=lambda e: e.created, reverse=True)
+        doomed += imgs[keep_discarded:]
+    return doomed
+
+
+def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, str]:
+    """commit -> its row status; a commit ever kept stays 'keep'."""
+    status: dict[str, str] = {}
+    for tag in tags:
+        for e in Ledger(repo_root, tag).events("experiment"):
+            if status.get(e["commit"]) != "keep":
+                status[e["commit"]] = e["row"]["status"]
+    return status
+
+
+# --- moving between hosts --------------------------------------------------------------------
+
+
+def export_image(client, image: ExperimentImage, record: dict | None, out: Path) -> Path:
+    """One file: the image (docker save, streamed) and its recorded result."""
+    out = Path(out)
+    with tempfile.TemporaryFile() as saved:
+        for chunk in client.images.get(image.id).save(named=True):
+            saved.write(chunk)
+        size = saved.tell()
+        saved.seek(0)
+        with tarfile.open(out, "w") as tar:
+            meta = json.dumps({"ref": image.ref, "id": image.id, "record": record}).encode()
+            info = tarfile.TarInfo("record.json")
+            info.size = len(meta)
+            tar.addfile(info, io.BytesIO(meta))
+            info = tarfile.TarInfo("image.tar")
+            info.size = size
+            tar.addfile(info, saved)
+    return out
+
+
+def import_image(client, path: Path) -> ExperimentImage:
+    """Load an exported experiment and keep its record for `runner rerun`.
+
+    Raises:
+        RepoError: the file is not an export of `runner export`.
+    """
+    try:
+        with tarfile.open(path) as tar:
+            meta = json.loads(tar.extractfile("record.json").read())
+            images = client.images.load(tar.extractfile("image.tar"))
+    except (OSError, KeyError, tarfile.TarError, ValueError):
+        raise RepoError(f"{path} is not a file written by `runner export`") from None
+    image = images[0]
+    if meta.get("record"):
+        RECORDS_DIR.mkdir(parents=True, exist_ok=True)
+        (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(meta["record"]))
+    return ExperimentImage.of(client, image)

@@ -1,0 +1,110 @@
+"""Every row can be run again from its image: rerun, noise, images on disk, export and import."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+from conftest import make_repo, runner_cli
+from test_loop import MINI_TRAIN, Scripted, make_loop, variant
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, docker_client):
+    """A short loop with a keep and a discard: (repo path, data dir, rows)."""
+    root = tmp_path_factory.mktemp("reruns")
+    data = root / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"files": {"train.bin": "abc"}}')
+    path = make_repo(root / "r", MINI_TRAIN)
+    tag = f"rr{secrets.token_hex(3)}"  # images of earlier sessions must not mix in
+    loop, _, _ = make_loop(path, lambda repo: Scripted(repo, [(variant(VALUE=1.5), "better"), (variant(VALUE=1.9), "worse")]),
+                           data, max_experiments=2, tag=tag)
+    loop.run()
+    return path, data, loop.ledger.rows(), tag
+
+
+def _rerun(path, data, what, *extra):
+    r = runner_cli("rerun", what, "--repo", str(path), "--data-dir", str(data), "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_rerun_of_a_kept_and_a_discarded_commit(finished_run):
+    path, data, rows, tag = finished_run
+    kept, discarded = rows[1], rows[2]
+    assert (kept.status, discarded.status) == ("keep", "discard")
+    out = _rerun(path, data, kept.commit, "--n", "2")
+    assert out["recorded_val_bpb"] == 1.5 and out["new_val_bpb"] == [1.5, 1.5] and out["diff"] == [0.0, 0.0]
+    out = _rerun(path, data, discarded.commit)
+    assert out["recorded_status"] == "discard" and out["new_val_bpb"] == [1.9] and out["diff"] == [0.0]
+
+
+def test_rerun_refuses_other_data(finished_run, tmp_path):
+    path, _, rows, tag = finished_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"files": {"train.bin": "different"}}')
+    r = runner_cli("rerun", rows[1].commit, "--repo", str(path), "--data-dir", str(other))
+    assert r.returncode == 2 and "is not what" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_same_commit_reuses_its_image(finished_run, engine_for):
+    path, data, rows, tag = finished_run
+    engine = engine_for(path, data_dir=data, budget_s=1)
+    sha = engine.repo.resolve(rows[1].commit).sha
+    first = engine.experiment_image(sha, tag, engine.limits(), "x")
+    again = engine.experiment_image(sha, tag, engine.limits(), "x")
+    assert first.reused and again.reused and first.id == again.id
+
+
+def test_images_list_and_disk_per_experiment(finished_run):
+    path, _, rows, tag = finished_run
+    r = runner_cli("images", "--tag", tag, "--repo", str(path))
+    assert r.returncode == 0, r.stderr
+    assert f"autoresearch-runner/{tag}:" in r.stdout and "keep" in r.stdout and "discard" in r.stdout
+    per = float(r.stdout.strip().splitlines()[-1].split("images, ")[1].split(" KiB")[0])
+    assert 0 < per < 100  # only train.py's layer is new per experiment
+
+
+def test_gc_never_removes_the_kept_chain(finished_run, docker_client):
+    from runner.reruns import experiment_images
+
+    path, _, rows, tag = finished_run
+    r = runner_cli("images", "gc", "--tag", tag, "--repo", str(path))
+    assert r.returncode == 0, r.stderr
+    left = {i.commit[:7] for i in experiment_images(docker_client, tag)}
+    assert rows[0].commit in left and rows[1].commit in left   # baseline and the keep
+    assert rows[2].commit not in left                            # the discard
+
+
+def test_export_then_import_on_a_clean_engine_reruns(finished_run, tmp_path, docker_client, monkeypatch):
+    path, data, rows, tag = finished_run
+    bundle = tmp_path / "exp.tar"
+    r = runner_cli("export", rows[1].commit, "-o", str(bundle), "--tag", tag, "--repo", str(path))
+    assert r.returncode == 0, r.stderr
+    ref = r.stdout.strip().split(": ")[-1]
+    docker_client.images.remove(ref)  # this engine no longer has it
+    home = tmp_path / "home"        # nor the ledger: another host
+    env = {"HOME": str(home)}
+    r = runner_cli("import", str(bundle), env=env)
+    assert r.returncode == 0, r.stderr
+    r = runner_cli("rerun", ref, "--data-dir", str(data), "--json", "--repo", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["recorded_val_bpb"] == 1.5 and out["new_val_bpb"] == [1.5]
+
+
+def test_noise_floor_and_min_delta_auto(tmp_path, data_dir):
+    path = make_repo(tmp_path / "r", MINI_TRAIN)
+    loop, _, lines = make_loop(path, lambda repo: Scripted(repo, [(variant(VALUE=1.9999999), "tiny gain")]),
+                               data_dir, max_experiments=1, min_delta="auto", tag="nz")
+    loop.run()
+    noise = [e for e in loop.ledger.events("noise")]
+    assert noise and noise[0]["n"] == 3 and noise[0]["spread"] == 0.0
+    r = runner_cli("noise", "--tag", "nz", "--n", "2", "--repo", str(path), "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    assert "spread 0.000000" in r.stdout
