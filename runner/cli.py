@@ -65,9 +65,15 @@ def _open_repo(path: Path):
 
 
 def _lease(request: str):
-    from sandbox import gpu
+    """Lease GPUs: free by lock file and not held by any running experiment container."""
+    from sandbox import gpu, naming
+    from sandbox.docker_backend import connect
 
-    return gpu.acquire(request)
+    busy: set[str] = set()
+    if request != "none":
+        for c in connect().containers.list(filters=naming.managed_filter(naming.KIND_RUN)):
+            busy |= {d for d in c.labels.get(naming.L_GPUS, "").split(",") if d}
+    return gpu.acquire(request, busy=busy)
 
 
 @app.command("version")
@@ -153,24 +159,25 @@ def start(
     min_delta: Optional[str] = typer.Option(None, help="A keep must beat the best by this much; 'auto' = 2 x noise spread."),
     seed: Optional[int] = typer.Option(None, help="Offline proposer seed."),
     gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2"),
+    workers: Optional[int] = typer.Option(None, help="Parallel experiments (default: one per GPU; CPU hosts: 1, each worker gets a cpuset)."),
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
 ) -> None:
     """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
     from sandbox.naming import check_tag
 
-    from .engine import Engine
+    from .engine import Engine, make_slots
     from .loop import Loop
     from .proposers import make_proposer
 
     delta = None if min_delta is None else (min_delta if min_delta == "auto" else _float(min_delta, "--min-delta"))
     cfg = _config(repo, tag=check_tag(tag), max_experiments=max_experiments, budget_s=budget, proposer=proposer,
-                  min_delta=delta, seed=seed, gpus=gpus, data_dir=data_dir)
+                  min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir)
     research = _open_repo(cfg.repo)
     lease = _lease(cfg.gpus)
     try:
         engine = Engine(cfg, research, gpus=lease, progress=typer.echo)
         loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=lambda m: typer.echo(m))
-        loop.run(resume=resume)
+        loop.run(resume=resume, slots=make_slots(lease.devices, cfg.workers))
     finally:
         lease.release()
 

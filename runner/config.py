@@ -64,7 +64,9 @@ class RunConfig:
     max_experiments: int | None = None   # stop after this many experiments (baseline excluded)
     min_delta: float | str = 0.0         # keep needs val_bpb < best - min_delta; "auto" = 2 x noise spread
     stale_after: int = 10                # experiments without improvement before widening the search
-    gpus: str = "auto"                   # auto | none | "0,2" (device indices) | "4" (a count)
+    gpus: str = "auto"                   # auto | all | none | "0,2" (indices) | "4" (a count), as docker --gpus
+    workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
+    prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
     base_image: str = "auto"             # auto | an image reference
     requirements: str | None = None      # research deps file in the repo, installed in the trainer image
     ca_bundle: Path | None = None        # CA bundle for pip inside image builds (TLS proxies)
@@ -181,6 +183,10 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     if cfg.proposer not in ("auto", "offline", "claude"):
         raise ConfigError(f"proposer must be auto, offline or claude, got {cfg.proposer!r}")
+    if isinstance(cfg.prefetch, str) and cfg.prefetch != "auto":
+        raise ConfigError(f"prefetch must be a number or 'auto', got {cfg.prefetch!r}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
     if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:

@@ -4,6 +4,7 @@ data), the sandboxed run, the judgement. Shared by `runner run`, the loop, rerun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,10 +18,19 @@ from sandbox.docker_backend import DockerSandbox, connect
 from sandbox.gpu import GpuLease
 from sandbox.spec import Limits, Mount, RunResult, RunSpec
 
-from .config import DATA_MOUNT, HF_MOUNT, RunConfig
+from .config import DATA_MOUNT, HF_MOUNT, ConfigError, RunConfig
 from .data import check_data_dir, data_digest
 from .repo import ResearchRepo, read_time_budget
 from .summary import Outcome, judge, memory_gb
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What one parallel worker runs on: its GPUs and its host CPUs."""
+
+    name: str
+    devices: tuple[str, ...] = ()
+    cpuset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,14 @@ class ExperimentRun:
     def overhead_s(self) -> float:
         """Runner time outside the container's life: image build, create/remove, judging."""
         return round(max(self.total_s - self.result.wall_s, 0.0), 3)
+
+    @property
+    def duty_cycle(self) -> float | None:
+        """Training seconds / container wall seconds: how much of the run the accelerator trained."""
+        m = self.outcome.metrics
+        if not m or not m.training_seconds or not self.result.wall_s:
+            return None
+        return round(min(m.training_seconds / self.result.wall_s, 1.0), 4)
 
     def to_dict(self) -> dict:
         m = self.outcome.metrics
@@ -56,6 +74,7 @@ class ExperimentRun:
             "training_seconds": m.training_seconds if m else None,
             "peak_mem_bytes": self.result.peak_mem_bytes,
             "peak_vram_mb": self.result.peak_vram_mb,
+            "duty_cycle": self.duty_cycle,
             "log": str(self.result.log_path),
             "log_bytes": self.result.log_bytes,
             "log_truncated": self.result.log_truncated,
@@ -97,6 +116,31 @@ def _expand_cpuset(cpuset: str) -> list[int]:
     return cpus
 
 
+def make_slots(devices: tuple[str, ...], workers: int | None, cpus: list[int] | None = None) -> list[Slot]:
+    """One slot per parallel worker.
+
+    With GPUs, the leased devices are split evenly between workers (default: one each). On a
+    CPU host, the host's CPUs are split into one cpuset per worker (default: one worker, unpinned).
+
+    Raises:
+        ConfigError: more workers than GPUs or CPUs to give them.
+    """
+    if devices:
+        n = workers or len(devices)
+        if n > len(devices):
+            raise ConfigError(f"--workers {n} needs {n} GPUs, {len(devices)} are leased: lower --workers or add --gpus")
+        per = len(devices) // n
+        return [Slot(f"gpu{i}", devices=tuple(devices[i * per:(i + 1) * per])) for i in range(n)]
+    n = workers or 1
+    if n == 1:
+        return [Slot("cpu")]
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if n > len(cpus):
+        raise ConfigError(f"--workers {n} needs {n} CPUs, this host has {len(cpus)}")
+    per = len(cpus) // n
+    return [Slot(f"cpu{i}", cpuset=",".join(map(str, cpus[i * per:(i + 1) * per]))) for i in range(n)]
+
+
 class Engine:
     """Holds the Docker connection, the trainer image and the config for one research repo."""
 
@@ -109,6 +153,7 @@ class Engine:
         self.sandbox = DockerSandbox(self.client, vram_probe=self.gpus.vram_probe())
         self.progress = progress
         self._trainer: images.BuiltImage | None = None
+        self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
 
     # --- images ----------------------------------------------------------------------
 
@@ -128,7 +173,10 @@ class Engine:
         return budget if budget else 300.0
 
     def limits(self) -> Limits:
-        return self.cfg.sandbox_limits(self.time_budget_s())
+        limits = self.cfg.sandbox_limits(self.time_budget_s())
+        if limits.vram_limit_gb is None and self.vram_ceiling_gb:
+            limits = dataclasses.replace(limits, vram_limit_gb=round(self.vram_ceiling_gb, 3))
+        return limits
 
     def experiment_image(self, commit: str, tag: str, limits: Limits, digest: str) -> images.BuiltImage:
         labels = naming.managed_labels(
@@ -162,12 +210,15 @@ class Engine:
         iteration: int = 0,
         stop: threading.Event | None = None,
         limits: Limits | None = None,
-        image_ref: str | None = None,
+        image: images.BuiltImage | str | None = None,
+        slot: Slot | None = None,
     ) -> ExperimentRun:
-        """Build (or reuse) the image of `commit` and run it in the sandbox.
+        """Run `commit` in the sandbox, building its image unless `image` is given.
 
         Args:
-            image_ref: run this existing image instead of building one (reruns).
+            image: a BuiltImage already built for `commit`, or the reference of an existing
+                image to run as it is (reruns); None builds it (which reads git).
+            slot: the devices and CPUs of one parallel worker; None = this engine's lease.
 
         Raises:
             DataError: the data cache is not prepared.
@@ -176,11 +227,15 @@ class Engine:
         t0 = time.monotonic()
         check_data_dir(self.cfg.data_dir)
         limits = limits or self.limits()
-        digest = data_digest(self.cfg.data_dir)
-        if image_ref is None:
-            built = self.experiment_image(commit, tag, limits, digest)
+        devices = self.gpus.devices if slot is None else slot.devices
+        if slot is not None and slot.cpuset:
+            limits = dataclasses.replace(limits, cpuset=slot.cpuset)
+        if image is None:
+            built = self.experiment_image(commit, tag, limits, data_digest(self.cfg.data_dir))
+        elif isinstance(image, str):
+            built = images.BuiltImage(image, self.client.images.get(image).id, True, 0.0)
         else:
-            built = images.BuiltImage(image_ref, self.client.images.get(image_ref).id, True, 0.0)
+            built = image
         spec = RunSpec(
             image=built.ref,
             command=self.cfg.command,
@@ -194,12 +249,12 @@ class Engine:
                     naming.L_COMMIT: commit,
                     naming.L_OWNER: naming.owner(),
                     naming.L_ITERATION: str(iteration),
-                    naming.L_GPUS: ",".join(self.gpus.devices),
+                    naming.L_GPUS: ",".join(devices),
                 },
             ),
             env=experiment_env(self.cfg, limits),
             mounts=self.mounts(),
-            gpus=self.gpus.devices,
+            gpus=devices,
         )
         result = self.sandbox.run(spec, stop)
         outcome = judge(result)

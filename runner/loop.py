@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.backend import SandboxError
+from sandbox.images import BuiltImage
 from sandbox.spec import REASON_INTERRUPTED
 
 from .config import RunConfig
-from .data import check_data_dir
-from .engine import Engine, ExperimentRun
+from .data import check_data_dir, data_digest
+from .engine import Engine, ExperimentRun, Slot
 from .ledger import HEADER, Ledger, Row
 from .reruns import load_noise, noise_floor, save_noise
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
@@ -36,8 +39,22 @@ class LoopError(RuntimeError):
 
 
 @dataclass
+class Job:
+    """One experiment on its way: proposed on `parent`, committed off-branch, image built."""
+
+    iteration: int
+    parent: str
+    proposal: Proposal
+    commit: str
+    image: BuiltImage
+    retry_fix: bool = True
+    verifies: int | None = None  # the near-miss iteration this job re-applies
+
+
+@dataclass
 class State:
     iteration: int = 0                # experiments run so far (the baseline is 0)
+    training_s: float = 0.0           # training seconds of every recorded run
     best_commit: str | None = None
     best_val_bpb: float = math.inf
     since_keep: int = 0
@@ -61,7 +78,9 @@ class Loop:
         self.ledger = Ledger(repo.path, cfg.tag)
         self.state = State()
         self.stop = threading.Event()
+        self.lock = threading.RLock()  # git, the ledger, the state: one worker at a time
         self.min_delta = 0.0
+        self.started = time.monotonic()
 
     # --- setup -----------------------------------------------------------------------
 
@@ -151,15 +170,18 @@ class Loop:
             widen=self.state.since_keep > self.cfg.stale_after,
         )
 
-    def _run(self, commit: str, iteration: int, log_path: Path | None = None) -> ExperimentRun:
+    def _run(self, job: "Job | None", commit: str, iteration: int, log_path: Path | None = None,
+             slot: Slot | None = None) -> ExperimentRun:
         run = self.engine.run_commit(commit, self.tag, log_path or self.ledger.log_path(iteration, commit),
-                                     iteration=iteration, stop=self.stop)
+                                     iteration=iteration, stop=self.stop, image=job.image if job else None,
+                                     slot=slot)
         if self.stop.is_set():
-            self.repo.respawn_git()
+            with self.lock:
+                self.repo.respawn_git()
         return run
 
     def _record(self, iteration: int, run: ExperimentRun, status: str, description: str,
-                proposal: Proposal | None) -> Row:
+                proposal: Proposal | None, **extra) -> Row:
         outcome = run.outcome
         if outcome.status != STATUS_OK:
             description = f"{description} [{outcome.reason}]"
@@ -170,17 +192,19 @@ class Loop:
             outcome=outcome.status, reason=outcome.reason,
             metrics=dataclasses.asdict(outcome.metrics) if outcome.metrics else None,
             run=run.to_dict(), hypothesis=proposal.hypothesis if proposal else "",
-            usage=proposal.usage if proposal else {},
+            usage=proposal.usage if proposal else {}, **extra,
         )
         self.ledger.append_row(row)
         self.out(exp_line(self.tag, iteration, row))
+        if run.outcome.metrics and run.outcome.metrics.training_seconds:
+            self.state.training_s += run.outcome.metrics.training_seconds
         return row
 
     def baseline(self) -> None:
         commit = self.repo.head().sha
-        run = self._run(commit, 0)
+        run = self._run(None, commit, 0)
         if run.result.reason == REASON_INTERRUPTED:
-            self._interrupted(0, commit, run)
+            self.ledger.event("interrupted", iteration=0, commit=commit, run=run.to_dict())
             return
         if run.outcome.status != STATUS_OK:
             self.ledger.event("baseline_failed", commit=commit, reason=run.outcome.reason, run=run.to_dict())
@@ -190,6 +214,10 @@ class Loop:
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
+        if run.result.peak_vram_mb and self.cfg.limits.vram_gb is None:
+            # Default VRAM ceiling: twice what the baseline needed, as NVML measured it.
+            self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
+            self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
         if self.cfg.min_delta == "auto" and load_noise(self.repo.path, self.tag) is None:
             self.measure_noise(run.outcome.val_bpb)
 
@@ -197,7 +225,7 @@ class Loop:
         """Rerun the baseline NOISE_RERUNS more times; keeps must then beat 2 x the spread."""
         values = [first]
         for i in range(NOISE_RERUNS):
-            run = self._run(self.state.best_commit, 0, self.ledger.runs_dir / f"noise-{i + 1}.log")
+            run = self._run(None, self.state.best_commit, 0, self.ledger.runs_dir / f"noise-{i + 1}.log")
             if self.stop.is_set() or run.outcome.status != STATUS_OK:
                 return
             values.append(run.outcome.val_bpb)
@@ -207,87 +235,127 @@ class Loop:
         self.ledger.event("noise", **noise, min_delta=self.min_delta)
         self.out(f"noise floor: {len(values)} baseline runs, spread {noise['spread']:.6f} -> min_delta {self.min_delta:.6f}")
 
-    def step(self) -> None:
-        """One experiment: orient, propose, guard, commit, run, decide, log."""
-        ctx = self.context()
+    # --- jobs: propose -> commit -> run -> settle ------------------------------------
+
+    def _propose(self) -> Job | None:
+        """Ask the proposer for the next experiment and commit it off-branch on the best commit.
+
+        The proposer runs without the lock (a Claude call takes a while); git does not.
+
+        Raises:
+            ProposerError: passed on for the caller's backoff.
+        """
+        with self.lock:
+            ctx = self.context()
+            parent = self.state.best_commit
         try:
             proposal = self.proposer.propose(ctx)
         except ProposerError as exc:
             self.ledger.event("proposer_error", iteration=ctx.iteration, error=str(exc))
             self.out(f"proposer: {exc}")
             raise
-        if self.stop.is_set():  # stopped while the proposer worked: drop the proposal
-            self.repo.respawn_git()
-            self.ledger.event("interrupted", iteration=ctx.iteration, commit=None, description=proposal.description)
-            return
-        self._try(ctx, proposal, retry_fix=True)
+        with self.lock:
+            if self.stop.is_set():  # stopped while the proposer worked: drop the proposal
+                self.repo.respawn_git()
+                self.ledger.event("interrupted", iteration=None, commit=None, description=proposal.description)
+                return None
+            return self._commit_job(parent, proposal)
 
-    def _try(self, ctx: Context, proposal: Proposal, retry_fix: bool) -> None:
-        iteration = ctx.iteration
+    def _commit_job(self, parent: str, proposal: Proposal, **job_fields) -> Job | None:
+        """Guard and commit `proposal` on `parent`, build its image. Caller holds the lock."""
+        iteration = self.state.iteration + 1
         try:
-            commit = self.repo.commit_train_py(proposal.train_py, f"{self.tag}: {proposal.description}")
+            commit = self.repo.commit_train_py(parent, proposal.train_py, f"{self.tag}: {proposal.description}",
+                                               ref=f"refs/autoresearch/{self.tag}/{iteration}")
         except GuardError as exc:
             self.ledger.event("refused", iteration=iteration, reason=str(exc), description=proposal.description)
             self.out(f"refused: {exc}")
             self.repo.reset_hard(self.state.best_commit)
-            return
+            return None
         self.state.iteration = iteration
-        run = self._run(commit.sha, iteration)
-        if run.result.reason == REASON_INTERRUPTED:
-            self._interrupted(iteration, commit.sha, run)
-            return
-        outcome = run.outcome
-        if outcome.status == STATUS_OK and outcome.val_bpb < self.state.best_val_bpb - self.min_delta:
-            status = KEEP
-        elif outcome.status in (STATUS_OK, STATUS_TIMEOUT):
-            status = DISCARD
-        else:
-            status = CRASH
-        self._record(iteration, run, status, proposal.description, proposal)
-        self.proposer.observe(proposal, status, outcome.val_bpb if outcome.status == STATUS_OK else None)
-        if status == KEEP:
-            self.state.best_commit, self.state.best_val_bpb = commit.sha, outcome.val_bpb
-            self.state.since_keep = 0
-            return
-        self.state.since_keep += 1
-        self.repo.reset_hard(self.state.best_commit)
-        if status == CRASH and retry_fix and not self.stop.is_set():
-            fix = self.proposer.fix_crash(self.context(), proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
-            if fix is not None:
-                fix = dataclasses.replace(fix, description=f"fix: {fix.description}")
-                self._try(self.context(), fix, retry_fix=False)
+        image = self.engine.experiment_image(commit.sha, self.tag, self.engine.limits(),
+                                             data_digest(self.cfg.data_dir))
+        return Job(iteration, parent, proposal, commit.sha, image, **job_fields)
 
-    def _interrupted(self, iteration: int, commit: str, run: ExperimentRun) -> None:
-        self.ledger.event("interrupted", iteration=iteration, commit=commit, run=run.to_dict())
-        if self.state.best_commit:
-            self.repo.reset_hard(self.state.best_commit)
+    def _execute(self, job: Job, slot: Slot | None) -> None:
+        """Run one job and every follow-up it causes (a crash fix, a re-applied near-miss)."""
+        while job is not None and not self.stop.is_set():
+            run = self._run(job, job.commit, job.iteration, slot=slot)
+            with self.lock:
+                follow = self._settle(job, run)
+            if follow == "fix":
+                fix = self.proposer.fix_crash(self.context(), job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
+                with self.lock:
+                    job = None
+                    if fix is not None and not self.stop.is_set():
+                        fix = dataclasses.replace(fix, description=f"fix: {fix.description}")
+                        job = self._commit_job(self.state.best_commit, fix, retry_fix=False)
+            else:
+                job = follow
+
+    def _settle(self, job: Job, run: ExperimentRun) -> "Job | str | None":
+        """Decide keep/discard/crash and log it. Caller holds the lock.
+
+        Returns a follow-up: "fix" (ask the proposer to fix a crash), a Job (a near-miss
+        re-applied on the new best, to verify), or None.
+        """
+        if run.result.reason == REASON_INTERRUPTED:
+            self.ledger.event("interrupted", iteration=job.iteration, commit=job.commit, run=run.to_dict())
+            return None
+        outcome = run.outcome
+        improved = outcome.status == STATUS_OK and outcome.val_bpb < self.state.best_val_bpb - self.min_delta
+        stale_parent = job.parent != self.state.best_commit
+        extra = {"parent": job.parent, "verifies": job.verifies}
+        if improved and not stale_parent:
+            self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra)
+            self.proposer.observe(job.proposal, KEEP, outcome.val_bpb)
+            self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
+            self.state.since_keep = 0
+            self.repo.reset_hard(job.commit)  # the branch advances to the keep
+            return None
+        self.state.since_keep += 1
+        if improved:
+            # Better than the best it started from, but the best moved while it ran: re-apply
+            # the edit on the new best and run that, or record it as a near-miss.
+            self._record(job.iteration, run, DISCARD, f"{job.proposal.description} [near-miss]", job.proposal, **extra)
+            self.proposer.observe(job.proposal, DISCARD, outcome.val_bpb)
+            merged = self.repo.merge_train_py(job.parent, self.state.best_commit, job.commit)
+            if merged is None:
+                self.ledger.event("near_miss_conflict", iteration=job.iteration, commit=job.commit)
+                return None
+            again = dataclasses.replace(job.proposal, train_py=merged,
+                                        description=f"{job.proposal.description} (re-applied)")
+            return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
+        status = DISCARD if outcome.status in (STATUS_OK, STATUS_TIMEOUT) else CRASH
+        self._record(job.iteration, run, status, job.proposal.description, job.proposal, **extra)
+        self.proposer.observe(job.proposal, status, outcome.val_bpb if outcome.status == STATUS_OK else None)
+        self.repo.reset_hard(self.state.best_commit)  # nothing of a failed edit stays in the work tree
+        if status == CRASH and job.retry_fix and not self.stop.is_set():
+            return "fix"
+        return None
 
     # --- the whole run ---------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> Summary:
-        """Setup, baseline, experiments until stopped or max_experiments; then the summary."""
+    def run(self, resume: bool = False, slots: list[Slot] | None = None) -> Summary:
+        """Setup, baseline, experiments until stopped or max_experiments; then the summary.
+
+        Args:
+            slots: one per parallel worker (GPUs, CPUs); None or one slot = sequential.
+        """
         restore = self._install_signal_handlers()
+        self.started = time.monotonic()
+        slots = slots or [None]
         try:
             self.setup(resume)
             if self.state.best_commit is None and not self.stop.is_set():
                 self.baseline()
-            done = 0
-            errors_in_row = 0
-            while not self.stop.is_set() and self.state.best_commit is not None:
-                if self.cfg.max_experiments is not None and done >= self.cfg.max_experiments:
-                    break
-                try:
-                    self.step()
-                    errors_in_row = 0
-                    done += 1
-                except ProposerError:
-                    # An API outage must not end a night's run: back off and ask again.
-                    errors_in_row += 1
-                    if errors_in_row >= PROPOSER_MAX_ERRORS:
-                        self.ledger.event("stopped", reason=f"proposer failed {errors_in_row} times in a row")
-                        break
-                    self.stop.wait(min(PROPOSER_BACKOFF_S * 2 ** (errors_in_row - 1), 600))
-            return self.finish()
+            if self.state.best_commit is not None and not self.stop.is_set():
+                prefetch = self._prefetch(len(slots))
+                if len(slots) == 1 and prefetch == 0:
+                    self._sequential(slots[0])
+                else:
+                    self._pipelined(slots, prefetch)
+            return self.finish(len(slots))
         finally:
             restore()
             try:
@@ -295,15 +363,94 @@ class Loop:
             except SandboxError:
                 pass  # the daemon went away; the next start sweeps
 
-    def finish(self) -> Summary:
+    def _prefetch(self, workers: int) -> int:
+        if self.cfg.prefetch != "auto":
+            return int(self.cfg.prefetch)
+        # An LLM proposal takes long enough to leave the accelerator idle: prepare one ahead.
+        return 1 if (self.proposer.name == "claude" or workers > 1) else 0
+
+    def _budget_left(self, proposed: int) -> bool:
+        return self.cfg.max_experiments is None or proposed < self.cfg.max_experiments
+
+    def _next_job(self, errors: list[int]) -> Job | None:
+        """Propose until a job comes out; back off on proposer errors (an API outage must not
+        end a night's run). Returns None when stopped or out of patience."""
+        while not self.stop.is_set():
+            try:
+                job = self._propose()
+                errors[0] = 0
+                return job
+            except ProposerError:
+                errors[0] += 1
+                if errors[0] >= PROPOSER_MAX_ERRORS:
+                    self.ledger.event("stopped", reason=f"proposer failed {errors[0]} times in a row")
+                    self.stop.set()
+                    return None
+                self.stop.wait(min(PROPOSER_BACKOFF_S * 2 ** (errors[0] - 1), 600))
+        return None
+
+    def _sequential(self, slot: Slot | None) -> None:
+        proposed, errors = 0, [0]
+        while not self.stop.is_set() and self._budget_left(proposed):
+            job = self._next_job(errors)
+            proposed += 1
+            if job is not None:
+                self._execute(job, slot)
+
+    def _pipelined(self, slots: list, prefetch: int) -> None:
+        """N workers, one per slot, fed by a proposer thread that keeps `prefetch` jobs ready,
+        so no worker waits for a proposal while another could be prepared."""
+        jobs: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        done_proposing = threading.Event()
+
+        def produce():
+            proposed, errors = 0, [0]
+            try:
+                while not self.stop.is_set() and self._budget_left(proposed):
+                    job = self._next_job(errors)
+                    proposed += 1
+                    while job is not None and not self.stop.is_set():
+                        try:
+                            jobs.put(job, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+            finally:
+                done_proposing.set()
+
+        def work(slot):
+            while not self.stop.is_set():
+                try:
+                    job = jobs.get(timeout=0.2)
+                except queue.Empty:
+                    if done_proposing.is_set():
+                        return
+                    continue
+                self._execute(job, slot)
+
+        threads = [threading.Thread(target=produce, name="proposer", daemon=True)]
+        threads += [threading.Thread(target=work, args=(s,), name=f"worker-{i}", daemon=True) for i, s in enumerate(slots)]
+        for t in threads:
+            t.start()
+        # The main thread keeps signals; it waits for the workers rather than joining blindly.
+        while any(t.is_alive() for t in threads[1:]):
+            for t in threads[1:]:
+                t.join(timeout=0.5)
+        threads[0].join(timeout=1)
+
+    def finish(self, workers: int = 1) -> Summary:
         if self.stop.is_set():
             self.repo.respawn_git()
         rows = self._rows_of_this_tag()
         summary = self.proposer.summarize(self.context(), rows)
+        wall_s = time.monotonic() - self.started
+        duty = self.state.training_s / (wall_s * workers) if wall_s > 0 else 0.0
         self.ledger.event("summary", experiments=len(rows), best_commit=self.state.best_commit,
                           best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb,
-                          trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage)
-        self.out(format_summary(self.tag, rows, self.state, summary))
+                          trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage,
+                          wall_s=round(wall_s, 1), training_s=round(self.state.training_s, 1), workers=workers,
+                          duty_cycle=round(duty, 4))
+        self.out(format_summary(self.tag, rows, self.state, summary, duty))
         return summary
 
     def _rows_of_this_tag(self) -> list[Row]:
@@ -326,13 +473,13 @@ class Loop:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-def format_summary(tag: str, rows: list[Row], state: State, summary: Summary) -> str:
+def format_summary(tag: str, rows: list[Row], state: State, summary: Summary, duty: float | None = None) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in (KEEP, DISCARD, CRASH)}
     best = "none" if state.best_commit is None else f"{state.best_commit[:7]} val_bpb {state.best_val_bpb:.6f}"
     lines = [
         "",
         f"=== autoresearch {tag}: {len(rows)} experiments ({counts[KEEP]} keep, {counts[DISCARD]} discard, {counts[CRASH]} crash)",
-        f"best: {best}",
+        f"best: {best}" + ("" if duty is None else f"   accelerator duty cycle: {100 * duty:.1f}%"),
         "trajectory:",
         *[f"  - {t}" for t in summary.trajectory],
         "next ideas:",

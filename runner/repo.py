@@ -7,10 +7,12 @@ from __future__ import annotations
 import ast
 import io
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
+from gitdb import IStream
 
 EDITABLE = "train.py"
 REQUIRED = ("prepare.py", "train.py")
@@ -121,19 +123,30 @@ class ResearchRepo:
     def checkout(self, name: str) -> None:
         self.git.heads[name].checkout()
 
-    def commit_train_py(self, new_text: str, message: str) -> Commit:
-        """Write train.py, check it, commit it. The guard runs before anything is written.
+    def commit_train_py(self, parent: str, new_text: str, message: str, ref: str) -> Commit:
+        """Commit `new_text` as train.py on top of `parent`, off the branch and off the work tree.
+
+        The commit is kept alive by `ref` (refs/autoresearch/...); the branch moves only when
+        the experiment is kept (`reset_hard` on the branch). Experiments running in parallel each get their own
+        commit this way. The guard runs before anything is written.
 
         Raises:
-            GuardError: the new text does not parse as Python.
+            GuardError: the text does not parse, or a tracked file other than train.py was
+                changed in the work tree (a proposer reaching past its one file).
         """
         check_python(new_text)
         touched = self.changed_files() - {EDITABLE}
         if touched:
             raise GuardError(f"the work tree has changes to {', '.join(sorted(touched))}: only {EDITABLE} may change")
-        (self.path / EDITABLE).write_text(new_text)
-        self.git.index.add([EDITABLE])
-        c = self.git.index.commit(message)
+        data = new_text.encode()
+        blob = self.git.odb.store(IStream("blob", len(data), io.BytesIO(data)))
+        parent_commit = self.git.commit(parent)
+        mode = parent_commit.tree[EDITABLE].mode if EDITABLE in parent_commit.tree else 0o100644
+        index = git.IndexFile.from_tree(self.git, parent_commit)
+        index.add([git.BaseIndexEntry((mode, blob.binsha, 0, EDITABLE))], write=False)
+        tree = index.write_tree()
+        c = git.Commit.create_from_tree(self.git, tree, message, parent_commits=[parent_commit], head=False)
+        git.Reference.create(self.git, ref, c.hexsha, force=True)
         self.guard(c.hexsha)
         return Commit(c.hexsha, message)
 
@@ -145,6 +158,22 @@ class ResearchRepo:
         others = sorted(p for p in changed if p and p != EDITABLE)
         if others:
             raise GuardError(f"commit {sha[:7]} changes {', '.join(others)}: only {EDITABLE} may change")
+
+    def merge_train_py(self, base: str, ours: str, theirs: str) -> str | None:
+        """Three-way merge of train.py: the change base->theirs re-applied on ours.
+
+        Returns the merged text, or None if the two changes conflict.
+        """
+        with tempfile.TemporaryDirectory(prefix="ar-merge-") as tmp:
+            paths = []
+            for name, rev in (("ours", ours), ("base", base), ("theirs", theirs)):
+                path = Path(tmp) / name
+                path.write_text(self.read(EDITABLE, rev))
+                paths.append(str(path))
+            try:
+                return self.git.git.merge_file("-p", *paths, strip_newline_from_stdout=False)
+            except git.GitCommandError:
+                return None
 
     def reset_hard(self, sha: str) -> None:
         """Branch, index and tracked files back to `sha`.

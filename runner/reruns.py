@@ -122,7 +122,7 @@ def rerun(engine, image: ExperimentImage, n: int, log_dir: Path) -> list:
     runs = []
     for i in range(n):
         log = log_dir / f"rerun-{image.commit[:7]}-{int(time.time())}-{i}.log"
-        runs.append(engine.run_commit(image.commit, image.tag or "rerun", log, limits=image.limits, image_ref=image.ref))
+        runs.append(engine.run_commit(image.commit, image.tag or "rerun", log, limits=image.limits, image=image.ref))
     return runs
 
 

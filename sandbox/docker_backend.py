@@ -31,8 +31,8 @@ from .spec import (
 
 POLL_S = 0.2  # watchdog period: memory, VRAM, deadline and stop requests
 
-# Called with the container's host PIDs; returns VRAM in MiB used by them (None: no GPU view).
-VramProbe = Callable[[set[int]], "float | None"]
+# Called with a container id; returns the MiB of VRAM its processes hold (NVML).
+VramProbe = Callable[[str], float]
 
 
 def connect() -> docker.DockerClient:
@@ -132,14 +132,6 @@ class _CgroupMemory:
             except (OSError, ValueError, IndexError):
                 continue
         return None
-
-
-def _container_pids(container) -> set[int]:
-    try:
-        top = container.top(ps_args="-eo pid")
-        return {int(row[0]) for row in top.get("Processes") or []}
-    except (docker.errors.APIError, ValueError, IndexError):
-        return set()
 
 
 class DockerSandbox(Sandbox):
@@ -251,14 +243,13 @@ class DockerSandbox(Sandbox):
                 used = self._stats_memory(container)
             if used is not None:
                 peak_mem = max(peak_mem or 0, used)
-            if self.vram_probe and spec.gpus:
-                vram = self.vram_probe(_container_pids(container))
-                if vram is not None:
-                    peak_vram = max(peak_vram or 0.0, vram)
-                    if lim.vram_limit_gb and vram > lim.vram_limit_gb * 1024:
-                        reason = REASON_VRAM
-                        container.kill(signal="SIGKILL")
-                        break
+            if self.vram_probe:
+                vram = self.vram_probe(container.id)
+                peak_vram = max(peak_vram or 0.0, vram)
+                if lim.vram_limit_gb and vram > lim.vram_limit_gb * 1024:
+                    reason = REASON_VRAM
+                    container.kill(signal="SIGKILL")
+                    break
             if stop.is_set():
                 reason = REASON_INTERRUPTED
                 self._terminate(container, lim.kill_grace_s, exited)

@@ -75,15 +75,23 @@ class RealNvml:
         return used
 
 
-def vram_of(nvml: Nvml, uuids: Iterable[str], pids: set[int]) -> float | None:
-    """MiB of VRAM that processes `pids` hold across devices `uuids`; None if none is visible."""
-    total, seen = 0.0, False
-    for uuid in uuids:
-        for pid, mb in nvml.process_vram_mb(uuid).items():
-            if pid in pids:
-                total += mb
-                seen = True
-    return total if seen else (0.0 if pids else None)
+def cgroup_of(pid: int) -> str:
+    """The cgroup lines of host process `pid` ('' if it is gone): they name its container."""
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def in_container(container_id: str, cgroup_reader: Callable[[int], str] = cgroup_of) -> Callable[[int], bool]:
+    """A test of host PIDs: is this process in the container? Its cgroup path carries the
+    container id (cgroup v1 and v2, cgroupfs and systemd drivers alike)."""
+    return lambda pid: bool(container_id) and container_id in cgroup_reader(pid)
+
+
+def vram_of(nvml: Nvml, uuids: Iterable[str], owns: Callable[[int], bool]) -> float:
+    """MiB of VRAM held on devices `uuids` by the processes `owns` accepts (NVML reports host PIDs)."""
+    return sum(mb for uuid in uuids for pid, mb in nvml.process_vram_mb(uuid).items() if owns(pid))
 
 
 @dataclass
@@ -99,11 +107,12 @@ class GpuLease:
     def none(cls) -> "GpuLease":
         return cls()
 
-    def vram_probe(self) -> Callable[[set[int]], float | None] | None:
+    def vram_probe(self) -> Callable[[str], float] | None:
+        """container id -> MiB of VRAM its processes hold on the leased GPUs; None without GPUs."""
         if not self.devices or self.nvml is None:
             return None
         nvml, devices = self.nvml, self.devices
-        return lambda pids: vram_of(nvml, devices, pids)
+        return lambda container_id: vram_of(nvml, devices, in_container(container_id))
 
     def release(self) -> None:
         for f in self._locks:

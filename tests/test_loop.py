@@ -207,3 +207,47 @@ def test_sigint_stops_the_run_and_prints_a_summary(tmp_path, data_dir, docker_cl
     events = [json.loads(line) for line in (path / ".autoresearch/s/events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "interrupted" for e in events)
     assert not any(e["event"] == "experiment" for e in events)  # a partial run is no result
+
+
+PARALLEL_TRAIN = """import time
+VALUE = 2.0
+UNCHANGED_1 = 0
+BONUS = 0.0
+UNCHANGED_2 = 0
+SLEEP_S = 0
+time.sleep(SLEEP_S)
+""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE - BONUS:.6f}")')
+
+
+def test_parallel_cpu_workers_keep_the_ledger_and_branch_consistent(tmp_path, data_dir):
+    """Two workers, each pinned to its own CPU. B starts from the baseline like A, finishes
+    after A was kept, beats the best it started from: a near-miss, re-applied on A and verified."""
+    from runner.engine import make_slots
+
+    def edit(**values):
+        text = PARALLEL_TRAIN
+        for name, value in values.items():
+            text = text.replace(f"{name} = {dict(VALUE='2.0', BONUS='0.0', SLEEP_S='0')[name]}\n", f"{name} = {value}\n", 1)
+        return text
+
+    path = make_repo(tmp_path / "r", PARALLEL_TRAIN)
+    proposals = [(edit(VALUE="1.5"), "A: lower VALUE"), (edit(BONUS="0.8", SLEEP_S="4"), "B: add BONUS slowly")]
+    loop, proposer, lines = make_loop(path, lambda repo: Scripted(repo, proposals), data_dir,
+                                      max_experiments=2, tag="par")
+    slots = make_slots((), 2, cpus=[0, 1])
+    loop.run(slots=slots)
+    rows = loop.ledger.rows()
+    assert [(r.status, r.description, r.val_bpb) for r in rows] == [
+        ("keep", "baseline", 2.0),
+        ("keep", "A: lower VALUE", 1.5),
+        ("discard", "B: add BONUS slowly [near-miss]", 1.2),
+        ("keep", "B: add BONUS slowly (re-applied)", 0.7),
+    ]
+    events = loop.ledger.events("experiment")
+    assert [e["iteration"] for e in events] == [0, 1, 2, 3]
+    assert events[3]["verifies"] == 2 and events[3]["parent"] == events[1]["commit"]
+    assert {e["run"]["limits"]["cpuset"] for e in events[1:3]} == {"0", "1"}
+    assert proposer.heads == [events[0]["commit"]] * 2  # both proposed on the baseline
+    assert loop.repo.head().sha == events[3]["commit"]
+    assert (path / "results.tsv").read_text().count("\n") == 5
+    assert "accelerator duty cycle" in lines[-1]

@@ -112,7 +112,7 @@ def test_guard_refuses_commits_touching_other_files(tmp_path):
     with pytest.raises(GuardError, match="changes prepare.py"):
         repo.guard(sha)
     with pytest.raises(GuardError, match="does not parse"):
-        repo.commit_train_py("def broken(:\n", "x")
+        repo.commit_train_py(sha, "def broken(:\n", "x", "refs/autoresearch/t/1")
 
 
 def test_snapshot_is_root_owned_and_read_only(tmp_path):
@@ -132,7 +132,7 @@ def test_snapshot_is_root_owned_and_read_only(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(editable)) as tar:
         assert tar.getnames() == ["repo/train.py"]
     # A commit that changes only train.py leaves the fixed part byte-identical.
-    new = repo.commit_train_py(SUMMARY + "# changed\n", "edit")
+    new = repo.commit_train_py(repo.head().sha, SUMMARY + "# changed\n", "edit", "refs/autoresearch/t/1")
     assert repo.snapshot_tars(new.sha)[0] == fixed
 
 

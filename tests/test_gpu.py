@@ -1,0 +1,135 @@
+"""GPU leases and the VRAM watchdog, driven through a fake NVML device layer (no GPU here).
+
+The watchdog test runs a real container: the fake NVML reports the container's real host PID
+as a GPU process, and the watchdog must map it to the container through its cgroup and kill it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from sandbox import gpu, naming
+from sandbox.gpu import GpuDevice, GpuError
+
+DEVICES = [GpuDevice(0, "GPU-aaaa", "Fake H100", 81559.0), GpuDevice(1, "GPU-bbbb", "Fake H100", 81559.0),
+           GpuDevice(2, "GPU-cccc", "Fake H100", 81559.0)]
+
+
+class FakeNvml:
+    def __init__(self, devices=DEVICES, processes=None):
+        self._devices = devices
+        self.processes = processes or {}   # uuid -> {pid: MiB}
+
+    def devices(self):
+        return list(self._devices)
+
+    def process_vram_mb(self, uuid):
+        return dict(self.processes.get(uuid, {}))
+
+
+@pytest.mark.parametrize("text,parsed", [
+    ("none", ("none", None)), ("all", ("all", None)), ("4", ("count", 4)),
+    ("0,2", ("indices", [0, 2])), ("device=2", ("indices", [2])),
+])
+def test_gpu_request_grammar(text, parsed):
+    assert gpu.parse_request(text) == parsed
+
+
+def test_bad_gpu_requests_are_one_clear_error(tmp_path):
+    with pytest.raises(GpuError, match="GPU 7 does not exist on this host"):
+        gpu.acquire("0,7", FakeNvml(), lock_dir=tmp_path)
+    with pytest.raises(GpuError, match="asked for 4 GPUs, this host has 3"):
+        gpu.acquire("4", FakeNvml(), lock_dir=tmp_path)
+    with pytest.raises(GpuError, match="not understood"):
+        gpu.acquire("gpu0", FakeNvml(), lock_dir=tmp_path)
+
+
+def test_two_runners_never_share_a_gpu(tmp_path):
+    first = gpu.acquire("0,2", FakeNvml(), lock_dir=tmp_path)
+    assert first.devices == ("GPU-aaaa", "GPU-cccc") and first.model == "Fake H100"
+    with pytest.raises(GpuError, match="GPU 0 .* is leased by another runner"):
+        gpu.acquire("device=0", FakeNvml(), lock_dir=tmp_path)
+    second = gpu.acquire("all", FakeNvml(), lock_dir=tmp_path)
+    assert second.devices == ("GPU-bbbb",)
+    with pytest.raises(GpuError, match="only 0 are free"):
+        gpu.acquire("1", FakeNvml(), lock_dir=tmp_path)
+    first.release()
+    assert gpu.acquire("2", FakeNvml(), lock_dir=tmp_path).devices == ("GPU-aaaa", "GPU-cccc")
+
+
+def test_a_gpu_held_by_a_running_container_is_not_leased(tmp_path):
+    lease = gpu.acquire("all", FakeNvml(), busy={"GPU-bbbb"}, lock_dir=tmp_path)
+    assert lease.devices == ("GPU-aaaa", "GPU-cccc")
+
+
+def test_a_lease_vanishes_when_its_process_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from pathlib import Path
+        from sandbox import gpu
+        from tests.test_gpu import FakeNvml
+        lease = gpu.acquire("device=1", FakeNvml(), lock_dir=Path({str(tmp_path)!r}))
+        print("held", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(GpuError, match="leased by another runner"):
+        gpu.acquire("device=1", FakeNvml(), lock_dir=tmp_path)
+    holder.kill()
+    holder.wait()
+    assert gpu.acquire("device=1", FakeNvml(), lock_dir=tmp_path).devices == ("GPU-bbbb",)
+
+
+def test_vram_is_summed_over_the_container_processes_only():
+    nvml = FakeNvml(processes={"GPU-aaaa": {10: 1000.0, 11: 500.0, 12: 7000.0}, "GPU-cccc": {10: 250.0}})
+    cgroups = {10: "12:memory:/docker/abc123\n", 11: "0::/system.slice/docker-abc123.scope\n", 12: "0::/docker/other\n"}
+    owns = gpu.in_container("abc123", cgroup_reader=lambda pid: cgroups.get(pid, ""))
+    assert gpu.vram_of(nvml, ["GPU-aaaa", "GPU-cccc"], owns) == 1750.0
+
+
+@pytest.mark.docker
+def test_watchdog_kills_a_container_above_the_vram_ceiling(tmp_path, docker_client):
+    """A real container; the fake NVML says its (real) host PID holds 5 GiB on a leased GPU."""
+    from sandbox.docker_backend import DockerSandbox
+    from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
+    from sandbox.spec import Limits, RunSpec
+
+    image = ensure_trainer_image(docker_client, CPU_BASE_ALIAS)
+    nvml = FakeNvml()
+
+    class GpuProcessOfContainer(FakeNvml):
+        def process_vram_mb(self, uuid):
+            if uuid != "GPU-aaaa":
+                return {}
+            running = docker_client.containers.list(filters=naming.managed_filter(naming.KIND_RUN, **{naming.L_TAG: "vramtest"}))
+            return {c.attrs["State"]["Pid"]: 5120.0 for c in running} | {1: 99999.0}  # pid 1 is not in it
+
+    lease = gpu.GpuLease(devices=("GPU-aaaa",), model="Fake H100", nvml=GpuProcessOfContainer())
+    sandbox = DockerSandbox(docker_client, vram_probe=lease.vram_probe())
+    spec = RunSpec(image=image.ref, command=("python", "-c", "import time; time.sleep(60)"),
+                   limits=Limits(time_budget_s=30, vram_limit_gb=4.0), log_path=tmp_path / "log",
+                   name=naming.container_name("run", "vramtest", "0" * 8), workdir="/tmp",
+                   labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "vramtest", naming.L_OWNER: naming.owner()}))
+    result = sandbox.run(spec)
+    assert result.reason == "vram" and result.peak_vram_mb == 5120.0 and result.wall_s < 10
+    from runner.summary import judge, memory_gb
+    assert judge(result).status == "crash" and memory_gb(result) == 5.0
+
+
+def test_slots_split_gpus_and_cpus():
+    from runner.config import ConfigError
+    from runner.engine import make_slots
+
+    assert [s.devices for s in make_slots(("a", "b", "c", "d"), 2)] == [("a", "b"), ("c", "d")]
+    assert [s.devices for s in make_slots(("a", "b"), None)] == [("a",), ("b",)]
+    assert [s.cpuset for s in make_slots((), 2, cpus=[0, 1, 2, 3])] == ["0,1", "2,3"]
+    assert make_slots((), None)[0].cpuset is None
+    with pytest.raises(ConfigError, match="needs 3 GPUs"):
+        make_slots(("a", "b"), 3)
