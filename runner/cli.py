@@ -21,6 +21,8 @@ from . import __version__
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safe unattended ML research loops in containers.")
 base_app = typer.Typer(no_args_is_help=True, help="The registry-less base image.")
 app.add_typer(base_app, name="base-image")
+agent_app = typer.Typer(no_args_is_help=True, help="The runner's own image, for running it in a container.")
+app.add_typer(agent_app, name="agent-image")
 
 RepoOpt = typer.Option(Path("."), "--repo", help="The research repo (prepare.py, train.py, program.md).")
 
@@ -28,6 +30,7 @@ RepoOpt = typer.Option(Path("."), "--repo", help="The research repo (prepare.py,
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from sandbox.backend import SandboxError
     from sandbox.gpu import GpuError
+    from sandbox.naming import TagError
 
     from .config import ConfigError
     from .data import DataError
@@ -35,7 +38,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .proposers.base import ProposerError
     from .repo import RepoError
 
-    return (SandboxError, GpuError, ConfigError, DataError, LoopError, RepoError, ProposerError)
+    return (SandboxError, GpuError, TagError, ConfigError, DataError, LoopError, RepoError, ProposerError)
 
 
 def cli_command(fn):
@@ -167,6 +170,7 @@ def start(
 
     from .engine import Engine, make_slots
     from .loop import Loop
+    from .progress import LiveReporter, Reporter
     from .proposers import make_proposer
 
     delta = None if min_delta is None else (min_delta if min_delta == "auto" else _float(min_delta, "--min-delta"))
@@ -176,7 +180,9 @@ def start(
     lease = _lease(cfg.gpus)
     try:
         engine = Engine(cfg, research, gpus=lease, progress=typer.echo)
-        loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=lambda m: typer.echo(m))
+        # A live panel on a terminal; plain [EXP] lines when piped or logged.
+        reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
+        loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter)
         loop.run(resume=resume, slots=make_slots(lease.devices, cfg.workers))
     finally:
         lease.release()
@@ -356,6 +362,48 @@ def import_(file: Path = typer.Argument(..., help="A file written by `runner exp
     typer.echo(f"imported {image.ref} (commit {image.commit[:7]}); run it with: runner rerun {image.ref}")
 
 
+@app.command("report")
+@cli_command
+def report(
+    tag: str = typer.Option(..., help="The run to report on."),
+    repo: Path = RepoOpt,
+    out: Optional[Path] = typer.Option(None, help="Directory for progress.png and report.html (default: .autoresearch/<tag>/)."),
+) -> None:
+    """Write progress.png and a self-contained report.html for a run, and print its figures."""
+    from . import report as rep
+
+    try:
+        data = rep.collect(repo.resolve(), tag)
+    except ValueError as exc:
+        from .config import ConfigError
+
+        raise ConfigError(str(exc)) from None
+    png, page = rep.write_report(repo.resolve(), tag, out)
+    for line in rep.summary_lines(data):
+        typer.echo(line)
+    typer.echo("top improvements:")
+    for d in data.improvements[:5]:
+        typer.echo(f"  -{d['delta']:.6f}  {d['commit']}  {d['description']}")
+    typer.echo(f"wrote {png} and {page}")
+
+
+@app.command("status")
+@cli_command
+def status(tag: Optional[str] = typer.Option(None, help="Only this run tag.")) -> None:
+    """What runs on this host now, for every user: tags, GPUs, commit, elapsed; best so far from the ledgers."""
+    from .status import running
+
+    rows = running(tag)
+    if not rows:
+        typer.echo("no experiments running")
+        return
+    typer.echo(f"{'tag':16} {'iter':>4} {'commit':8} {'elapsed':>8} {'gpus':14} {'user':>5} {'best':>9} {'kept':>4}  repo")
+    for r in rows:
+        best = "-" if r.best_val_bpb is None else f"{r.best_val_bpb:.6f}"
+        typer.echo(f"{r.tag:16} {r.iteration:>4} {r.commit[:7]:8} {r.elapsed_s:>7.0f}s {r.gpus or '-':14} "
+                   f"{r.user:>5} {best:>9} {r.kept:>4}  {r.repo}")
+
+
 @app.command("clean")
 @cli_command
 def clean(tag: Optional[str] = typer.Option(None, help="Only this tag's containers.")) -> None:
@@ -394,6 +442,22 @@ def base_image_build(
     recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,))
     ref = images.build_base_image(connect(), recipe, ca_bundle=ca, find_links=links, progress=typer.echo, force=force)
     typer.echo(ref)
+
+
+@agent_app.command("build")
+@cli_command
+def agent_image_build(
+    ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip during the build. Default: $PIP_CERT if set."),
+    base: str = typer.Option("autoresearch-runner/base:cpu", help="Base image with python3 and pip."),
+) -> None:
+    """Build the runner's own image from this source checkout (Dockerfile.agent)."""
+    from sandbox import images
+    from sandbox.docker_backend import connect
+
+    project = Path(__file__).resolve().parent.parent
+    built = images.build_agent_image(connect(), project, base, ca_bundle or _env_path("PIP_CERT", file=True),
+                                     progress=typer.echo)
+    typer.echo(f"{built.ref} ({'reused' if built.reused else f'built in {built.build_s:.0f}s'})")
 
 
 def _env_path(name: str, file: bool) -> Path | None:

@@ -250,6 +250,7 @@ class Engine:
                     naming.L_OWNER: naming.owner(),
                     naming.L_ITERATION: str(iteration),
                     naming.L_GPUS: ",".join(devices),
+                    naming.L_REPO: str(self.repo.path) if self.repo else "",
                 },
             ),
             env=experiment_env(self.cfg, limits),

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import queue
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sandbox.backend import SandboxError
 from sandbox.images import BuiltImage
@@ -23,6 +25,7 @@ from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
 from .ledger import HEADER, Ledger, Row
 from .reruns import load_noise, noise_floor, save_noise
+from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, GuardError, ResearchRepo, branch_name
 from .summary import STATUS_OK, STATUS_TIMEOUT
@@ -66,7 +69,9 @@ def exp_line(tag: str, iteration: int, row: Row) -> str:
 
 
 class Loop:
-    def __init__(self, cfg: RunConfig, repo: ResearchRepo, engine: Engine, proposer: Proposer, out=print):
+    def __init__(self, cfg: RunConfig, repo: ResearchRepo, engine: Engine, proposer: Proposer,
+                 out: Reporter | Callable[[str], None] = print):
+        """`out`: a Reporter (the live panel on a terminal), or a callable taking each line."""
         if not cfg.tag:
             raise LoopError("a run needs --tag")
         self.cfg = cfg
@@ -74,7 +79,8 @@ class Loop:
         self.repo = repo
         self.engine = engine
         self.proposer = proposer
-        self.out = out
+        self.reporter = out if isinstance(out, Reporter) else Reporter(out)
+        self.out = self.reporter.line
         self.ledger = Ledger(repo.path, cfg.tag)
         self.state = State()
         self.stop = threading.Event()
@@ -172,9 +178,14 @@ class Loop:
 
     def _run(self, job: "Job | None", commit: str, iteration: int, log_path: Path | None = None,
              slot: Slot | None = None) -> ExperimentRun:
-        run = self.engine.run_commit(commit, self.tag, log_path or self.ledger.log_path(iteration, commit),
-                                     iteration=iteration, stop=self.stop, image=job.image if job else None,
-                                     slot=slot)
+        log_path = log_path or self.ledger.log_path(iteration, commit)
+        self.reporter.started(iteration, commit, job.proposal.description if job else "baseline", log_path,
+                              self.engine.limits().time_budget_s)
+        try:
+            run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
+                                         image=job.image if job else None, slot=slot)
+        finally:
+            self.reporter.finished(iteration)
         if self.stop.is_set():
             with self.lock:
                 self.repo.respawn_git()
@@ -195,6 +206,7 @@ class Loop:
             usage=proposal.usage if proposal else {}, **extra,
         )
         self.ledger.append_row(row)
+        self.reporter.recorded(status, row.val_bpb, iteration)
         self.out(exp_line(self.tag, iteration, row))
         if run.outcome.metrics and run.outcome.metrics.training_seconds:
             self.state.training_s += run.outcome.metrics.training_seconds
@@ -358,6 +370,7 @@ class Loop:
             return self.finish(len(slots))
         finally:
             restore()
+            self.reporter.close()
             try:
                 self._sweep()
             except SandboxError:
@@ -466,7 +479,9 @@ class Loop:
             if self.stop.is_set():
                 raise KeyboardInterrupt
             self.stop.set()
-            self.out(f"\n{signal.Signals(signum).name}: stopping after the current run is cleaned up (again to force)")
+            # A raw write: a signal handler must not take the console's lock (the live panel may hold it).
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current run is cleaned up "
+                        f"(again to force)\n".encode())
 
         for s in previous:
             signal.signal(s, handler)

@@ -7,6 +7,7 @@ reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -292,7 +293,7 @@ class DockerSandbox(Sandbox):
         try:
             for kind in (naming.KIND_RUN, naming.KIND_PREPARE):
                 for c in self.client.containers.list(all=True, filters=naming.managed_filter(kind, **labels)):
-                    if only_dead_owners and _owner_alive(c.labels.get(naming.L_OWNER, "")):
+                    if only_dead_owners and _owner_alive(self.client, c.labels.get(naming.L_OWNER, "")):
                         continue
                     c.remove(force=True)
                     removed.append(c.name)
@@ -301,11 +302,23 @@ class DockerSandbox(Sandbox):
         return removed
 
 
-def _owner_alive(owner: str) -> bool:
-    """True if `owner` (host:pid) names a live process on this host."""
+def _owner_alive(client: docker.DockerClient, owner: str) -> bool:
+    """True unless `owner` (see naming.owner) is known to be gone.
+
+    A runner in a container is alive while that container runs. A runner on this host is alive
+    while its PID is. A runner on another host sharing this engine cannot be checked from
+    here, so it counts as alive: we never remove what we cannot prove abandoned.
+    """
+    if owner.startswith("container:"):
+        try:
+            return client.containers.get(owner.split(":", 1)[1]).status == "running"
+        except docker.errors.NotFound:
+            return False
     host, _, pid = owner.rpartition(":")
-    if host != naming.owner().rpartition(":")[0] or not pid.isdigit():
+    if not pid.isdigit():
         return False
+    if host != socket.gethostname():
+        return True
     try:
         os.kill(int(pid), 0)
         return True

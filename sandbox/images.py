@@ -358,3 +358,49 @@ def ensure_experiment_image(
     dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
     image_id = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
     return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+
+
+# ---------------------------------------------------------------------------
+# The runner's own image (Dockerfile.agent)
+# ---------------------------------------------------------------------------
+
+AGENT_FILES = ("Dockerfile.agent", "requirements-agent.lock", "pyproject.toml", "README.md")
+AGENT_DIRS = ("runner", "sandbox", "examples")
+
+
+def build_agent_image(
+    client: docker.DockerClient,
+    project_dir: Path,
+    base_ref: str = CPU_BASE_ALIAS,
+    ca_bundle: Path | None = None,
+    progress: Progress = _quiet,
+) -> BuiltImage:
+    """Build the runner's image from a source checkout, unless one with the same content exists.
+
+    Raises:
+        ImageBuildError: not a source checkout, the base is missing, or the build failed.
+    """
+    project_dir = Path(project_dir)
+    if not (project_dir / "Dockerfile.agent").is_file():
+        raise ImageBuildError(f"{project_dir} has no Dockerfile.agent: build the agent image from a source checkout")
+    base = find_image(client, base_ref)
+    if base is None:
+        raise ImageBuildError(f"base image {base_ref} is missing: run `runner base-image build`")
+    files = {name: (project_dir / name).read_bytes() for name in AGENT_FILES}
+    for d in AGENT_DIRS:
+        for path in sorted((project_dir / d).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(".pyc"):
+                files[str(path.relative_to(project_dir))] = path.read_bytes()
+    key = _sha256(base.id, *(f"{k}\0".encode() + v for k, v in sorted(files.items())))
+    ref = naming.agent_image_ref(key)
+    existing = find_image(client, ref)
+    if existing is not None:
+        return BuiltImage(ref, existing.id, True, 0.0)
+    t0 = time.monotonic()
+    progress(f"building agent image {ref} on {base_ref}")
+    files["Dockerfile"] = files.pop("Dockerfile.agent")
+    files["ca-bundle.crt"] = ca_bundle.read_bytes() if ca_bundle else b""
+    labels = naming.managed_labels(naming.KIND_AGENT, **{naming.L_KEY: key, naming.L_BASE: base.id})
+    image_id = _build(client, files, ref, labels, progress, buildargs={"BASE_IMAGE": base_ref})
+    client.images.get(ref).tag(naming.AGENT_ALIAS)
+    return BuiltImage(ref, image_id, False, time.monotonic() - t0)

@@ -32,6 +32,7 @@ L_DATA = f"{LABEL}.data-manifest"       # sha256 of the data manifest the run sa
 L_LIMITS = f"{LABEL}.limits"            # JSON of the Limits the experiment ran under
 L_RUNNER_VERSION = f"{LABEL}.runner-version"
 L_GPU_MODEL = f"{LABEL}.gpu-model"
+L_REPO = f"{LABEL}.repo"                # host path of the research repo (runner status reads its ledger)
 
 OCI_REVISION = "org.opencontainers.image.revision"
 OCI_BASE_DIGEST = "org.opencontainers.image.base.digest"
@@ -41,19 +42,28 @@ OCI_CREATED_BY = "org.opencontainers.image.vendor"
 KIND_BASE = "base"
 KIND_TRAINER = "trainer"
 KIND_SOURCES = "sources"
+KIND_AGENT = "agent"
 KIND_EXPERIMENT = "experiment"
 KIND_RUN = "run"          # a container running an experiment
 KIND_PREPARE = "prepare"  # a container running the repo's prepare.py
 
+# Experiment images are autoresearch-runner/<tag>:<commit>; these repositories are the layers'.
+RESERVED_TAGS = ("base", "trainer", "sources", "agent")
 _TAG_OK = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
+class TagError(ValueError):
+    """A run tag that cannot name a branch and an image repository."""
+
+
 def check_tag(tag: str) -> str:
-    """Return `tag` if it can name a branch and an image repository, else raise ValueError."""
+    """Return `tag` if it can name a branch and an image repository, else raise TagError."""
     if not _TAG_OK.match(tag):
-        raise ValueError(
+        raise TagError(
             f"tag {tag!r} is not usable: use 1-64 characters of lowercase letters, digits, '.', '_' or '-'"
         )
+    if tag in RESERVED_TAGS:
+        raise TagError(f"tag {tag!r} is reserved for the runner's own images ({', '.join(RESERVED_TAGS)}): pick another")
     return tag
 
 
@@ -65,6 +75,13 @@ def trainer_image_ref(key: str) -> str:
     return f"{REPO}/trainer:{key[:12]}"
 
 
+AGENT_ALIAS = f"{REPO}/agent:latest"
+
+
+def agent_image_ref(key: str) -> str:
+    return f"{REPO}/agent:{key[:12]}"
+
+
 def sources_image_ref(key: str) -> str:
     return f"{REPO}/sources:{key[:12]}"
 
@@ -74,6 +91,11 @@ def experiment_image_ref(tag: str, commit: str) -> str:
 
 
 def owner() -> str:
+    """Who started a container: `host:pid` for a runner on the host, `container:<id>` for a
+    runner inside a container (its hostname is its container id), whose liveness the engine
+    itself can answer."""
+    if os.path.exists("/.dockerenv"):
+        return f"container:{socket.gethostname()}"
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

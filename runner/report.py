@@ -1,0 +1,169 @@
+"""`runner report`: the night at a glance, from the ledger alone.
+
+progress.png (every experiment a point, the running best a step line, keeps labelled, as in
+autoresearch's analysis notebook) and report.html (self-contained: the plot inlined) with the
+keep rate, the top improvements, token usage and cost, and the duty cycle.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .ledger import Ledger
+
+# USD per million tokens (input, output); a model not listed reports tokens only.
+PRICES_PER_MTOK = {
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4": (1.0, 5.0),
+}
+
+
+@dataclass
+class ReportData:
+    tag: str
+    points: list[dict] = field(default_factory=list)    # iteration, val_bpb, status, description, commit
+    keep_rate: float = 0.0
+    improvements: list[dict] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+    model: str | None = None
+    duty_cycle: float | None = None
+    training_s: float = 0.0
+    wall_s: float = 0.0
+    counts: dict = field(default_factory=dict)
+
+
+def collect(repo_root: Path, tag: str) -> ReportData:
+    """Everything the report shows, read from .autoresearch/<tag>/events.jsonl.
+
+    Raises:
+        ValueError: no experiments recorded for `tag`.
+    """
+    ledger = Ledger(repo_root, tag)
+    experiments = ledger.events("experiment")
+    if not experiments:
+        raise ValueError(f"no experiments recorded for tag {tag} in {ledger.events_path}: run `runner start --tag {tag}` first")
+    data = ReportData(tag)
+    best = None
+    for e in experiments:
+        row = e["row"]
+        data.points.append({"iteration": e["iteration"], "val_bpb": row["val_bpb"], "status": row["status"],
+                            "description": row["description"], "commit": row["commit"]})
+        if row["status"] == "keep":
+            if best is not None:
+                data.improvements.append({"delta": best - row["val_bpb"], "description": row["description"],
+                                          "commit": row["commit"], "val_bpb": row["val_bpb"]})
+            best = row["val_bpb"]
+        usage = e.get("usage") or {}
+        data.input_tokens += usage.get("input_tokens", 0)
+        data.output_tokens += usage.get("output_tokens", 0)
+        data.training_s += ((e.get("metrics") or {}).get("training_seconds") or 0.0)
+        data.wall_s += (e.get("run") or {}).get("wall_s") or 0.0
+    data.improvements.sort(key=lambda i: i["delta"], reverse=True)
+    tried = [p for p in data.points if p["iteration"] > 0]
+    data.counts = {s: sum(p["status"] == s for p in tried) for s in ("keep", "discard", "crash")}
+    data.keep_rate = data.counts["keep"] / len(tried) if tried else 0.0
+    starts = ledger.events("start")
+    if starts:
+        cfg = starts[-1].get("config", {})
+        data.model = cfg.get("model") if starts[-1].get("proposer") == "claude" else None
+    for s in ledger.events("summary"):
+        usage = s.get("usage") or {}
+        data.input_tokens += usage.get("input_tokens", 0)
+        data.output_tokens += usage.get("output_tokens", 0)
+    if data.model:
+        price = next((p for prefix, p in PRICES_PER_MTOK.items() if data.model.startswith(prefix)), None)
+        if price:
+            data.cost_usd = (data.input_tokens * price[0] + data.output_tokens * price[1]) / 1e6
+    data.duty_cycle = data.training_s / data.wall_s if data.wall_s else None
+    return data
+
+
+def plot(data: ReportData, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [p for p in data.points if p["status"] != "crash"]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    colors = {"keep": "#2a9d3f", "discard": "#9a9a9a"}
+    for status in ("discard", "keep"):
+        pts = [p for p in ok if p["status"] == status]
+        ax.scatter([p["iteration"] for p in pts], [p["val_bpb"] for p in pts], s=36 if status == "keep" else 18,
+                   c=colors[status], label=status, zorder=3, alpha=0.9 if status == "keep" else 0.6)
+    crashes = [p["iteration"] for p in data.points if p["status"] == "crash"]
+    if crashes and ok:
+        y = max(p["val_bpb"] for p in ok)
+        ax.scatter(crashes, [y] * len(crashes), marker="x", c="#c0392b", label="crash", zorder=3)
+    xs, ys, best = [], [], None
+    for p in data.points:
+        if p["status"] == "keep":
+            best = p["val_bpb"]
+        if best is not None:
+            xs.append(p["iteration"])
+            ys.append(best)
+    ax.step(xs, ys, where="post", c="#2a9d3f", lw=1.5, label="running best", zorder=2)
+    for p in data.points:
+        if p["status"] == "keep":
+            ax.annotate(p["description"][:40], (p["iteration"], p["val_bpb"]), textcoords="offset points",
+                        xytext=(4, 6), fontsize=7, rotation=20, color="#1e6b2d")
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.set_title(f"autoresearch {data.tag}: {len(data.points)} experiments, keep rate {100 * data.keep_rate:.0f}%")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(repo_root: Path, tag: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write progress.png and report.html (default: .autoresearch/<tag>/). Returns both paths."""
+    data = collect(repo_root, tag)
+    out_dir = Path(out_dir or Path(repo_root) / ".autoresearch" / tag)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(data, out_dir / "progress.png")
+    html_path = out_dir / "report.html"
+    html_path.write_text(render_html(data, png.read_bytes()))
+    return png, html_path
+
+
+def summary_lines(data: ReportData) -> list[str]:
+    lines = [
+        f"experiments: {len(data.points)} ({data.counts['keep']} keep, {data.counts['discard']} discard, "
+        f"{data.counts['crash']} crash), keep rate {100 * data.keep_rate:.1f}%",
+        f"best val_bpb: {min((p['val_bpb'] for p in data.points if p['status'] == 'keep'), default=0):.6f}",
+        "duty cycle: " + ("-" if data.duty_cycle is None else f"{100 * data.duty_cycle:.1f}% "
+                          f"({data.training_s:.0f}s training / {data.wall_s:.0f}s in containers)"),
+        f"tokens: {data.input_tokens:,} in, {data.output_tokens:,} out"
+        + ("" if data.cost_usd is None else f", about ${data.cost_usd:.2f} ({data.model})"),
+    ]
+    return lines
+
+
+def render_html(data: ReportData, png: bytes) -> str:
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{d['delta']:.6f}</td><td>{d['val_bpb']:.6f}</td><td><code>{html.escape(d['commit'])}</code></td>"
+        f"<td>{html.escape(d['description'])}</td></tr>" for i, d in enumerate(data.improvements[:10]))
+    stats = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(data))
+    img = base64.b64encode(png).decode()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>autoresearch {html.escape(data.tag)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}}
+img{{max-width:100%}}</style></head><body>
+<h1>autoresearch {html.escape(data.tag)}</h1>
+<ul>{stats}</ul>
+<img alt="progress" src="data:image/png;base64,{img}">
+<h2>Top improvements</h2>
+<table><tr><th>#</th><th>delta</th><th>val_bpb</th><th>commit</th><th>description</th></tr>{rows}</table>
+</body></html>
+"""
