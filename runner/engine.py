@@ -247,7 +247,7 @@ class Engine:
                 **{
                     naming.L_TAG: tag,
                     naming.L_COMMIT: commit,
-                    naming.L_OWNER: naming.owner(),
+                    naming.L_OWNER: self.sandbox.owner,
                     naming.L_ITERATION: str(iteration),
                     naming.L_GPUS: ",".join(devices),
                     naming.L_REPO: str(self.repo.path) if self.repo else "",
@@ -278,7 +278,7 @@ class Engine:
                           pids_limit=limits.pids_limit, tmp_size_bytes=limits.tmp_size_bytes),
             log_path=log_path,
             name=naming.container_name("prepare", "prepare", head),
-            labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: naming.owner(), naming.L_COMMIT: head}),
+            labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.sandbox.owner, naming.L_COMMIT: head}),
             env={"HF_HUB_OFFLINE": "0", "XDG_CACHE_HOME": "/tmp/.cache"},
             mounts=self.mounts(data_writable=True),
             user=f"{os.getuid()}:{os.getgid()}",

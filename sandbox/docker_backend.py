@@ -7,6 +7,7 @@ reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -139,6 +140,7 @@ class DockerSandbox(Sandbox):
     def __init__(self, client: docker.DockerClient | None = None, vram_probe: VramProbe | None = None):
         self.client = client or connect()
         self.vram_probe = vram_probe
+        self.owner = runner_owner(self.client)
 
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
         lim = spec.limits
@@ -300,6 +302,24 @@ class DockerSandbox(Sandbox):
         except docker.errors.APIError as exc:
             raise SandboxError(f"Docker engine error during cleanup: {exc}") from None
         return removed
+
+
+def runner_owner(client: docker.DockerClient) -> str:
+    """The owner label for containers this process starts.
+
+    A runner inside a container of this engine is named by that container, whose liveness the
+    engine can answer; Docker gives a container its short id as hostname, which is how we
+    recognise it.
+    """
+    host = socket.gethostname()
+    if re.fullmatch(r"[0-9a-f]{12}", host):
+        try:
+            me = client.containers.get(host)
+            if me.id.startswith(host) and me.status == "running":
+                return naming.owner(me.id)
+        except docker.errors.APIError:
+            pass
+    return naming.owner()
 
 
 def _owner_alive(client: docker.DockerClient, owner: str) -> bool:

@@ -90,12 +90,11 @@ def experiment_image_ref(tag: str, commit: str) -> str:
     return f"{REPO}/{tag}:{commit[:12]}"
 
 
-def owner() -> str:
-    """Who started a container: `host:pid` for a runner on the host, `container:<id>` for a
-    runner inside a container (its hostname is its container id), whose liveness the engine
-    itself can answer."""
-    if os.path.exists("/.dockerenv"):
-        return f"container:{socket.gethostname()}"
+def owner(container_id: str | None = None) -> str:
+    """Who started a container: `host:pid` for a runner process, or `container:<id>` for a
+    runner that itself runs in a container of the same engine (see docker_backend.runner_owner)."""
+    if container_id:
+        return f"container:{container_id}"
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

@@ -145,18 +145,31 @@ def test_missing_image_is_a_harness_error(backend, tmp_path):
 
 def test_cleanup_removes_only_our_dead_runners_containers(backend, docker_client):
     sandbox, image = backend
-    dead = docker_client.containers.create(image, ["sleep", "60"], name=naming.container_name("run", "conformance", "dead0000"),
-                                           labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "conformance", naming.L_OWNER: f"{naming.owner().rsplit(':', 1)[0]}:999999999"}))
-    alive = docker_client.containers.create(image, ["sleep", "60"], name=naming.container_name("run", "conformance", "live0000"),
-                                            labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "conformance", naming.L_OWNER: naming.owner()}))
-    foreign = docker_client.containers.create(image, ["sleep", "60"], name="ar-run-conformance-not-ours")
+    host = naming.owner().rsplit(":", 1)[0]
+
+    def make(name, owner, labels=True):
+        return docker_client.containers.create(
+            image, ["sleep", "60"], name=naming.container_name("run", "conformance", name),
+            labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "conformance", naming.L_OWNER: owner}) if labels else {})
+
+    agent = make("agent000", naming.owner())           # stands in for a containerised runner
+    agent.start()
+    made = {
+        "dead_process": make("dead0000", f"{host}:999999999"),
+        "live_process": make("live0000", naming.owner()),
+        "live_agent": make("agentkid", naming.owner(agent.id)),
+        "dead_agent": make("deadkid0", naming.owner("f" * 64)),
+        "other_host": make("remote00", "another-host:1"),
+        "foreign": make("foreign0", "", labels=False),
+    }
     try:
         removed = sandbox.cleanup(tag="conformance")
-        assert removed == [dead.name]
+        assert sorted(removed) == sorted([made["dead_process"].name, made["dead_agent"].name])
         names = [c.name for c in docker_client.containers.list(all=True)]
-        assert alive.name in names and foreign.name in names
+        for key in ("live_process", "live_agent", "other_host", "foreign"):
+            assert made[key].name in names, key
     finally:
-        for c in (dead, alive, foreign):
+        for c in (agent, *made.values()):
             try:
                 c.remove(force=True)
             except docker.errors.NotFound:
