@@ -224,21 +224,15 @@ def rerun(
     record = reruns.recorded_result(root, image)
     engine = Engine(cfg, None, progress=lambda m: typer.echo(m, err=True))
     log_dir = (root or Path(tempfile.gettempdir())) / ".autoresearch" / "reruns"
-    runs = reruns.rerun(engine, image, n, log_dir)
-    recorded = record["val_bpb"] if record and record.get("outcome", "ok") == "ok" else None
-    new = [r.outcome.val_bpb if r.outcome.status == "ok" else None for r in runs]
-    out = {"image": image.ref, "image_id": image.id, "commit": image.commit, "recorded_val_bpb": recorded,
-           "recorded_status": record.get("status") if record else None, "new_val_bpb": new,
-           "diff": [None if v is None or recorded is None else round(v - recorded, 6) for v in new],
-           "statuses": [r.outcome.status for r in runs], "logs": [str(r.result.log_path) for r in runs]}
+    out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
     if as_json:
         typer.echo(json.dumps(out))
         return
-    typer.echo(f"{image.ref} (commit {image.commit[:7]}, recorded: {record.get('status') if record else 'unknown'})")
-    typer.echo(f"  recorded val_bpb: {'-' if recorded is None else f'{recorded:.6f}'}")
-    for v, d, r in zip(new, out["diff"], runs):
-        typer.echo(f"  rerun   val_bpb: {'-' if v is None else f'{v:.6f}'}  diff {'-' if d is None else f'{d:+.6f}'}"
-                   f"  ({r.outcome.status}{' ' + r.outcome.reason if r.outcome.reason else ''})")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    typer.echo(f"{image.ref} (commit {image.commit[:7]}, recorded: {out['recorded_status'] or 'unknown'})")
+    typer.echo(f"  recorded val_bpb: {fmt(out['recorded_val_bpb'], '.6f')}")
+    for v, d, status in zip(out["new_val_bpb"], out["diff"], out["statuses"]):
+        typer.echo(f"  rerun   val_bpb: {fmt(v, '.6f')}  diff {fmt(d, '+.6f')}  ({status})")
 
 
 @app.command("noise")

@@ -296,7 +296,9 @@ class Loop:
             with self.lock:
                 follow = self._settle(job, run)
             if follow == "fix":
-                fix = self.proposer.fix_crash(self.context(), job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
+                with self.lock:
+                    ctx = self.context()
+                fix = self.proposer.fix_crash(ctx, job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
                 with self.lock:
                     job = None
                     if fix is not None and not self.stop.is_set():

@@ -126,6 +126,20 @@ def rerun(engine, image: ExperimentImage, n: int, log_dir: Path) -> list:
     return runs
 
 
+def compare(image: ExperimentImage, record: dict | None, runs: list) -> dict:
+    """The recorded result of `image` beside its reruns: what `runner rerun` prints."""
+    recorded = record["val_bpb"] if record and record.get("outcome", "ok") == "ok" else None
+    new = [r.outcome.val_bpb if r.outcome.status == "ok" else None for r in runs]
+    return {
+        "image": image.ref, "image_id": image.id, "commit": image.commit,
+        "recorded_val_bpb": recorded, "recorded_status": record.get("status") if record else None,
+        "new_val_bpb": new,
+        "diff": [None if v is None or recorded is None else round(v - recorded, 6) for v in new],
+        "statuses": [r.outcome.status + (f" {r.outcome.reason}" if r.outcome.reason else "") for r in runs],
+        "logs": [str(r.result.log_path) for r in runs],
+    }
+
+
 def noise_floor(values: list[float]) -> dict:
     return {
         "n": len(values),
