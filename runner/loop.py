@@ -159,16 +159,20 @@ class Loop:
 
     # --- one experiment --------------------------------------------------------------
 
+    def _read(self, name: str) -> str:
+        path = self.repo.path / name
+        return path.read_text() if path.exists() else ""
+
     def context(self) -> Context:
-        rows_text = self.repo.path.joinpath("results.tsv").read_text().splitlines() if self.ledger.results_path.exists() else [HEADER]
-        read = lambda name: (self.repo.path / name).read_text() if (self.repo.path / name).exists() else ""
+        """Orientation for the proposer: the in-scope files, the last ~20 rows, the git log."""
+        rows_text = (self._read(self.ledger.results_path.name) or HEADER).splitlines()
         return Context(
             tag=self.tag,
             iteration=self.state.iteration + 1,
-            train_py=read(EDITABLE),
-            prepare_py=read("prepare.py"),
-            program_md=read("program.md"),
-            readme=read("README.md"),
+            train_py=self._read(EDITABLE),
+            prepare_py=self._read("prepare.py"),
+            program_md=self._read("program.md"),
+            readme=self._read("README.md"),
             results_tail="\n".join([rows_text[0]] + rows_text[1:][-20:]),
             git_log=[c.message.splitlines()[0] for c in self.repo.log(20)],
             best_val_bpb=self.state.best_val_bpb,
@@ -300,10 +304,12 @@ class Loop:
                     ctx = self.context()
                 fix = self.proposer.fix_crash(ctx, job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
                 with self.lock:
-                    job = None
+                    crashed, job = job, None
                     if fix is not None and not self.stop.is_set():
                         fix = dataclasses.replace(fix, description=f"fix: {fix.description}")
-                        job = self._commit_job(self.state.best_commit, fix, retry_fix=False)
+                        # On the crashed edit's own parent: if the best moved meanwhile, the
+                        # near-miss path re-applies the fix rather than undoing the newer keep.
+                        job = self._commit_job(crashed.parent, fix, retry_fix=False)
             else:
                 job = follow
 
