@@ -5,6 +5,7 @@ A new backend joins by adding itself to BACKENDS; the tests speak only the Sandb
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -174,3 +175,18 @@ def test_cleanup_removes_only_our_dead_runners_containers(backend, docker_client
                 c.remove(force=True)
             except docker.errors.NotFound:
                 pass
+
+
+def test_cpu_quota_and_cpuset_apply(backend, tmp_path):
+    sandbox, image = backend
+    r = sandbox.run(spec(tmp_path, image, (
+        "import os\n"
+        "quota = None\n"
+        "for path in ('/sys/fs/cgroup/cpu.max', '/sys/fs/cgroup/cpu/cpu.cfs_quota_us', '/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us'):\n"
+        "    if os.path.exists(path):\n"
+        "        quota = open(path).read().split()[0]\n"
+        "        break\n"
+        "print('QUOTA', quota, 'CPUS', sorted(os.sched_getaffinity(0)))\n"),
+        limits=dataclasses.replace(LIMITS, cpus=0.5, cpuset="0")))
+    assert r.exit_code == 0, r.output_tail
+    assert "QUOTA 50000 CPUS [0]" in r.output_tail

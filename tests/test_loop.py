@@ -251,3 +251,26 @@ def test_parallel_cpu_workers_keep_the_ledger_and_branch_consistent(tmp_path, da
     assert loop.repo.head().sha == events[3]["commit"]
     assert (path / "results.tsv").read_text().count("\n") == 5
     assert "accelerator duty cycle" in lines[-1]
+
+
+def test_proposer_outage_backs_off_and_the_loop_goes_on(tmp_path, data_dir, monkeypatch):
+    import runner.loop as loop_mod
+    from runner.proposers.base import ProposerError
+
+    monkeypatch.setattr(loop_mod, "PROPOSER_BACKOFF_S", 0.05)
+
+    class Flaky(Scripted):
+        failures = 2
+
+        def propose(self, ctx):
+            if self.failures:
+                self.failures -= 1
+                raise ProposerError("Anthropic API: APIConnectionError: down")
+            return super().propose(ctx)
+
+    path = make_repo(tmp_path / "r", MINI_TRAIN)
+    loop, _, _ = make_loop(path, lambda repo: Flaky(repo, [(variant(VALUE=1.5), "after the outage")]), data_dir,
+                           max_experiments=1)
+    loop.run()
+    assert len(loop.ledger.events("proposer_error")) == 2
+    assert [r.description for r in loop.ledger.rows()] == ["baseline", "after the outage"]
