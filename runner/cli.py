@@ -460,11 +460,3 @@ def _env_path(name: str, file: bool) -> Path | None:
         return None
     p = Path(value)
     return p if (p.is_file() if file else p.is_dir()) else None
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

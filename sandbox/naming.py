@@ -37,7 +37,6 @@ L_REPO = f"{LABEL}.repo"                # host path of the research repo (runner
 OCI_REVISION = "org.opencontainers.image.revision"
 OCI_BASE_DIGEST = "org.opencontainers.image.base.digest"
 OCI_VERSION = "org.opencontainers.image.version"
-OCI_CREATED_BY = "org.opencontainers.image.vendor"
 
 KIND_BASE = "base"
 KIND_TRAINER = "trainer"
