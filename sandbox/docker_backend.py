@@ -173,7 +173,8 @@ class DockerSandbox(Sandbox):
 
             reason, peak_mem, peak_vram = self._watch(container, spec, started, exited, stop)
             wall_s = time.monotonic() - started
-            reader.join(timeout=10)
+            # The stream can trail the exit by seconds after a flood; the summary is at its end.
+            reader.join(timeout=60)
 
             container.reload()
             state = container.attrs["State"]
