@@ -94,7 +94,6 @@ def flood_memory(work: Path) -> None:
     from runner.config import load_config
     from runner.engine import Engine
     from runner.repo import ResearchRepo
-    from runner.examples import init_example
 
     import git
 

@@ -153,6 +153,7 @@ class Engine:
         self.sandbox = DockerSandbox(self.client, vram_probe=self.gpus.vram_probe())
         self.progress = progress
         self._trainer: images.BuiltImage | None = None
+        self._base_id = ""  # set with the trainer
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
 
     # --- images ----------------------------------------------------------------------
@@ -164,6 +165,7 @@ class Engine:
             self._trainer = images.ensure_trainer_image(
                 self.client, base, requirements, self.cfg.ca_bundle, progress=self.progress
             )
+            self._base_id = self.client.images.get(base).id
         return self._trainer
 
     def time_budget_s(self) -> float:
@@ -179,6 +181,7 @@ class Engine:
         return limits
 
     def experiment_image(self, commit: str, tag: str, limits: Limits, digest: str) -> images.BuiltImage:
+        trainer = self.trainer()  # first: it also resolves the base image id labelled below
         labels = naming.managed_labels(
             naming.KIND_EXPERIMENT,
             **{
@@ -187,11 +190,11 @@ class Engine:
                 naming.L_DATA: digest,
                 naming.L_LIMITS: json.dumps(limits.to_dict(), sort_keys=True),
                 naming.L_GPU_MODEL: self.gpus.model or "",
-                naming.L_BASE: self.client.images.get(self.trainer().ref).labels.get(naming.L_BASE, ""),
+                naming.L_BASE: self._base_id,
             },
         )
         return images.ensure_experiment_image(
-            self.client, naming.experiment_image_ref(tag, commit), self.trainer(), self.repo.snapshot_tars(commit), labels
+            self.client, naming.experiment_image_ref(tag, commit), trainer, self.repo.snapshot_tars(commit), labels
         )
 
     # --- runs ------------------------------------------------------------------------

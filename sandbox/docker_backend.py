@@ -11,7 +11,6 @@ import re
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import docker
@@ -20,6 +19,7 @@ import docker.types
 
 from . import naming
 from .backend import Sandbox, SandboxError
+from .cgroups import memory_files
 from .logcap import CappedLog
 from .spec import (
     REASON_EXIT,
@@ -104,28 +104,14 @@ def hardened_create_kwargs(spec: RunSpec) -> dict:
 
 
 class _CgroupMemory:
-    """Reads a container's memory high-water mark from the host's cgroup files (v1 and v2).
+    """Samples a container's memory from the host's cgroup files (see sandbox.cgroups).
 
-    Works when the runner shares the host's PID namespace; otherwise `peak()` stays None and
-    the Docker stats API is sampled instead.
+    Where they are not visible (a runner in its own PID namespace), `sample()` returns None
+    and the watchdog falls back to the Docker stats API.
     """
 
     def __init__(self, pid: int):
-        self.files: list[Path] = []
-        try:
-            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        except OSError:
-            return
-        for line in lines:
-            _, controllers, path = line.split(":", 2)
-            if controllers == "memory":  # v1
-                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                self.files = [base / "memory.max_usage_in_bytes", base / "memory.usage_in_bytes"]
-                return
-            if controllers == "":  # v2 unified
-                base = Path("/sys/fs/cgroup") / path.lstrip("/")
-                if (base / "memory.current").exists():
-                    self.files = [base / "memory.peak", base / "memory.current"]
+        self.files = memory_files(pid) if pid else []
 
     def sample(self) -> int | None:
         for f in self.files:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
+from .cgroups import cgroup_of
+
 LOCK_DIR = Path(os.environ.get("AUTORESEARCH_LOCK_DIR", "/tmp/autoresearch-runner-locks"))
 
 
@@ -73,14 +75,6 @@ class RealNvml:
             # usedGpuMemory is None where the driver hides it (some vGPU / MIG setups).
             used[p.pid] = (p.usedGpuMemory or 0) / 2**20
         return used
-
-
-def cgroup_of(pid: int) -> str:
-    """The cgroup lines of host process `pid` ('' if it is gone): they name its container."""
-    try:
-        return Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return ""
 
 
 def in_container(container_id: str, cgroup_reader: Callable[[int], str] = cgroup_of) -> Callable[[int], bool]:

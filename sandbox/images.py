@@ -246,8 +246,8 @@ def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None) -> io.
 
 
 def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Progress,
-           buildargs: dict | None = None, extra_tar: bytes | None = None) -> str:
-    """docker build of `files` (+ `extra_tar`) as `ref`; returns the image id.
+           buildargs: dict | None = None, extra_tar: bytes | None = None) -> BuiltImage:
+    """docker build of `files` (+ `extra_tar`) as `ref`.
 
     Labels go into one LABEL instruction appended to the Dockerfile: the build API's `labels`
     argument adds a build step per label, which costs most of a small build's time.
@@ -255,6 +255,7 @@ def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Pr
     label_line = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items()))
     files = {**files, "Dockerfile": files["Dockerfile"] + f"\nLABEL {label_line}\n".encode()}
     context = _tar_context(files, extra_tar)
+    t0 = time.monotonic()
     log: list[str] = []
     try:
         for chunk in client.api.build(
@@ -271,7 +272,22 @@ def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Pr
                 raise ImageBuildError(f"building {ref} failed: {chunk['error'].strip()}\n" + "\n".join(log[-20:]))
     except docker.errors.APIError as exc:
         raise ImageBuildError(f"building {ref} failed: {exc}") from None
-    return client.images.get(ref).id
+    return BuiltImage(ref, client.images.get(ref).id, False, time.monotonic() - t0)
+
+
+def _reuse(client: docker.DockerClient, ref: str, key: str) -> BuiltImage | None:
+    """The image `ref` if it exists and was built from content `key`: content-keyed builds."""
+    existing = find_image(client, ref)
+    if existing is not None and existing.labels.get(naming.L_KEY) == key:
+        return BuiltImage(ref, existing.id, True, 0.0)
+    return None
+
+
+def _require_base(client: docker.DockerClient, base_ref: str):
+    base = find_image(client, base_ref)
+    if base is None:
+        raise ImageBuildError(f"base image {base_ref} is missing: run `runner base-image build`")
+    return base
 
 
 def ensure_trainer_image(
@@ -286,16 +302,12 @@ def ensure_trainer_image(
     The key covers Dockerfile.trainer, the base image id and the research requirements, so
     the trainer is rebuilt only when one of them changes.
     """
-    base = find_image(client, base_ref)
-    if base is None:
-        raise ImageBuildError(f"base image {base_ref} is missing: run `runner base-image build`")
+    base = _require_base(client, base_ref)
     dockerfile = TRAINER_DOCKERFILE.read_bytes()
     key = _sha256(dockerfile, base.id, requirements, str(RUNNER_UID))
     ref = naming.trainer_image_ref(key)
-    existing = find_image(client, ref)
-    if existing is not None and existing.labels.get(naming.L_KEY) == key:
-        return BuiltImage(ref, existing.id, True, 0.0)
-    t0 = time.monotonic()
+    if reused := _reuse(client, ref, key):
+        return reused
     progress(f"building trainer image {ref} on {base_ref}")
     files = {
         "Dockerfile": dockerfile,
@@ -304,9 +316,8 @@ def ensure_trainer_image(
     }
     labels = naming.managed_labels(naming.KIND_TRAINER, **{naming.L_KEY: key, naming.L_BASE: base.id})
     labels[naming.OCI_BASE_DIGEST] = base.id
-    image_id = _build(client, files, ref, labels, progress,
-                      buildargs={"BASE_IMAGE": base_ref, "RUNNER_UID": str(RUNNER_UID)})
-    return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+    return _build(client, files, ref, labels, progress,
+                  buildargs={"BASE_IMAGE": base_ref, "RUNNER_UID": str(RUNNER_UID)})
 
 
 def ensure_sources_image(client: docker.DockerClient, trainer: BuiltImage, fixed_tar: bytes) -> BuiltImage:
@@ -316,14 +327,11 @@ def ensure_sources_image(client: docker.DockerClient, trainer: BuiltImage, fixed
     """
     key = _sha256(trainer.id, fixed_tar)
     ref = naming.sources_image_ref(key)
-    existing = find_image(client, ref)
-    if existing is not None and existing.labels.get(naming.L_KEY) == key:
-        return BuiltImage(ref, existing.id, True, 0.0)
-    t0 = time.monotonic()
+    if reused := _reuse(client, ref, key):
+        return reused
     labels = naming.managed_labels(naming.KIND_SOURCES, **{naming.L_KEY: key, naming.L_TRAINER: trainer.id})
     dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
-    image_id = _build(client, {"Dockerfile": dockerfile}, ref, labels, _quiet, extra_tar=fixed_tar)
-    return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+    return _build(client, {"Dockerfile": dockerfile}, ref, labels, _quiet, extra_tar=fixed_tar)
 
 
 def ensure_experiment_image(
@@ -347,7 +355,7 @@ def ensure_experiment_image(
     if (existing is not None and existing.labels.get(naming.L_TRAINER) == trainer.id
             and existing.labels.get(naming.L_COMMIT) == commit):
         return BuiltImage(ref, existing.id, True, 0.0)
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # the shared sources layer's build, if any, counts too
     fixed_tar, editable_tar = sources
     base = ensure_sources_image(client, trainer, fixed_tar)
     all_labels = dict(labels)
@@ -356,8 +364,8 @@ def ensure_experiment_image(
     all_labels[naming.OCI_REVISION] = commit or ""
     all_labels[naming.OCI_VERSION] = __version__
     dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
-    image_id = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
-    return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+    built = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
+    return dataclasses.replace(built, build_s=time.monotonic() - t0)
 
 
 # ---------------------------------------------------------------------------
@@ -383,9 +391,7 @@ def build_agent_image(
     project_dir = Path(project_dir)
     if not (project_dir / "Dockerfile.agent").is_file():
         raise ImageBuildError(f"{project_dir} has no Dockerfile.agent: build the agent image from a source checkout")
-    base = find_image(client, base_ref)
-    if base is None:
-        raise ImageBuildError(f"base image {base_ref} is missing: run `runner base-image build`")
+    base = _require_base(client, base_ref)
     files = {name: (project_dir / name).read_bytes() for name in AGENT_FILES}
     for d in AGENT_DIRS:
         for path in sorted((project_dir / d).rglob("*")):
@@ -393,14 +399,12 @@ def build_agent_image(
                 files[str(path.relative_to(project_dir))] = path.read_bytes()
     key = _sha256(base.id, *(f"{k}\0".encode() + v for k, v in sorted(files.items())))
     ref = naming.agent_image_ref(key)
-    existing = find_image(client, ref)
-    if existing is not None:
-        return BuiltImage(ref, existing.id, True, 0.0)
-    t0 = time.monotonic()
+    if reused := _reuse(client, ref, key):
+        return reused
     progress(f"building agent image {ref} on {base_ref}")
     files["Dockerfile"] = files.pop("Dockerfile.agent")
     files["ca-bundle.crt"] = ca_bundle.read_bytes() if ca_bundle else b""
     labels = naming.managed_labels(naming.KIND_AGENT, **{naming.L_KEY: key, naming.L_BASE: base.id})
-    image_id = _build(client, files, ref, labels, progress, buildargs={"BASE_IMAGE": base_ref})
+    built = _build(client, files, ref, labels, progress, buildargs={"BASE_IMAGE": base_ref})
     client.images.get(ref).tag(naming.AGENT_ALIAS)
-    return BuiltImage(ref, image_id, False, time.monotonic() - t0)
+    return built

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 
@@ -102,7 +101,6 @@ def test_watchdog_kills_a_container_above_the_vram_ceiling(tmp_path, docker_clie
     from sandbox.spec import Limits, RunSpec
 
     image = ensure_trainer_image(docker_client, CPU_BASE_ALIAS)
-    nvml = FakeNvml()
 
     class GpuProcessOfContainer(FakeNvml):
         def process_vram_mb(self, uuid):

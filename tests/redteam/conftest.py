@@ -6,12 +6,12 @@ import hashlib
 import io
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 from conftest import make_repo
 
 from sandbox import naming
+from sandbox.cgroups import cgroup_of
 
 # Tight, so each attack hits its wall in seconds.
 LIMITS = dict(budget_s=2, memory_gb=0.5, pids=64, tmp_mb=16, out_mb=16, log_cap_mb=1, log_tail_mb=1,
@@ -24,14 +24,7 @@ def _sha(data: bytes) -> str:
 
 def _processes_of(container_id: str) -> list[str]:
     """Host PIDs still in the container's cgroup (other tests' containers do not count)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if container_id in Path(f"/proc/{pid}/cgroup").read_text():
-                found.append(pid)
-        except OSError:
-            continue
-    return found
+    return [pid for pid in filter(str.isdigit, os.listdir("/proc")) if container_id in cgroup_of(int(pid))]
 
 
 @pytest.fixture
