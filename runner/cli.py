@@ -111,6 +111,16 @@ def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, 
         raise typer.Exit(2)
     typer.echo(result.tail_lines(5))
     typer.echo(f"data ready in {cfg.data_dir}")
+    hub_log = research.path / ".autoresearch" / "hub-fetch.log"
+    fetch, report = engine.fetch_hub(hub_log)
+    for label in report.fetched:
+        typer.echo(f"hub: fetched {label} into {cfg.hf_cache}")
+    for line in report.failed:
+        typer.echo(f"warning: hub: could not fetch {line}", err=True)
+    if fetch is not None and (fetch.reason or fetch.exit_code != 0 or report.fatal):
+        why = report.fatal[0] if report.fatal else fetch.reason or f"exit {fetch.exit_code}"
+        typer.echo(f"error: fetching Hugging Face Hub repos failed ({why}); read {hub_log}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command("run")
@@ -148,6 +158,8 @@ def run(
         val = "-" if record["val_bpb"] is None else f"{record['val_bpb']:.6f}"
         typer.echo(f"{record['status']} {record['reason']} val_bpb:{val} mem:{record['memory_gb']}GB "
                    f"wall:{record['wall_s']}s overhead:{record['overhead_s']}s image:{record['image']} log:{record['log']}")
+        if record["detail"]:
+            typer.echo(record["detail"])
 
 
 @app.command("start")
@@ -420,7 +432,7 @@ def doctor(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None)) 
 @base_app.command("build")
 @cli_command
 def base_image_build(
-    ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip in the chroot (TLS-intercepting proxies). Default: $PIP_CERT if set."),
+    ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip in the chroot (TLS-intercepting proxies). Default: $PIP_CERT or $SSL_CERT_FILE."),
     find_links: Optional[Path] = typer.Option(None, help="Local wheel directory (air-gapped hosts). Default: $PIP_FIND_LINKS if a directory."),
     torch: str = typer.Option("torch==2.13.0", help="The torch requirement to install (a CPU build)."),
     mirror: str = typer.Option("http://deb.debian.org/debian", help="Debian mirror for debootstrap."),
@@ -431,7 +443,9 @@ def base_image_build(
     from sandbox import images
     from sandbox.docker_backend import connect
 
-    ca = ca_bundle or _env_path("PIP_CERT", file=True)
+    from .config import default_ca_bundle
+
+    ca = ca_bundle or default_ca_bundle()
     links = find_links or _env_path("PIP_FIND_LINKS", file=False)
     recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,))
     ref = images.build_base_image(connect(), recipe, ca_bundle=ca, find_links=links, progress=typer.echo, force=force)
@@ -441,15 +455,17 @@ def base_image_build(
 @agent_app.command("build")
 @cli_command
 def agent_image_build(
-    ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip during the build. Default: $PIP_CERT if set."),
+    ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip during the build. Default: $PIP_CERT or $SSL_CERT_FILE."),
     base: str = typer.Option("autoresearch-runner/base:cpu", help="Base image with python3 and pip."),
 ) -> None:
     """Build the runner's own image from this source checkout (Dockerfile.agent)."""
     from sandbox import images
     from sandbox.docker_backend import connect
 
+    from .config import default_ca_bundle
+
     project = Path(__file__).resolve().parent.parent
-    built = images.build_agent_image(connect(), project, base, ca_bundle or _env_path("PIP_CERT", file=True),
+    built = images.build_agent_image(connect(), project, base, ca_bundle or default_ca_bundle(),
                                      progress=typer.echo)
     typer.echo(f"{built.ref} ({'reused' if built.reused else f'built in {built.build_s:.0f}s'})")
 

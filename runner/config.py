@@ -20,12 +20,28 @@ from sandbox.spec import GiB, MiB, Limits
 
 CONFIG_FILE = "runner.yaml"
 DATA_MOUNT = "/home/runner/.cache/autoresearch"   # where autoresearch's prepare.py looks (~ of the runner user)
-HF_MOUNT = "/home/runner/.cache/huggingface"
+HF_MOUNT = "/home/runner/.cache/huggingface/hub"  # the hub cache only: never HF_HOME, which holds token files
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
 
 
 class ConfigError(ValueError):
     """runner.yaml or an option is invalid; the message names the key."""
+
+
+def default_ca_bundle() -> Path | None:
+    """The host's CA bundle as pip or OpenSSL are told of it, for builds behind a TLS proxy."""
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        value = os.environ.get(name)
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def default_hub_cache() -> Path:
+    """The host's Hugging Face hub cache, where huggingface_hub itself would put it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
 
 
 def default_data_dir() -> Path:
@@ -68,10 +84,11 @@ class RunConfig:
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
     prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
     base_image: str = "auto"             # auto | an image reference
-    requirements: str | None = None      # research deps file in the repo, installed in the trainer image
-    ca_bundle: Path | None = None        # CA bundle for pip inside image builds (TLS proxies)
+    dependencies: str = "auto"           # auto | none | a file: uv.lock, pyproject.toml or requirements (runner/deps.py)
+    ca_bundle: Path | None = None        # CA bundle for image builds (TLS proxies); null = $PIP_CERT or $SSL_CERT_FILE
     data_dir: Path = field(default_factory=default_data_dir)  # prepared data, mounted read-only
-    hf_cache: Path | None = None         # Hugging Face cache, mounted read-only, hub offline
+    hf_cache: Path | None = None         # Hugging Face hub cache (HF_HUB_CACHE); null = the host's default hub cache
+    hf_prefetch: tuple[str, ...] = ()    # Hub repos `runner prepare` fetches besides those found in the code
     command: tuple[str, ...] = ("python", "train.py")
     env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -176,6 +193,10 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
     if limit_overrides:
         overrides["limits"] = dataclasses.replace(cfg.limits, **limit_overrides)
     cfg = dataclasses.replace(cfg, repo=Path(repo).resolve(), **overrides)
+    if cfg.ca_bundle is None:
+        cfg = dataclasses.replace(cfg, ca_bundle=default_ca_bundle())
+    if cfg.hf_cache is None:
+        cfg = dataclasses.replace(cfg, hf_cache=default_hub_cache())
     validate(cfg)
     return cfg
 
@@ -193,6 +214,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"budget must be positive seconds, got {cfg.budget_s}")
     if cfg.limits.memory_gb <= 0 or cfg.limits.pids <= 0:
         raise ConfigError("limits.memory_gb and limits.pids must be positive")
+    from .hub import parse_prefetch
+
+    for entry in cfg.hf_prefetch:
+        parse_prefetch(entry)
     for name in cfg.env:
         if _SECRET_NAME.search(name):
             raise ConfigError(f"env: '{name}' looks like a secret; experiments never receive secrets")

@@ -13,15 +13,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from git import GitCommandError
 from sandbox import images, naming
 from sandbox.docker_backend import DockerSandbox, connect
 from sandbox.gpu import GpuLease
 from sandbox.spec import Limits, Mount, RunResult, RunSpec
 
+from . import hub
 from .config import DATA_MOUNT, HF_MOUNT, ConfigError, RunConfig
 from .data import check_data_dir, data_digest
+from .deps import resolve_dependencies
 from .repo import ResearchRepo, read_time_budget
-from .summary import Outcome, judge, memory_gb
+from .summary import REASON_HUB_OFFLINE, Outcome, judge, memory_gb
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class ExperimentRun:
         return {
             "status": self.outcome.status,
             "reason": self.outcome.reason,
+            "detail": self.outcome.detail,
             "val_bpb": self.outcome.val_bpb if self.outcome.status == "ok" else None,
             "memory_gb": self.memory_gb,
             "commit": self.commit,
@@ -102,8 +106,7 @@ def experiment_env(cfg: RunConfig, limits: Limits) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(max(1, math.floor(limits.cpus)))
     elif limits.cpuset:
         env["OMP_NUM_THREADS"] = str(len(_expand_cpuset(limits.cpuset)))
-    if cfg.hf_cache:
-        env["HF_HOME"] = HF_MOUNT
+    env["HF_HUB_CACHE"] = HF_MOUNT
     env.update(cfg.env)
     return env
 
@@ -161,9 +164,9 @@ class Engine:
     def trainer(self) -> images.BuiltImage:
         if self._trainer is None:
             base = images.resolve_base_image(self.client, self.cfg.base_image, want_gpu=bool(self.gpus.devices))
-            requirements = self.repo.read(self.cfg.requirements) if self.cfg.requirements else ""
+            deps = resolve_dependencies(self.repo.path, self.cfg.dependencies)
             self._trainer = images.ensure_trainer_image(
-                self.client, base, requirements, self.cfg.ca_bundle, progress=self.progress
+                self.client, base, deps, self.cfg.ca_bundle, progress=self.progress
             )
             self._base_id = self.client.images.get(base).id
         return self._trainer
@@ -199,11 +202,25 @@ class Engine:
 
     # --- runs ------------------------------------------------------------------------
 
-    def mounts(self, data_writable: bool = False) -> tuple[Mount, ...]:
-        mounts = [Mount(Path(self.cfg.data_dir), DATA_MOUNT, read_only=not data_writable)]
-        if self.cfg.hf_cache:
-            mounts.append(Mount(Path(self.cfg.hf_cache), HF_MOUNT, read_only=True))
+    def mounts(self, writable: bool = False) -> tuple[Mount, ...]:
+        """The data cache and the hub cache: read-only for experiments, writable for prepare.
+
+        The hub cache is mounted when it exists (prepare creates it when it has repos to fetch).
+        """
+        mounts = [Mount(Path(self.cfg.data_dir), DATA_MOUNT, read_only=not writable)]
+        if self.cfg.hf_cache and Path(self.cfg.hf_cache).is_dir():
+            mounts.append(Mount(Path(self.cfg.hf_cache), HF_MOUNT, read_only=not writable))
         return tuple(mounts)
+
+    def hub_refs(self, rev: str | None = None) -> list[hub.HubRef]:
+        """The Hub repos train.py and prepare.py (at `rev`, default the work tree) name, plus hf_prefetch."""
+        sources = {}
+        for name in hub.SOURCES:
+            try:
+                sources[name] = self.repo.read(name, rev)
+            except (OSError, GitCommandError):
+                continue
+        return hub.wanted_refs(sources, self.cfg.hf_prefetch)
 
     def run_commit(
         self,
@@ -262,29 +279,51 @@ class Engine:
         )
         result = self.sandbox.run(spec, stop)
         outcome = judge(result)
+        if outcome.reason == REASON_HUB_OFFLINE and self.repo is not None:
+            outcome = dataclasses.replace(outcome, detail=hub.missing_detail(self.hub_refs(commit), self.cfg.hf_cache))
         return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits)
 
-    def prepare_data(self, log_path: Path) -> RunResult:
-        """Run the repo's own prepare.py (fixed, trusted code) with the data cache writable.
-
-        It runs as the invoking user so the files it writes belong to them, with the network
-        on because real prepare scripts download their data.
-        """
+    def _trusted_run(self, command: tuple[str, ...], log_path: Path) -> RunResult:
+        """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on
+        and both caches writable, as the invoking user so the files it writes belong to them."""
         head = self.repo.head().sha
         limits = self.limits()
         built = self.experiment_image(head, "prepare", limits, "")
-        Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        env = {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": HF_MOUNT, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               "XDG_CACHE_HOME": "/tmp/.cache"}
+        if os.environ.get("HF_ENDPOINT"):  # a Hub mirror; never a token
+            env["HF_ENDPOINT"] = os.environ["HF_ENDPOINT"]
         spec = RunSpec(
             image=built.ref,
-            command=("python", "prepare.py"),
+            command=command,
             limits=Limits(time_budget_s=3600, timeout_factor=1.0, mem_limit_bytes=limits.mem_limit_bytes,
                           pids_limit=limits.pids_limit, tmp_size_bytes=limits.tmp_size_bytes),
             log_path=log_path,
             name=naming.container_name("prepare", "prepare", head),
             labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.sandbox.owner, naming.L_COMMIT: head}),
-            env={"HF_HUB_OFFLINE": "0", "XDG_CACHE_HOME": "/tmp/.cache"},
-            mounts=self.mounts(data_writable=True),
+            env=env,
+            mounts=self.mounts(writable=True),
             user=f"{os.getuid()}:{os.getgid()}",
             network=True,
         )
         return self.sandbox.run(spec)
+
+    def prepare_data(self, log_path: Path) -> RunResult:
+        """Run the repo's own prepare.py with the data cache writable and the network on."""
+        Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        return self._trusted_run(("python", "prepare.py"), log_path)
+
+    def fetch_hub(self, log_path: Path) -> tuple[RunResult | None, hub.FetchReport]:
+        """Download the Hub repos the code names (and hf_prefetch) into the hub cache.
+
+        Returns:
+            (the fetch run, or None when there was nothing to fetch; what it fetched and what failed)
+        """
+        refs = self.hub_refs()
+        if not refs:
+            return None, hub.FetchReport([], [], [])
+        Path(self.cfg.hf_cache).mkdir(parents=True, exist_ok=True)
+        payload = json.dumps([r.to_dict() for r in refs])
+        result = self._trusted_run(("python", "-I", "-c", hub.FETCH_SCRIPT, payload), log_path)
+        explicit = {hub.parse_prefetch(e).label for e in self.cfg.hf_prefetch}
+        return result, hub.read_fetch_report(log_path.read_text(errors="replace"), explicit)

@@ -226,7 +226,8 @@ class Loop:
             self.ledger.event("baseline_failed", commit=commit, reason=run.outcome.reason, run=run.to_dict())
             raise LoopError(
                 f"the baseline crashed ({run.outcome.reason}): the environment or data is broken, not the idea. "
-                f"Read {run.result.log_path}; last lines:\n{run.result.tail_lines(15)}"
+                + (f"{run.outcome.detail}. " if run.outcome.detail else "")
+                + f"Read {run.result.log_path}; last lines:\n{run.result.tail_lines(15)}"
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sandbox.spec import REASON_TIMEOUT, RunResult
+from sandbox.spec import REASON_EXIT, REASON_TIMEOUT, RunResult
 
 STATUS_OK = "ok"
 STATUS_CRASH = "crash"
@@ -23,6 +23,10 @@ STATUS_TIMEOUT = "timeout"
 
 REASON_NO_SUMMARY = "no_summary"
 REASON_BAD_METRIC = "bad_metric"
+REASON_HUB_OFFLINE = "hub_offline"   # asked the offline Hugging Face Hub for something not prefetched
+
+# huggingface_hub's words when an offline run asks for something its cache does not hold.
+_HUB_OFFLINE_MARKS = ("outgoing traffic has been disabled", "LocalEntryNotFoundError", "OfflineModeIsEnabled")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Outcome:
     status: str
     reason: str
     metrics: Metrics | None
+    detail: str = ""    # what to do about the reason, where the runner can say (see engine)
 
     @property
     def val_bpb(self) -> float:
@@ -101,6 +106,8 @@ def judge(result: RunResult) -> Outcome:
     if result.reason == REASON_TIMEOUT:
         return Outcome(STATUS_TIMEOUT, REASON_TIMEOUT, None)
     if result.reason or result.exit_code != 0:
+        if result.reason in ("", REASON_EXIT) and any(mark in result.output_tail for mark in _HUB_OFFLINE_MARKS):
+            return Outcome(STATUS_CRASH, REASON_HUB_OFFLINE, None)
         return Outcome(STATUS_CRASH, result.reason or "exit_code", None)
     metrics = parse_summary(result.output_tail)
     if metrics is None:

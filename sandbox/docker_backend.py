@@ -67,9 +67,11 @@ def hardened_create_kwargs(spec: RunSpec) -> dict:
         working_dir=spec.workdir,
         network_mode="bridge" if spec.network else "none",
         read_only=spec.read_only_root,
-        # /tmp stays executable: torch and triton compile kernels there.
+        # The engine mounts a tmpfs noexec unless told `exec`. /tmp must be executable: inductor
+        # and Triton build shared objects there (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) and
+        # load them; nosuid and nodev keep it from granting anything. /out holds data only.
         tmpfs={
-            "/tmp": f"rw,nosuid,nodev,size={lim.tmp_size_bytes},mode=1777",
+            "/tmp": f"rw,exec,nosuid,nodev,size={lim.tmp_size_bytes},mode=1777",
             "/out": f"rw,nosuid,nodev,noexec,size={lim.out_size_bytes},mode=1777",
         },
         mounts=[

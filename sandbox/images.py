@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -34,12 +35,21 @@ from .backend import SandboxError
 Progress = Callable[[str], None]
 TRAINER_DOCKERFILE = Path(__file__).with_name("Dockerfile.trainer")
 CPU_BASE_ALIAS = f"{naming.REPO}/base:cpu"
-CUDA_BASE_DEFAULT = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+# A -devel image: torch.compile needs its compiler and headers (runtime images have neither).
+CUDA_BASE_DEFAULT = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel"
 RUNNER_UID = 10001
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the engine colours a build step's stderr
 
 
 class ImageBuildError(SandboxError):
-    """An image could not be built; the message says which log or step to read."""
+    """An image could not be built; the message says which log or step to read.
+
+    `log` holds the build's output lines when the engine ran a build.
+    """
+
+    def __init__(self, message: str, log: list[str] | None = None):
+        super().__init__(message)
+        self.log = log or []
 
 
 def _quiet(_: str) -> None:
@@ -73,7 +83,9 @@ class BaseRecipe:
 
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
-    debs: tuple[str, ...] = ("python3", "python3-pip", "python-is-python3", "ca-certificates", "procps")
+    # gcc, g++ and the Python headers: torch.compile (inductor, Triton) builds C++ and C at run time.
+    debs: tuple[str, ...] = ("python3", "python3-pip", "python-is-python3", "python3-dev", "gcc", "g++",
+                             "libc6-dev", "ca-certificates", "procps")
     python_packages: tuple[str, ...] = ("torch==2.13.0",)
     index_url: str | None = None
 
@@ -229,13 +241,14 @@ class BuiltImage:
     build_s: float
 
 
-def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None) -> io.BytesIO:
+def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None,
+                 executable: frozenset[str] | set[str] = frozenset()) -> io.BytesIO:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            info.mode = 0o644
+            info.mode = 0o755 if name in executable else 0o644
             tar.addfile(info, io.BytesIO(data))
         if extra_tar:
             with tarfile.open(fileobj=io.BytesIO(extra_tar)) as src:
@@ -246,15 +259,16 @@ def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None) -> io.
 
 
 def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Progress,
-           buildargs: dict | None = None, extra_tar: bytes | None = None) -> BuiltImage:
-    """docker build of `files` (+ `extra_tar`) as `ref`.
+           buildargs: dict | None = None, extra_tar: bytes | None = None,
+           executable: set[str] = frozenset()) -> BuiltImage:
+    """docker build of `files` (+ `extra_tar`; `executable` names files that get mode 0755) as `ref`.
 
     Labels go into one LABEL instruction appended to the Dockerfile: the build API's `labels`
     argument adds a build step per label, which costs most of a small build's time.
     """
     label_line = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items()))
     files = {**files, "Dockerfile": files["Dockerfile"] + f"\nLABEL {label_line}\n".encode()}
-    context = _tar_context(files, extra_tar)
+    context = _tar_context(files, extra_tar, executable)
     t0 = time.monotonic()
     log: list[str] = []
     try:
@@ -262,14 +276,13 @@ def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Pr
             fileobj=context, custom_context=True, tag=ref, buildargs=buildargs or {},
             rm=True, forcerm=True, pull=False, decode=True,
         ):
-            if "stream" in chunk:
-                line = chunk["stream"].rstrip()
-                if line:
-                    log.append(line)
+            for line in _ANSI.sub("", chunk.get("stream", "")).splitlines():
+                if line.strip():
+                    log.append(line.rstrip())
                     if line.startswith("Step "):
                         progress(f"  {line}")
             if "error" in chunk:
-                raise ImageBuildError(f"building {ref} failed: {chunk['error'].strip()}\n" + "\n".join(log[-20:]))
+                raise ImageBuildError(f"building {ref} failed: {chunk['error'].strip()}\n" + "\n".join(log[-20:]), log)
     except docker.errors.APIError as exc:
         raise ImageBuildError(f"building {ref} failed: {exc}") from None
     return BuiltImage(ref, client.images.get(ref).id, False, time.monotonic() - t0)
@@ -290,82 +303,115 @@ def _require_base(client: docker.DockerClient, base_ref: str):
     return base
 
 
+@dataclass(frozen=True)
+class Dependencies:
+    """The research repo's own dependencies, as the trainer image installs them.
+
+    kind is one of DEPS_KINDS: `lock` (files pyproject.toml + uv.lock, installed exactly with
+    `uv sync --frozen`), `pyproject` (pyproject.toml's [project] dependencies), `requirements`
+    (requirements.txt), or `none`.
+    """
+
+    kind: str = "none"
+    files: tuple[tuple[str, bytes], ...] = ()
+
+    def key_parts(self) -> list[bytes]:
+        return [self.kind.encode()] + [name.encode() + b"\0" + data for name, data in self.files]
+
+
+DEPS_KINDS = ("lock", "pyproject", "requirements", "none")
+_DEPS_FILE = {"lock": "uv.lock", "pyproject": "pyproject.toml", "requirements": "requirements.txt"}
+
+
+def uv_binary() -> Path:
+    """The uv executable of the runner's own environment (the `uv` package); it goes into
+    trainer images, so the uv that installs a lock is the one the runner was installed with."""
+    from uv import find_uv_bin
+
+    return Path(find_uv_bin())
+
+
 def ensure_trainer_image(
     client: docker.DockerClient,
     base_ref: str,
-    requirements: str = "",
+    deps: Dependencies = Dependencies(),
     ca_bundle: Path | None = None,
     progress: Progress = _quiet,
 ) -> BuiltImage:
     """Build the trainer image on `base_ref` unless one with the same content key exists.
 
-    The key covers Dockerfile.trainer, the base image id and the research requirements, so
-    the trainer is rebuilt only when one of them changes.
+    The key covers Dockerfile.trainer, the base image id, uv and the dependency files, so the
+    trainer is built once per lock (or requirements) and rebuilt only when one of them changes.
+
+    Raises:
+        ImageBuildError: the base is missing, or the build failed; a dependency that cannot be
+            installed is one line naming the package.
     """
+    if deps.kind not in DEPS_KINDS:
+        raise ValueError(f"unknown dependency kind {deps.kind!r}")
     base = _require_base(client, base_ref)
     dockerfile = TRAINER_DOCKERFILE.read_bytes()
-    key = _sha256(dockerfile, base.id, requirements, str(RUNNER_UID))
+    uv = uv_binary().read_bytes()
+    key = _sha256(dockerfile, base.id, hashlib.sha256(uv).hexdigest(), str(RUNNER_UID), *deps.key_parts())
     ref = naming.trainer_image_ref(key)
     if reused := _reuse(client, ref, key):
         return reused
-    progress(f"building trainer image {ref} on {base_ref}")
+    progress(f"building trainer image {ref} on {base_ref} (dependencies: {deps.kind})")
     files = {
         "Dockerfile": dockerfile,
-        "requirements.txt": requirements.encode(),
-        "ca-bundle.crt": ca_bundle.read_bytes() if ca_bundle else b"",
+        "uv": uv,
+        "deps/kind": deps.kind.encode(),
+        "deps/ca-bundle.crt": ca_bundle.read_bytes() if ca_bundle else b"",
+        **{f"deps/{name}": data for name, data in deps.files},
     }
     labels = naming.managed_labels(naming.KIND_TRAINER, **{naming.L_KEY: key, naming.L_BASE: base.id})
     labels[naming.OCI_BASE_DIGEST] = base.id
-    return _build(client, files, ref, labels, progress,
-                  buildargs={"BASE_IMAGE": base_ref, "RUNNER_UID": str(RUNNER_UID)})
+    try:
+        return _build(client, files, ref, labels, progress, executable={"uv"},
+                      buildargs={"BASE_IMAGE": base_ref, "RUNNER_UID": str(RUNNER_UID)})
+    except ImageBuildError as exc:
+        if deps.kind == "none" or not exc.log:
+            raise
+        raise ImageBuildError(dependency_failure(_DEPS_FILE[deps.kind], exc.log)) from None
 
 
-def ensure_sources_image(client: docker.DockerClient, trainer: BuiltImage, fixed_tar: bytes) -> BuiltImage:
-    """Trainer image + the fixed files of the repo (everything but train.py), keyed by content.
-
-    Every experiment of a run shares this layer: the guard lets only train.py change.
-    """
-    key = _sha256(trainer.id, fixed_tar)
-    ref = naming.sources_image_ref(key)
-    if reused := _reuse(client, ref, key):
-        return reused
-    labels = naming.managed_labels(naming.KIND_SOURCES, **{naming.L_KEY: key, naming.L_TRAINER: trainer.id})
-    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
-    return _build(client, {"Dockerfile": dockerfile}, ref, labels, _quiet, extra_tar=fixed_tar)
+_PINNED = re.compile(r"`?([A-Za-z0-9][\w.-]*)==v?([0-9][^\s`,]*[^\s`,.])")
+_UNKNOWN = re.compile(r"Because `?([A-Za-z0-9][\w.-]*)`? was not found")
+_CAUSE = ("cause:", "Caused by:", "╰─▶")
 
 
-def ensure_experiment_image(
-    client: docker.DockerClient,
-    ref: str,
-    trainer: BuiltImage,
-    sources: tuple[bytes, bytes],
-    labels: dict[str, str],
-) -> BuiltImage:
-    """Trainer + the fixed sources (a shared layer) + train.py (this experiment's layer), as `ref`.
+def dependency_failure(source: str, log: list[str]) -> str:
+    """One line out of uv's failure output: which package, and uv's own words for why.
+
+    uv prints `error: <what>` (or `× <what>`), then `cause:` lines from the outermost to the
+    root cause; the line keeps the first and the last of those.
 
     Args:
-        sources: (fixed_tar, editable_tar), entries under `repo/`, as ResearchRepo.snapshot_tars
-            makes them.
-
-    Reused when an image `ref` on the same trainer and commit exists: the same commit never
-    builds twice. What an experiment adds on disk is its train.py layer.
+        source: the file that named the dependencies (uv.lock, requirements.txt, ...).
+        log: the build's output lines.
     """
-    existing = find_image(client, ref)
-    commit = labels.get(naming.L_COMMIT)
-    if (existing is not None and existing.labels.get(naming.L_TRAINER) == trainer.id
-            and existing.labels.get(naming.L_COMMIT) == commit):
-        return BuiltImage(ref, existing.id, True, 0.0)
-    t0 = time.monotonic()  # the shared sources layer's build, if any, counts too
-    fixed_tar, editable_tar = sources
-    base = ensure_sources_image(client, trainer, fixed_tar)
-    all_labels = dict(labels)
-    all_labels[naming.L_TRAINER] = trainer.id
-    all_labels[naming.L_SOURCES] = base.id
-    all_labels[naming.OCI_REVISION] = commit or ""
-    all_labels[naming.OCI_VERSION] = __version__
-    dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
-    built = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
-    return dataclasses.replace(built, build_s=time.monotonic() - t0)
+    lines = [line.strip() for line in log]
+    start = next((i for i, line in enumerate(lines) if line.startswith(("error:", "×"))), None)
+    if start is None:
+        return f"installing {source} into the trainer image failed: {(lines or ['no output'])[-1]}"
+    what = lines[start].removeprefix("error:").lstrip("× ").strip()
+    causes = []
+    for line in lines[start + 1:]:
+        marker = next((m for m in _CAUSE if line.startswith(m)), None)
+        if marker is None:
+            break
+        causes.append(line[len(marker):].strip())
+    why = f"{what} ({causes[-1]})" if causes else what
+    package = None
+    for text in (what, *causes):
+        if m := _PINNED.search(text):
+            package = f"{m.group(1)}=={m.group(2)}"
+            break
+        if m := _UNKNOWN.search(text):
+            package = m.group(1)
+            break
+    where = f" at {package}" if package else ""
+    return f"installing {source} into the trainer image failed{where}: {why[:400]}"
 
 
 # ---------------------------------------------------------------------------

@@ -77,6 +77,14 @@ def test_scratch_space_is_writable(probe):
     assert facts["write_tmp"] == "ok" and facts["write_out"] == "ok"
 
 
+def test_tmp_is_executable_out_is_not(probe):
+    """Compiled kernels load from /tmp (inductor, Triton); nothing gains privileges there."""
+    _, facts = probe
+    tmp, out = facts["mounts"]["/tmp"], facts["mounts"]["/out"]
+    assert "noexec" not in tmp and {"nosuid", "nodev"} <= set(tmp)
+    assert {"noexec", "nosuid", "nodev"} <= set(out)
+
+
 def test_no_docker_socket_no_git_no_runner_files(probe):
     _, facts = probe
     assert facts["docker_sock"] is False

@@ -50,6 +50,8 @@ def test_only_the_last_block_counts():
     (AUTORESEARCH_BLOCK.replace("0.997900", "nan"), 0, "", "crash", "bad_metric"),
     (AUTORESEARCH_BLOCK.replace("0.997900", "oops"), 0, "", "crash", "bad_metric"),
     ("", 137, "oom", "crash", "oom"),
+    ("huggingface_hub.errors.LocalEntryNotFoundError: Cannot find ... outgoing traffic has been disabled.", 1,
+     "exit_code", "crash", "hub_offline"),
     (AUTORESEARCH_BLOCK, 143, "timeout", "timeout", "timeout"),
 ])
 def test_judge(output, exit_code, reason, status, why):

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 from conftest import SUMMARY
+from servers import bridge_address
 
 pytestmark = pytest.mark.docker
 
@@ -64,25 +65,10 @@ def test_tampering_with_the_evaluation_code_fails(attack):
     assert set(report(run).values()) <= {"PermissionError", "OSError"}, report(run)
 
 
-def _bridge_address(client) -> str:
-    """The host's own address on the daemon's default bridge (docker0)."""
-    import fcntl
-    import struct
-
-    attrs = client.networks.get("bridge").attrs
-    gateway = (attrs["IPAM"]["Config"] or [{}])[0].get("Gateway")
-    if gateway:
-        return gateway
-    name = attrs["Options"].get("com.docker.network.bridge.name", "docker0")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-    return socket.inet_ntoa(packed[20:24])
-
-
 def test_network_is_absent_and_a_host_listener_is_unreachable(attack, docker_client):
     # A listener this test starts on the daemon's bridge address: the only host address a
     # container on the default network could reach. The attack must not reach it.
-    gateway = _bridge_address(docker_client)
+    gateway = bridge_address(docker_client)
     listener = socket.socket()
     listener.bind((gateway, 0))
     listener.listen()
