@@ -414,6 +414,54 @@ def dependency_failure(source: str, log: list[str]) -> str:
     return f"installing {source} into the trainer image failed{where}: {why[:400]}"
 
 
+def ensure_sources_image(client: docker.DockerClient, trainer: BuiltImage, fixed_tar: bytes) -> BuiltImage:
+    """Trainer image + the fixed files of the repo (everything but train.py), keyed by content.
+
+    Every experiment of a run shares this layer: the guard lets only train.py change.
+    """
+    key = _sha256(trainer.id, fixed_tar)
+    ref = naming.sources_image_ref(key)
+    if reused := _reuse(client, ref, key):
+        return reused
+    labels = naming.managed_labels(naming.KIND_SOURCES, **{naming.L_KEY: key, naming.L_TRAINER: trainer.id})
+    dockerfile = f"FROM {trainer.ref}\nCOPY repo/ /repo/\n".encode()
+    return _build(client, {"Dockerfile": dockerfile}, ref, labels, _quiet, extra_tar=fixed_tar)
+
+
+def ensure_experiment_image(
+    client: docker.DockerClient,
+    ref: str,
+    trainer: BuiltImage,
+    sources: tuple[bytes, bytes],
+    labels: dict[str, str],
+) -> BuiltImage:
+    """Trainer + the fixed sources (a shared layer) + train.py (this experiment's layer), as `ref`.
+
+    Args:
+        sources: (fixed_tar, editable_tar), entries under `repo/`, as ResearchRepo.snapshot_tars
+            makes them.
+
+    Reused when an image `ref` on the same trainer and commit exists: the same commit never
+    builds twice. What an experiment adds on disk is its train.py layer.
+    """
+    existing = find_image(client, ref)
+    commit = labels.get(naming.L_COMMIT)
+    if (existing is not None and existing.labels.get(naming.L_TRAINER) == trainer.id
+            and existing.labels.get(naming.L_COMMIT) == commit):
+        return BuiltImage(ref, existing.id, True, 0.0)
+    t0 = time.monotonic()  # the shared sources layer's build, if any, counts too
+    fixed_tar, editable_tar = sources
+    base = ensure_sources_image(client, trainer, fixed_tar)
+    all_labels = dict(labels)
+    all_labels[naming.L_TRAINER] = trainer.id
+    all_labels[naming.L_SOURCES] = base.id
+    all_labels[naming.OCI_REVISION] = commit or ""
+    all_labels[naming.OCI_VERSION] = __version__
+    dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
+    built = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
+    return dataclasses.replace(built, build_s=time.monotonic() - t0)
+
+
 # ---------------------------------------------------------------------------
 # The runner's own image (Dockerfile.agent)
 # ---------------------------------------------------------------------------
