@@ -81,6 +81,7 @@ class RunConfig:
     min_delta: float | str = 0.0         # keep needs val_bpb < best - min_delta; "auto" = 2 x noise spread
     stale_after: int = 10                # experiments without improvement before widening the search
     gpus: str = "auto"                   # auto | all | none | "0,2" (indices) | "4" (a count), as docker --gpus
+    gpu_runtime: str = "auto"            # auto | toolkit (nvidia-container-toolkit) | devices (device nodes + driver libs)
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
     prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
     base_image: str = "auto"             # auto | an image reference
@@ -206,6 +207,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"proposer must be auto, offline or claude, got {cfg.proposer!r}")
     if isinstance(cfg.prefetch, str) and cfg.prefetch != "auto":
         raise ConfigError(f"prefetch must be a number or 'auto', got {cfg.prefetch!r}")
+    if cfg.gpu_runtime not in ("auto", "toolkit", "devices"):
+        raise ConfigError(f"gpu_runtime must be auto, toolkit or devices, got {cfg.gpu_runtime!r}")
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
     if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":

@@ -16,8 +16,8 @@ from pathlib import Path
 from git import GitCommandError
 from sandbox import images, naming
 from sandbox.docker_backend import DockerSandbox, connect
-from sandbox.gpu import GpuLease
-from sandbox.spec import Limits, Mount, RunResult, RunSpec
+from sandbox.gpu import GpuLease, RealNvml, devices_access
+from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
 from .config import DATA_MOUNT, HF_MOUNT, ConfigError, RunConfig
@@ -158,6 +158,7 @@ class Engine:
         self._trainer: images.BuiltImage | None = None
         self._base_id = ""  # set with the trainer
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
+        self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
 
     # --- images ----------------------------------------------------------------------
 
@@ -201,6 +202,20 @@ class Engine:
         )
 
     # --- runs ------------------------------------------------------------------------
+
+    def gpu_access(self, devices: tuple[str, ...]) -> GpuAccess:
+        """How `devices` reach a container: the engine's toolkit, or device nodes + driver libraries.
+
+        Raises:
+            GpuError: `devices` mode on a host whose driver nodes or libraries are missing.
+        """
+        if not devices:
+            return GpuAccess()
+        if devices not in self._gpu_access:
+            runtime = self.sandbox.gpu_runtime(self.cfg.gpu_runtime)
+            self._gpu_access[devices] = (GpuAccess("toolkit") if runtime == "toolkit"
+                                         else devices_access(devices, self.gpus.nvml or RealNvml()))
+        return self._gpu_access[devices]
 
     def mounts(self, writable: bool = False) -> tuple[Mount, ...]:
         """The data cache and the hub cache: read-only for experiments, writable for prepare.
@@ -276,6 +291,7 @@ class Engine:
             env=experiment_env(self.cfg, limits),
             mounts=self.mounts(),
             gpus=devices,
+            gpu_access=self.gpu_access(devices),
         )
         result = self.sandbox.run(spec, stop)
         outcome = judge(result)

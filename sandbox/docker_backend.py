@@ -20,6 +20,7 @@ import docker.types
 from . import naming
 from .backend import Sandbox, SandboxError
 from .cgroups import memory_files
+from .gpu import NVIDIA_LIB_DIR
 from .logcap import CappedLog
 from .spec import (
     REASON_EXIT,
@@ -54,8 +55,13 @@ def connect() -> docker.DockerClient:
         ) from None
 
 
-def hardened_create_kwargs(spec: RunSpec) -> dict:
-    """The container settings that enforce the sandbox contract. One place, every run."""
+def hardened_create_kwargs(spec: RunSpec, image_env: dict[str, str] | None = None) -> dict:
+    """The container settings that enforce the sandbox contract. One place, every run.
+
+    Args:
+        image_env: the image's own ENV; `devices` GPU access puts the driver's library
+            directory in front of its LD_LIBRARY_PATH.
+    """
     lim = spec.limits
     kwargs = dict(
         image=spec.image,
@@ -100,9 +106,26 @@ def hardened_create_kwargs(spec: RunSpec) -> dict:
         kwargs["nano_cpus"] = int(lim.cpus * 1e9)
     if lim.cpuset:
         kwargs["cpuset_cpus"] = lim.cpuset
-    if spec.gpus:
+    if spec.gpus and spec.gpu_access.runtime == "devices":
+        # No nvidia-container-toolkit: the leased GPUs' device nodes and the driver's
+        # user-space libraries (read-only) are passed by hand, as the toolkit would.
+        access = spec.gpu_access
+        kwargs["devices"] = [f"{host}:{inside}:rwm" for host, inside in access.device_nodes]
+        kwargs["mounts"] += [docker.types.Mount(target=inside, source=host, type="bind", read_only=True)
+                             for host, inside in access.library_mounts]
+        env = kwargs["environment"]
+        env.update(access.env)
+        image_ld = (image_env or {}).get("LD_LIBRARY_PATH", "")
+        if NVIDIA_LIB_DIR not in image_ld.split(":"):
+            env["LD_LIBRARY_PATH"] = ":".join(p for p in (NVIDIA_LIB_DIR, image_ld) if p)
+    elif spec.gpus:
         kwargs["device_requests"] = [docker.types.DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
     return kwargs
+
+
+def image_env(image) -> dict[str, str]:
+    """An image's ENV as a dict."""
+    return dict(e.split("=", 1) for e in (image.attrs.get("Config") or {}).get("Env") or [] if "=" in e)
 
 
 class _CgroupMemory:
@@ -130,6 +153,21 @@ class DockerSandbox(Sandbox):
         self.vram_probe = vram_probe
         self.owner = runner_owner(self.client)
 
+    def gpu_runtime(self, requested: str) -> str:
+        """`toolkit` or `devices` for a gpu_runtime setting; auto = toolkit where the engine has
+        the `nvidia` runtime (nvidia-container-toolkit), else the device nodes.
+
+        Raises:
+            SandboxError: the engine cannot be asked.
+        """
+        if requested != "auto":
+            return requested
+        try:
+            runtimes = self.client.info().get("Runtimes") or {}
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"Docker engine error asking for its runtimes: {exc}") from None
+        return "toolkit" if "nvidia" in runtimes else "devices"
+
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
         lim = spec.limits
         stop = stop or threading.Event()
@@ -144,7 +182,7 @@ class DockerSandbox(Sandbox):
         container = None
         try:
             try:
-                container = self.client.containers.create(**hardened_create_kwargs(spec))
+                container = self.client.containers.create(**hardened_create_kwargs(spec, image_env(image)))
                 # Attach before start so not one byte of output is missed.
                 stream = container.attach(stdout=True, stderr=True, stream=True, logs=True)
                 container.start()

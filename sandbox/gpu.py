@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 from .cgroups import cgroup_of
+from .spec import GpuAccess
 
 LOCK_DIR = Path(os.environ.get("AUTORESEARCH_LOCK_DIR", "/tmp/autoresearch-runner-locks"))
 
@@ -35,6 +38,7 @@ class Nvml(Protocol):
 
     def devices(self) -> list[GpuDevice]: ...
     def process_vram_mb(self, uuid: str) -> dict[int, float]: ...
+    def minor_number(self, uuid: str) -> int: ...
 
 
 class RealNvml:
@@ -64,6 +68,13 @@ class RealNvml:
                 memory_mb=self.nv.nvmlDeviceGetMemoryInfo(h).total / 2**20,
             ))
         return out
+
+    def minor_number(self, uuid: str) -> int:
+        """N of /dev/nvidiaN for a GPU, or for the GPU a MIG device `uuid` is a slice of."""
+        h = self.nv.nvmlDeviceGetHandleByUUID(uuid)
+        if uuid.startswith("MIG-"):
+            h = self.nv.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(h)
+        return self.nv.nvmlDeviceGetMinorNumber(h)
 
     def process_vram_mb(self, uuid: str) -> dict[int, float]:
         """Host PID -> MiB of VRAM used on device `uuid`."""
@@ -198,3 +209,75 @@ def _try_lock(path: Path):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+# ---------------------------------------------------------------------------
+# How a container gets its GPUs: nvidia-container-toolkit, or the device nodes
+# ---------------------------------------------------------------------------
+
+GPU_RUNTIMES = ("auto", "toolkit", "devices")
+# Where `devices` mounts the driver's libraries; PyTorch's CUDA images already have it on
+# LD_LIBRARY_PATH (the toolkit's own convention), and the backend prepends it for others.
+NVIDIA_LIB_DIR = "/usr/local/nvidia/lib64"
+# The driver's user-space libraries the toolkit mounts for the compute and utility capabilities.
+_DRIVER_LIB = re.compile(
+    r"^lib(cuda|cudadebugger|nvidia-(ml|cfg|ptxjitcompiler|nvvm|gpucomp|allocator|opencl|pkcs11|pkcs11-openssl3))\.so(\.\d+)*$"
+)
+_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+
+
+def driver_libraries(ldconfig_output: str) -> dict[str, Path]:
+    """soname -> host file of the NVIDIA driver's libraries in `ldconfig -p` output (64-bit only)."""
+    libs: dict[str, Path] = {}
+    for line in ldconfig_output.splitlines():
+        name, sep, path = line.strip().partition(" => ")
+        if not sep:
+            continue
+        soname, _, flags = name.partition(" ")
+        if _DRIVER_LIB.match(soname) and ("64" in flags) and soname not in libs:
+            libs[soname] = Path(path.strip())
+    return libs
+
+
+def _ldconfig() -> str:
+    for exe in ("/sbin/ldconfig", "/usr/sbin/ldconfig", "ldconfig"):
+        try:
+            return subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=30).stdout
+        except OSError:
+            continue
+    return ""
+
+
+def devices_access(uuids: Iterable[str], nvml: Nvml, dev: Path = Path("/dev"),
+                   ldconfig_output: str | None = None) -> GpuAccess:
+    """The device nodes and driver libraries for GPUs `uuids` without nvidia-container-toolkit.
+
+    Only the leased GPUs' /dev/nvidiaN nodes are passed (plus the control nodes, and
+    /dev/nvidia-caps for MIG slices), so a container cannot open another GPU.
+
+    Raises:
+        GpuError: a node or the driver's libraries are missing on this host.
+    """
+    uuids = list(uuids)
+    nodes = [dev / n for n in _CONTROL_NODES if (dev / n).exists()]
+    for minor in sorted({nvml.minor_number(u) for u in uuids}):
+        node = dev / f"nvidia{minor}"
+        if not node.exists():
+            raise GpuError(f"{node} does not exist: load the NVIDIA driver, or use gpu_runtime: toolkit")
+        nodes.append(node)
+    if any(u.startswith("MIG-") for u in uuids) and (dev / "nvidia-caps").is_dir():
+        nodes += sorted((dev / "nvidia-caps").iterdir())
+    libs = driver_libraries(_ldconfig() if ldconfig_output is None else ldconfig_output)
+    libs = {name: path for name, path in libs.items() if path.exists()}  # the cache can be stale
+    if not any(name.startswith("libcuda.so") for name in libs):
+        raise GpuError("gpu_runtime devices: ldconfig -p lists no libcuda.so of the NVIDIA driver on this host: "
+                       "install the driver's user-space libraries, or nvidia-container-toolkit with gpu_runtime: toolkit")
+    mounts = {f"{NVIDIA_LIB_DIR}/{name}": str(path.resolve()) for name, path in sorted(libs.items())}
+    libcuda = next(path for name, path in sorted(libs.items()) if name.startswith("libcuda.so"))
+    mounts.setdefault(f"{NVIDIA_LIB_DIR}/libcuda.so", str(libcuda.resolve()))  # what `-lcuda` (Triton) links
+    env = {
+        "CUDA_VISIBLE_DEVICES": ",".join(uuids),
+        "TRITON_LIBCUDA_PATH": NVIDIA_LIB_DIR,  # Triton looks in `ldconfig -p`, which does not list it
+    }
+    return GpuAccess("devices", tuple((str(n), f"/dev/{n.relative_to(dev)}") for n in nodes),
+                     tuple((source, target) for target, source in mounts.items()), env)

@@ -58,6 +58,21 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class GpuAccess:
+    """What a container needs to reach its GPUs, beyond its RunSpec.gpus (see sandbox.gpu).
+
+    runtime "toolkit": the engine's nvidia-container-toolkit does it (a device request).
+    runtime "devices": the device nodes (host path, container path) and the driver's libraries
+    (host file, container path) are passed by hand, with `env` added to the run's environment.
+    """
+
+    runtime: str = "toolkit"
+    device_nodes: tuple[tuple[str, str], ...] = ()
+    library_mounts: tuple[tuple[str, str], ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One run of `command` in `image`, held to `limits`.
 
@@ -74,6 +89,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     mounts: tuple[Mount, ...] = ()
     gpus: tuple[str, ...] = ()          # device ids or UUIDs; empty = no GPU
+    gpu_access: GpuAccess = field(default_factory=GpuAccess)  # how those GPUs reach the container
     workdir: str = "/repo"
     user: str = "10001:10001"
     network: bool = False               # True only for trusted code (runner prepare)

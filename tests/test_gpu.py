@@ -6,6 +6,7 @@ as a GPU process, and the watchdog must map it to the container through its cgro
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,9 @@ class FakeNvml:
 
     def process_vram_mb(self, uuid):
         return dict(self.processes.get(uuid, {}))
+
+    def minor_number(self, uuid):
+        return next(d.index for d in self._devices if d.uuid == uuid)
 
 
 @pytest.mark.parametrize("text,parsed", [
@@ -131,3 +135,101 @@ def test_slots_split_gpus_and_cpus():
     assert make_slots((), None)[0].cpuset is None
     with pytest.raises(ConfigError, match="needs 3 GPUs"):
         make_slots(("a", "b"), 3)
+
+
+# --- GPUs without nvidia-container-toolkit: device nodes and the driver's libraries -------------
+
+LDCONFIG = """\
+1234 libs found in cache `/etc/ld.so.cache'
+\tlibnvidia-ml.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1
+\tlibnvidia-ml.so.1 (libc6) => /usr/lib/i386-linux-gnu/libnvidia-ml.so.1
+\tlibcuda.so.1 (libc6,x86-64) => {libcuda}
+\tlibcudart.so.12 (libc6,x86-64) => /usr/local/cuda/lib64/libcudart.so.12
+\tlibnvidia-ptxjitcompiler.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libnvidia-ptxjitcompiler.so.1
+\tlibm.so.6 (libc6,x86-64) => /lib/x86_64-linux-gnu/libm.so.6
+"""
+
+
+def _fake_driver(tmp_path):
+    """A /dev with GPU nodes 0-2 (char devices that behave as /dev/null) and a libcuda file."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidiactl", "nvidia-uvm", "nvidia0", "nvidia1", "nvidia2"):
+        os.mknod(dev / name, 0o666 | 0o020000, os.makedev(1, 3))
+        os.chmod(dev / name, 0o666)
+    libcuda = tmp_path / "libcuda.so.580.1"
+    libcuda.write_text("fake driver library\n")
+    return dev, LDCONFIG.format(libcuda=libcuda)
+
+
+def test_driver_libraries_are_the_drivers_64_bit_ones():
+    libs = gpu.driver_libraries(LDCONFIG.format(libcuda="/usr/lib/x86_64-linux-gnu/libcuda.so.1"))
+    assert set(libs) == {"libnvidia-ml.so.1", "libcuda.so.1", "libnvidia-ptxjitcompiler.so.1"}
+    assert str(libs["libnvidia-ml.so.1"]).startswith("/usr/lib/x86_64")
+
+
+def test_devices_access_passes_only_the_leased_gpus(tmp_path):
+    dev, ldconfig = _fake_driver(tmp_path)
+    access = gpu.devices_access(("GPU-cccc",), FakeNvml(), dev=dev, ldconfig_output=ldconfig)
+    assert access.runtime == "devices"
+    assert [inside for _, inside in access.device_nodes] == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia2"]
+    targets = {inside for _, inside in access.library_mounts}
+    assert {f"{gpu.NVIDIA_LIB_DIR}/libcuda.so.1", f"{gpu.NVIDIA_LIB_DIR}/libcuda.so"} <= targets
+    assert access.env["CUDA_VISIBLE_DEVICES"] == "GPU-cccc"
+    with pytest.raises(GpuError, match="no libcuda.so"):
+        gpu.devices_access(("GPU-aaaa",), FakeNvml(), dev=dev, ldconfig_output="")
+    with pytest.raises(GpuError, match="nvidia7 does not exist"):
+        gpu.devices_access(("GPU-x",), FakeNvml([GpuDevice(7, "GPU-x", "Fake", 1.0)]), dev=dev, ldconfig_output=ldconfig)
+
+
+@pytest.mark.docker
+def test_devices_runtime_gives_a_hardened_container_the_nodes_and_libraries(tmp_path, docker_client):
+    """The real engine, no toolkit: the leased GPU's node and the driver's library reach a
+    uid-10001, cap-drop-ALL container; the other GPUs' nodes do not; the library is read-only."""
+    from sandbox.docker_backend import DockerSandbox
+    from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
+    from sandbox.spec import Limits, RunSpec
+
+    dev, ldconfig = _fake_driver(tmp_path)
+    access = gpu.devices_access(("GPU-bbbb",), FakeNvml(), dev=dev, ldconfig_output=ldconfig)
+    image = ensure_trainer_image(docker_client, CPU_BASE_ALIAS)
+    probe = textwrap.dedent(f"""\
+        import json, os, stat
+        lib = "{gpu.NVIDIA_LIB_DIR}/libcuda.so.1"
+        def writable(p):
+            try:
+                open(p, "a").close(); return True
+            except OSError:
+                return False
+        print("FACTS " + json.dumps({{
+            "nodes": sorted(n for n in os.listdir("/dev") if n.startswith("nvidia")),
+            "char": stat.S_ISCHR(os.stat("/dev/nvidia1").st_mode),
+            "open_rw": os.open("/dev/nvidia1", os.O_RDWR) >= 0,
+            "lib": open(lib).read(), "lib_writable": writable(lib),
+            "ld": os.environ.get("LD_LIBRARY_PATH"), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "uid": os.getuid()}}))
+        """)
+    spec = RunSpec(image=image.ref, command=("python", "-c", probe), limits=Limits(time_budget_s=10),
+                   log_path=tmp_path / "log", name=naming.container_name("run", "devtest", "0" * 8),
+                   labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "devtest", naming.L_OWNER: naming.owner()}),
+                   gpus=("GPU-bbbb",), gpu_access=access)
+    result = DockerSandbox(docker_client).run(spec)
+    assert result.exit_code == 0, result.output_tail
+    facts = json.loads(next(l for l in result.output_tail.splitlines() if l.startswith("FACTS "))[6:])
+    assert facts["nodes"] == ["nvidia-uvm", "nvidia1", "nvidiactl"]
+    assert facts["char"] and facts["open_rw"] and facts["uid"] == 10001
+    assert facts["lib"] == "fake driver library\n" and facts["lib_writable"] is False
+    assert facts["ld"].split(":")[0] == gpu.NVIDIA_LIB_DIR and facts["cuda"] == "GPU-bbbb"
+
+
+@pytest.mark.docker
+def test_auto_runtime_uses_device_nodes_on_an_engine_without_the_toolkit(tmp_path, engine_for):
+    from conftest import MINI_PREPARE, make_repo
+
+    repo = make_repo(tmp_path / "repo", "print('x')\n", MINI_PREPARE)
+    engine = engine_for(repo)
+    assert engine.sandbox.gpu_runtime("auto") == "devices"  # this engine has no nvidia runtime
+    assert engine_for(repo, gpu_runtime="toolkit").gpu_access(("GPU-aaaa",)).runtime == "toolkit"
+    engine.gpus = gpu.GpuLease(devices=("GPU-aaaa",), nvml=FakeNvml())
+    with pytest.raises(GpuError, match="does not exist: load the NVIDIA driver, or use gpu_runtime: toolkit"):
+        engine.gpu_access(("GPU-aaaa",))
