@@ -226,8 +226,14 @@ _DRIVER_LIB = re.compile(
 _CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
 
-def driver_libraries(ldconfig_output: str) -> dict[str, Path]:
-    """soname -> host file of the NVIDIA driver's libraries in `ldconfig -p` output (64-bit only)."""
+# Where drivers put their libraries when ld.so.cache does not list them (container-style hosts
+# with the driver under /usr/local/nvidia, Debian's packaging), besides $LD_LIBRARY_PATH.
+DRIVER_LIB_DIRS = ("/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu/nvidia/current", "/usr/lib64/nvidia")
+
+
+def driver_libraries(ldconfig_output: str, search_dirs: Iterable[str] = ()) -> dict[str, Path]:
+    """name -> host file of the NVIDIA driver's libraries: the 64-bit ones `ldconfig -p` lists,
+    else every matching name (sonames and their links) in `search_dirs`."""
     libs: dict[str, Path] = {}
     for line in ldconfig_output.splitlines():
         name, sep, path = line.strip().partition(" => ")
@@ -236,6 +242,12 @@ def driver_libraries(ldconfig_output: str) -> dict[str, Path]:
         soname, _, flags = name.partition(" ")
         if _DRIVER_LIB.match(soname) and ("64" in flags) and soname not in libs:
             libs[soname] = Path(path.strip())
+    if not any(name.startswith("libcuda.so") for name in libs):
+        for folder in map(Path, search_dirs):
+            if folder.is_dir():
+                for entry in sorted(folder.iterdir()):
+                    if _DRIVER_LIB.match(entry.name):
+                        libs.setdefault(entry.name, entry)
     return libs
 
 
@@ -267,7 +279,8 @@ def devices_access(uuids: Iterable[str], nvml: Nvml, dev: Path = Path("/dev"),
         nodes.append(node)
     if any(u.startswith("MIG-") for u in uuids) and (dev / "nvidia-caps").is_dir():
         nodes += sorted((dev / "nvidia-caps").iterdir())
-    libs = driver_libraries(_ldconfig() if ldconfig_output is None else ldconfig_output)
+    search = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d] + list(DRIVER_LIB_DIRS)
+    libs = driver_libraries(_ldconfig() if ldconfig_output is None else ldconfig_output, search)
     libs = {name: path for name, path in libs.items() if path.exists()}  # the cache can be stale
     if not any(name.startswith("libcuda.so") for name in libs):
         raise GpuError("gpu_runtime devices: ldconfig -p lists no libcuda.so of the NVIDIA driver on this host: "

@@ -271,17 +271,20 @@ def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Pr
     context = _tar_context(files, extra_tar, executable)
     t0 = time.monotonic()
     log: list[str] = []
+    pending = ""  # a chunk of the stream can end mid-line
     try:
         for chunk in client.api.build(
             fileobj=context, custom_context=True, tag=ref, buildargs=buildargs or {},
             rm=True, forcerm=True, pull=False, decode=True,
         ):
-            for line in _ANSI.sub("", chunk.get("stream", "")).splitlines():
+            *lines, pending = (pending + chunk.get("stream", "")).split("\n")
+            for line in map(str.rstrip, _ANSI.sub("", "\n".join(lines)).split("\n")):
                 if line.strip():
-                    log.append(line.rstrip())
+                    log.append(line)
                     if line.startswith("Step "):
                         progress(f"  {line}")
             if "error" in chunk:
+                log += [line for line in _ANSI.sub("", pending).split("\n") if line.strip()]
                 raise ImageBuildError(f"building {ref} failed: {chunk['error'].strip()}\n" + "\n".join(log[-20:]), log)
     except docker.errors.APIError as exc:
         raise ImageBuildError(f"building {ref} failed: {exc}") from None
@@ -378,6 +381,7 @@ def ensure_trainer_image(
 _PINNED = re.compile(r"`?([A-Za-z0-9][\w.-]*)==v?([0-9][^\s`,]*[^\s`,.])")
 _UNKNOWN = re.compile(r"Because `?([A-Za-z0-9][\w.-]*)`? was not found")
 _CAUSE = ("cause:", "Caused by:", "╰─▶")
+_ENGINE_LINES = ("Step ", "--->", "Removing intermediate container", "Running in")
 
 
 def dependency_failure(source: str, log: list[str]) -> str:
@@ -390,7 +394,7 @@ def dependency_failure(source: str, log: list[str]) -> str:
         source: the file that named the dependencies (uv.lock, requirements.txt, ...).
         log: the build's output lines.
     """
-    lines = [line.strip() for line in log]
+    lines = [line.strip() for line in log if not line.strip().startswith(_ENGINE_LINES)]
     start = next((i for i, line in enumerate(lines) if line.startswith(("error:", "×"))), None)
     if start is None:
         return f"installing {source} into the trainer image failed: {(lines or ['no output'])[-1]}"

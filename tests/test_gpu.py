@@ -168,6 +168,14 @@ def test_driver_libraries_are_the_drivers_64_bit_ones():
     assert str(libs["libnvidia-ml.so.1"]).startswith("/usr/lib/x86_64")
 
 
+def test_driver_libraries_found_in_the_drivers_folder_when_ldconfig_has_none(tmp_path):
+    for name in ("libcuda.so.580.95", "libnvidia-ml.so.580.95", "libcudart.so.12"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "libcuda.so.1").symlink_to("libcuda.so.580.95")
+    libs = gpu.driver_libraries("", [str(tmp_path / "absent"), str(tmp_path)])
+    assert set(libs) == {"libcuda.so.580.95", "libcuda.so.1", "libnvidia-ml.so.580.95"}
+
+
 def test_devices_access_passes_only_the_leased_gpus(tmp_path):
     dev, ldconfig = _fake_driver(tmp_path)
     access = gpu.devices_access(("GPU-cccc",), FakeNvml(), dev=dev, ldconfig_output=ldconfig)
