@@ -6,6 +6,7 @@ on stderr that says what to do, and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -65,6 +66,16 @@ def _open_repo(path: Path):
     from .repo import ResearchRepo
 
     return ResearchRepo(path)
+
+
+@contextlib.contextmanager
+def _leased(request: str):
+    """GPUs leased for the `with` block (see _lease), released after it."""
+    lease = _lease(request)
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def _lease(request: str):
@@ -144,13 +155,10 @@ def run(
     research = _open_repo(cfg.repo)
     research.ensure_clean()
     sha = research.resolve(commit).sha
-    lease = _lease(cfg.gpus)
-    try:
+    with _leased(cfg.gpus) as lease:
         engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
         log = research.path / ".autoresearch" / "runs" / f"run-{sha[:7]}.log"
         result = engine.run_commit(sha, tag, log)
-    finally:
-        lease.release()
     record = result.to_dict()
     if as_json:
         typer.echo(json.dumps(record, sort_keys=True))
@@ -189,15 +197,12 @@ def start(
     cfg = _config(repo, tag=check_tag(tag), max_experiments=max_experiments, budget_s=budget, proposer=proposer,
                   min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir)
     research = _open_repo(cfg.repo)
-    lease = _lease(cfg.gpus)
-    try:
+    with _leased(cfg.gpus) as lease:
         engine = Engine(cfg, research, gpus=lease, progress=typer.echo)
         # A live panel on a terminal; plain [EXP] lines when piped or logged.
         reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
         loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter)
         loop.run(resume=resume, slots=make_slots(lease.devices, cfg.workers))
-    finally:
-        lease.release()
 
 
 def _float(text: str, name: str) -> float:
@@ -221,6 +226,7 @@ def rerun(
     tag: Optional[str] = typer.Option(None, help="The run tag, if the commit has images in several."),
     repo: Path = RepoOpt,
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+    gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2 (default: runner.yaml's)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run an experiment image again, exactly: same image, limits and data. Prints recorded vs new."""
@@ -229,14 +235,15 @@ def rerun(
     from . import reruns
     from .engine import Engine
 
-    cfg = _config(repo, data_dir=data_dir, gpus="none")
-    client = connect()
-    image = reruns.find_experiment_image(client, what, tag)
-    root = repo.resolve() if (repo / ".autoresearch").exists() else None
-    record = reruns.recorded_result(root, image)
-    engine = Engine(cfg, None, progress=lambda m: typer.echo(m, err=True))
-    log_dir = (root or Path(tempfile.gettempdir())) / ".autoresearch" / "reruns"
-    out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
+    cfg = _config(repo, data_dir=data_dir, gpus=gpus)
+    with _leased(cfg.gpus) as lease:
+        client = connect()
+        image = reruns.find_experiment_image(client, what, tag)
+        root = repo.resolve() if (repo / ".autoresearch").exists() else None
+        record = reruns.recorded_result(root, image)
+        engine = Engine(cfg, None, gpus=lease, progress=lambda m: typer.echo(m, err=True))
+        log_dir = (root or Path(tempfile.gettempdir())) / ".autoresearch" / "reruns"
+        out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -254,6 +261,7 @@ def noise(
     n: int = typer.Option(3, "--n", help="Reruns of the baseline."),
     repo: Path = RepoOpt,
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+    gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2 (default: runner.yaml's)"),
 ) -> None:
     """Rerun a run's baseline N times and record the spread; --min-delta auto then keeps only
     improvements beyond twice that spread."""
@@ -263,14 +271,16 @@ def noise(
     from .engine import Engine
     from .ledger import Ledger
 
-    cfg = _config(repo, data_dir=data_dir, gpus="none")
+    cfg = _config(repo, data_dir=data_dir, gpus=gpus)
     baseline = next((e for e in Ledger(cfg.repo, tag).events("experiment") if e["iteration"] == 0), None)
     if baseline is None:
         from .loop import LoopError
 
         raise LoopError(f"run {tag} has no baseline yet: start it first (`runner start --tag {tag}`)")
-    image = reruns.find_experiment_image(connect(), baseline["commit"], tag)
-    runs = reruns.rerun(Engine(cfg, None, progress=typer.echo), image, n, cfg.repo / ".autoresearch" / tag / "runs")
+    with _leased(cfg.gpus) as lease:
+        image = reruns.find_experiment_image(connect(), baseline["commit"], tag)
+        runs = reruns.rerun(Engine(cfg, None, gpus=lease, progress=typer.echo), image, n,
+                            cfg.repo / ".autoresearch" / tag / "runs")
     values = [r.outcome.val_bpb for r in runs if r.outcome.status == "ok"]
     if len(values) < 2:
         typer.echo("error: fewer than 2 reruns succeeded; read their logs under .autoresearch/", err=True)

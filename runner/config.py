@@ -215,8 +215,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:
         raise ConfigError(f"budget must be positive seconds, got {cfg.budget_s}")
-    if cfg.limits.memory_gb <= 0 or cfg.limits.pids <= 0:
-        raise ConfigError("limits.memory_gb and limits.pids must be positive")
+    for key in ("memory_gb", "pids", "tmp_mb", "out_mb", "log_cap_mb", "log_tail_mb", "kill_grace_s", "timeout_factor"):
+        if getattr(cfg.limits, key) <= 0:
+            # log_tail_mb 0 would keep no summary block: every run would be judged no_summary
+            raise ConfigError(f"limits.{key} must be positive, got {getattr(cfg.limits, key)}")
     from .hub import parse_prefetch
 
     for entry in cfg.hf_prefetch:

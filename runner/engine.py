@@ -184,10 +184,13 @@ class Engine:
             limits = dataclasses.replace(limits, vram_limit_gb=round(self.vram_ceiling_gb, 3))
         return limits
 
-    def experiment_image(self, commit: str, tag: str, limits: Limits, digest: str) -> images.BuiltImage:
+    def experiment_image(self, commit: str, tag: str, limits: Limits, digest: str,
+                         kind: str = naming.KIND_EXPERIMENT) -> images.BuiltImage:
+        """The image of `commit`: an experiment's, or (kind KIND_PREPARE) the one prepare runs in,
+        which reruns, `runner images` and gc never mistake for an experiment."""
         trainer = self.trainer()  # first: it also resolves the base image id labelled below
         labels = naming.managed_labels(
-            naming.KIND_EXPERIMENT,
+            kind,
             **{
                 naming.L_TAG: tag,
                 naming.L_COMMIT: commit,
@@ -304,7 +307,7 @@ class Engine:
         and both caches writable, as the invoking user so the files it writes belong to them."""
         head = self.repo.head().sha
         limits = self.limits()
-        built = self.experiment_image(head, "prepare", limits, "")
+        built = self.experiment_image(head, naming.PREPARE_TAG, limits, "", kind=naming.KIND_PREPARE)
         env = {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": HF_MOUNT, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                "XDG_CACHE_HOME": "/tmp/.cache"}
         if os.environ.get("HF_ENDPOINT"):  # a Hub mirror; never a token

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import io
+import math
+import operator
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -221,15 +223,50 @@ def check_python(text: str) -> None:
 
 
 def read_time_budget(prepare_py: str) -> float | None:
-    """TIME_BUDGET from prepare.py's top level, if it is a literal (or int(os.environ.get(.., "N")))."""
+    """TIME_BUDGET from prepare.py's top level: a constant expression (`5 * 60`), optionally
+    through `int(...)`/`float(...)` and `os.environ.get(NAME, "N")` / `os.getenv` defaults.
+
+    Returns None when prepare.py sets no TIME_BUDGET.
+
+    Raises:
+        RepoError: TIME_BUDGET is set to something that cannot be read without running it.
+    """
     for node in ast.parse(prepare_py).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TIME_BUDGET" for t in node.targets):
-            for sub in ast.walk(node.value):
-                if isinstance(sub, ast.Constant) and isinstance(sub.value, (int, float)) and not isinstance(sub.value, bool):
-                    return float(sub.value)
-                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-                    try:
-                        return float(sub.value)
-                    except ValueError:
-                        continue
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "TIME_BUDGET" for t in targets):
+                try:
+                    value = float(_constant(node.value))
+                except (ValueError, TypeError, ArithmeticError):
+                    value = math.nan
+                if not math.isfinite(value) or value <= 0:
+                    raise RepoError(f"TIME_BUDGET in prepare.py ({ast.unparse(node.value)}) is not a positive constant "
+                                    "the runner can read: set budget_s in runner.yaml or pass --budget")
+                return value
     return None
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+
+def _constant(node: ast.AST):
+    """The value of a constant expression, without running anything; ValueError otherwise."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = float(_constant(node.left)), float(_constant(node.right))
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")
+        return _ARITHMETIC[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = float(_constant(node.operand))
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Call) and len(node.args) >= 1:
+        name = ast.unparse(node.func)
+        if name in ("int", "float", "round") and len(node.args) == 1:
+            return float(_constant(node.args[0]))
+        if name in ("os.environ.get", "os.getenv", "environ.get", "getenv") and len(node.args) == 2:
+            return float(_constant(node.args[1]))  # the default: the runner sets the variable itself
+    raise ValueError(f"not a constant: {ast.unparse(node)}")
+

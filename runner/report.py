@@ -90,17 +90,19 @@ def plot(data: ReportData, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [p for p in data.points if p["status"] != "crash"]
+    # Crashes and timeouts have no val_bpb (their rows say 0.0): drawn at 0 they would look like
+    # the best points, so they are crosses along the top.
+    ok = [p for p in data.points if p["status"] != "crash" and p["val_bpb"] > 0]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     colors = {"keep": "#2a9d3f", "discard": "#9a9a9a"}
     for status in ("discard", "keep"):
         pts = [p for p in ok if p["status"] == status]
         ax.scatter([p["iteration"] for p in pts], [p["val_bpb"] for p in pts], s=36 if status == "keep" else 18,
                    c=colors[status], label=status, zorder=3, alpha=0.9 if status == "keep" else 0.6)
-    crashes = [p["iteration"] for p in data.points if p["status"] == "crash"]
-    if crashes and ok:
+    failed = [p["iteration"] for p in data.points if p not in ok]
+    if failed and ok:
         y = max(p["val_bpb"] for p in ok)
-        ax.scatter(crashes, [y] * len(crashes), marker="x", c="#c0392b", label="crash", zorder=3)
+        ax.scatter(failed, [y] * len(failed), marker="x", c="#c0392b", label="crash / timeout", zorder=3)
     xs, ys, best = [], [], None
     for p in data.points:
         if p["status"] == "keep":
@@ -111,7 +113,8 @@ def plot(data: ReportData, path: Path) -> Path:
     ax.step(xs, ys, where="post", c="#2a9d3f", lw=1.5, label="running best", zorder=2)
     for p in data.points:
         if p["status"] == "keep":
-            ax.annotate(p["description"][:40], (p["iteration"], p["val_bpb"]), textcoords="offset points",
+            # descriptions are untrusted text: `$...$` must print as written, not as mathtext
+            ax.annotate(p["description"][:40].replace("$", r"\$"), (p["iteration"], p["val_bpb"]), textcoords="offset points",
                         xytext=(4, 6), fontsize=7, rotation=20, color="#1e6b2d")
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (lower is better)")

@@ -17,7 +17,7 @@ REPO = "autoresearch-runner"
 LABEL = "io.autoresearch-runner"
 
 L_MANAGED = f"{LABEL}.managed"          # "true" on everything we create
-L_KIND = f"{LABEL}.kind"                # base | trainer | experiment | run
+L_KIND = f"{LABEL}.kind"                # one of the KIND_* values below
 L_TAG = f"{LABEL}.tag"                  # the run tag (autoresearch/<tag>)
 L_COMMIT = f"{LABEL}.commit"            # full commit sha of the experiment
 L_KEY = f"{LABEL}.key"                  # content key an image was built from
@@ -44,10 +44,11 @@ KIND_SOURCES = "sources"
 KIND_AGENT = "agent"
 KIND_EXPERIMENT = "experiment"
 KIND_RUN = "run"          # a container running an experiment
-KIND_PREPARE = "prepare"  # a container running the repo's prepare.py
+KIND_PREPARE = "prepare"  # a container running the repo's prepare.py, and the image it runs in
 
 # Experiment images are autoresearch-runner/<tag>:<commit>; these repositories are the layers'.
-RESERVED_TAGS = ("base", "trainer", "sources", "agent")
+PREPARE_TAG = "prepare"   # prepare images are autoresearch-runner/prepare:<commit>
+RESERVED_TAGS = ("base", "trainer", "sources", "agent", PREPARE_TAG)
 _TAG_OK = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 

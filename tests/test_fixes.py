@@ -1,0 +1,109 @@
+"""Bugs that ended or corrupted a night, each pinned by a test that failed before its fix.
+Unit tests: no daemon needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.config import ConfigError, load_config
+from runner.repo import RepoError, read_time_budget
+
+
+@pytest.mark.parametrize("line,budget", [
+    ("TIME_BUDGET = 300", 300.0),
+    ("TIME_BUDGET = 5 * 60", 300.0),
+    ("TIME_BUDGET = 60 * 5 + 30  # seconds", 330.0),
+    ('TIME_BUDGET = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "60"))', 60.0),
+    ("TIME_BUDGET: float = 2.5 * 2", 5.0),
+    ("OTHER = 1", None),
+])
+def test_time_budget_is_evaluated_as_constant_arithmetic(line, budget):
+    assert read_time_budget(line + "\n") == budget
+
+
+def test_a_time_budget_that_needs_running_is_one_clear_error():
+    with pytest.raises(RepoError, match="TIME_BUDGET in prepare.py .* set budget_s"):
+        read_time_budget("TIME_BUDGET = compute_budget()\n")
+    with pytest.raises(RepoError, match="positive"):
+        read_time_budget("TIME_BUDGET = 0\n")
+
+
+@pytest.mark.parametrize("key", ["log_tail_mb", "log_cap_mb", "tmp_mb", "pids"])
+def test_limits_that_would_break_every_run_are_refused(tmp_path, key):
+    (tmp_path / "runner.yaml").write_text(f"limits:\n  {key}: 0\n")
+    with pytest.raises(ConfigError, match=f"limits.{key} must be positive"):
+        load_config(tmp_path)
+
+
+def test_report_draws_timeouts_off_the_best_line_and_descriptions_literally(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from runner.report import ReportData, plot
+
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (saved.append(self), real_savefig(self, *a, **k))[1])
+    points = [
+        {"iteration": 0, "val_bpb": 3.5, "status": "keep", "description": "baseline", "commit": "a"},
+        {"iteration": 1, "val_bpb": 0.0, "status": "discard", "description": "slow [timeout]", "commit": "b"},
+        {"iteration": 2, "val_bpb": 3.4, "status": "keep", "description": "cost $x$ and $y", "commit": "c"},
+        {"iteration": 3, "val_bpb": 0.0, "status": "crash", "description": "boom", "commit": "d"},
+    ]
+    plot(ReportData("night", points=points, keep_rate=0.5), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    ax = saved[0].axes[0]
+    ys = [y for coll in ax.collections for _, y in coll.get_offsets()]
+    assert min(ys) > 3.0  # nothing drawn at 0, where it would look like the best result
+    assert any(t.get_text() == r"cost \$x\$ and \$y" for t in ax.texts)
+
+
+# --- on the real daemon ---------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_prepare_leaves_no_image_that_reruns_mistake_for_an_experiment(tinylm, docker_client):
+    """README path: init-example, prepare, start, then `runner rerun <baseline commit>` must not
+    find the commit "in several tags" because prepare built an image for it."""
+    from runner import reruns
+
+    repo, _ = tinylm
+    import git
+
+    head = git.Repo(repo).head.commit.hexsha
+    tags = {e.tag for e in reruns.experiment_images(docker_client) if e.commit == head}
+    assert "prepare" not in tags
+
+
+@pytest.mark.docker
+def test_rerun_takes_the_configured_gpus_instead_of_forcing_cpu(tmp_path):
+    from conftest import MINI_PREPARE, SUMMARY, make_repo, runner_cli
+
+    repo = make_repo(tmp_path / "repo", SUMMARY, MINI_PREPARE, {"runner.yaml": "gpus: device=0\n"})
+    r = runner_cli("rerun", "0000000", "--repo", str(repo))
+    assert r.returncode == 2
+    assert "GPU 0 does not exist on this host" in r.stderr  # the lease was asked for, as configured
+
+
+@pytest.mark.docker
+def test_a_run_silent_longer_than_the_client_timeout_keeps_its_output(tmp_path, docker_client):
+    """The client timeout bounds API calls, not how long a run may print nothing (a compile).
+
+    Holds with docker-py 7: its attach reader polls the socket without a timeout (suspected in
+    issue 11; this pins it)."""
+    import docker
+
+    from sandbox import naming
+    from sandbox.docker_backend import DockerSandbox
+    from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
+    from sandbox.spec import Limits, RunSpec
+
+    image = ensure_trainer_image(docker_client, CPU_BASE_ALIAS)
+    short = docker.from_env(timeout=2)
+    spec = RunSpec(image=image.ref, command=("python", "-c", "import time; print('before'); time.sleep(5); print('after the silence')"),
+                   limits=Limits(time_budget_s=10), log_path=tmp_path / "log", workdir="/tmp",
+                   name=naming.container_name("run", "silent", "0" * 8),
+                   labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "silent", naming.L_OWNER: naming.owner()}))
+    result = DockerSandbox(short).run(spec)
+    assert result.exit_code == 0
+    assert "after the silence" in result.output_tail
