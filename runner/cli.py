@@ -188,7 +188,7 @@ def start(
     """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
     from sandbox.naming import check_tag
 
-    from .engine import Engine, make_slots
+    from .engine import Engine, cpuset_cpus, make_slots
     from .loop import Loop
     from .progress import LiveReporter, Reporter
     from .proposers import make_proposer
@@ -202,7 +202,7 @@ def start(
         # A live panel on a terminal; plain [EXP] lines when piped or logged.
         reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
         loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter)
-        loop.run(resume=resume, slots=make_slots(lease.devices, cfg.workers))
+        loop.run(resume=resume, slots=make_slots(lease.devices, cfg.workers, cpuset_cpus(cfg.limits.cpuset)))
 
 
 def _float(text: str, name: str) -> float:

@@ -122,8 +122,10 @@ def _expand_cpuset(cpuset: str) -> list[int]:
 def make_slots(devices: tuple[str, ...], workers: int | None, cpus: list[int] | None = None) -> list[Slot]:
     """One slot per parallel worker.
 
-    With GPUs, the leased devices are split evenly between workers (default: one each). On a
-    CPU host, the host's CPUs are split into one cpuset per worker (default: one worker, unpinned).
+    With GPUs, every leased device goes to a worker: split as evenly as they go, the first
+    workers taking one more when they do not divide (default: one worker per GPU). On a CPU
+    host, the CPUs (`cpus`: limits.cpuset's, else this process's) are split into one cpuset
+    per worker (default: one worker, pinned to `cpus` only when they were given).
 
     Raises:
         ConfigError: more workers than GPUs or CPUs to give them.
@@ -132,16 +134,30 @@ def make_slots(devices: tuple[str, ...], workers: int | None, cpus: list[int] | 
         n = workers or len(devices)
         if n > len(devices):
             raise ConfigError(f"--workers {n} needs {n} GPUs, {len(devices)} are leased: lower --workers or add --gpus")
-        per = len(devices) // n
-        return [Slot(f"gpu{i}", devices=tuple(devices[i * per:(i + 1) * per])) for i in range(n)]
+        return [Slot(f"gpu{i}", devices=tuple(part)) for i, part in enumerate(_split(list(devices), n))]
     n = workers or 1
     if n == 1:
-        return [Slot("cpu")]
+        return [Slot("cpu", cpuset=None if cpus is None else ",".join(map(str, sorted(cpus))))]
     cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
     if n > len(cpus):
-        raise ConfigError(f"--workers {n} needs {n} CPUs, this host has {len(cpus)}")
-    per = len(cpus) // n
-    return [Slot(f"cpu{i}", cpuset=",".join(map(str, cpus[i * per:(i + 1) * per]))) for i in range(n)]
+        raise ConfigError(f"--workers {n} needs {n} CPUs, {'limits.cpuset gives' if cpus else 'this host has'} {len(cpus)}")
+    return [Slot(f"cpu{i}", cpuset=",".join(map(str, part))) for i, part in enumerate(_split(cpus, n))]
+
+
+def _split(items: list, n: int) -> list[list]:
+    """`items` in n contiguous parts whose sizes differ by at most one."""
+    per, extra = divmod(len(items), n)
+    parts, start = [], 0
+    for i in range(n):
+        end = start + per + (1 if i < extra else 0)
+        parts.append(items[start:end])
+        start = end
+    return parts
+
+
+def cpuset_cpus(cpuset: str | None) -> list[int] | None:
+    """The CPUs of a cpuset string ("0-3,6"), or None for no cpuset."""
+    return None if not cpuset else _expand_cpuset(cpuset)
 
 
 class Engine:

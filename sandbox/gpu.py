@@ -173,7 +173,7 @@ def acquire(request: str, nvml: Nvml | None = None, busy: set[str] | None = None
         if arg > len(devices):
             raise GpuError(f"asked for {arg} GPUs, this host has {len(devices)}")
         wanted = devices
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    _open_lock_dir(lock_dir)
     lease = GpuLease(nvml=nvml)
     held = []
     for d in wanted:
@@ -197,17 +197,47 @@ def acquire(request: str, nvml: Nvml | None = None, busy: set[str] | None = None
     return lease
 
 
+def _open_lock_dir(lock_dir: Path) -> None:
+    """The host-wide lock directory, shared by every user's runners: world-writable and
+    sticky like /tmp, whoever made it first.
+
+    Raises:
+        GpuError: it cannot be made or used, with what to do.
+    """
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        if lock_dir.stat().st_uid == os.getuid() and lock_dir.stat().st_mode & 0o7777 != 0o1777:
+            os.chmod(lock_dir, 0o1777)
+    except OSError as exc:
+        raise GpuError(f"cannot use the GPU lock directory {lock_dir} ({exc.strerror}): its owner can "
+                       f"`chmod 1777 {lock_dir}`, or set AUTORESEARCH_LOCK_DIR to a directory every user can write") from None
+    if not os.access(lock_dir, os.W_OK | os.X_OK):
+        raise GpuError(f"the GPU lock directory {lock_dir} is not writable by this user: its owner can "
+                       f"`chmod 1777 {lock_dir}`, or set AUTORESEARCH_LOCK_DIR to a directory every user can write")
+
+
 def _try_lock(path: Path):
-    f = open(path, "a+")
+    """An exclusive flock on `path` (made readable and writable for every user), or None if held.
+
+    A lock file another user made may be read-only to us: flock works on a read-only descriptor.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o666)  # the umask took some bits; other users lease this GPU too
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    f = os.fdopen(fd, "r+" if os.access(path, os.W_OK) else "r")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    if f.writable():
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
     return f
 
 

@@ -11,11 +11,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from sandbox import gpu, naming
 from sandbox.gpu import GpuDevice, GpuError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEVICES = [GpuDevice(0, "GPU-aaaa", "Fake H100", 81559.0), GpuDevice(1, "GPU-bbbb", "Fake H100", 81559.0),
            GpuDevice(2, "GPU-cccc", "Fake H100", 81559.0)]
@@ -133,6 +136,12 @@ def test_slots_split_gpus_and_cpus():
     assert [s.devices for s in make_slots(("a", "b"), None)] == [("a",), ("b",)]
     assert [s.cpuset for s in make_slots((), 2, cpus=[0, 1, 2, 3])] == ["0,1", "2,3"]
     assert make_slots((), None)[0].cpuset is None
+    # every leased GPU works: 3 over 2 workers is 2 + 1, not 1 + 1 and one idle
+    assert [s.devices for s in make_slots(("a", "b", "c"), 2)] == [("a", "b"), ("c",)]
+    # limits.cpuset bounds the CPUs the workers split
+    from runner.engine import cpuset_cpus
+    assert [s.cpuset for s in make_slots((), 2, cpus=cpuset_cpus("4-7"))] == ["4,5", "6,7"]
+    assert make_slots((), None, cpus=cpuset_cpus("2-3"))[0].cpuset == "2,3"
     with pytest.raises(ConfigError, match="needs 3 GPUs"):
         make_slots(("a", "b"), 3)
 
@@ -241,3 +250,43 @@ def test_auto_runtime_uses_device_nodes_on_an_engine_without_the_toolkit(tmp_pat
     engine.gpus = gpu.GpuLease(devices=("GPU-aaaa",), nvml=FakeNvml())
     with pytest.raises(GpuError, match="does not exist: load the NVIDIA driver, or use gpu_runtime: toolkit"):
         engine.gpu_access(("GPU-aaaa",))
+
+
+def test_users_share_the_lock_directory_whoever_made_it(tmp_path):
+    """Two users on one host: the second must lease a free GPU and be refused a held one, not
+    get a PermissionError traceback because the first made the lock directory."""
+    import shutil
+    import tempfile
+
+    python = shutil.which("python3", path="/usr/bin:/bin")  # one another user can run (not a venv under /root)
+    if os.getuid() != 0 or python is None:
+        pytest.skip("needs root to act as a second user, and a system python3")
+    shared = Path(tempfile.mkdtemp(prefix="ar-locks-", dir="/tmp"))
+    shared.chmod(0o755)
+    lock_dir = shared / "locks"
+    first = gpu.acquire("device=0", FakeNvml(), lock_dir=lock_dir)  # root makes the directory
+    assert lock_dir.stat().st_mode & 0o7777 == 0o1777
+    other_user = textwrap.dedent(f"""\
+        import sys
+        sys.path[:0] = [{str(REPO_ROOT)!r}]
+        from pathlib import Path
+        from sandbox import gpu
+        class FakeNvml:
+            def devices(self):
+                return [gpu.GpuDevice(0, "GPU-aaaa", "Fake", 1.0), gpu.GpuDevice(1, "GPU-bbbb", "Fake", 1.0)]
+        lease = gpu.acquire("device=1", FakeNvml(), lock_dir=Path({str(lock_dir)!r}))
+        print("leased", lease.devices)
+        try:
+            gpu.acquire("device=0", FakeNvml(), lock_dir=Path({str(lock_dir)!r}))
+        except gpu.GpuError as exc:
+            print("refused", exc)
+        """)
+    try:
+        r = subprocess.run([python, "-c", other_user], capture_output=True, text=True, timeout=60,
+                           user=65534, group=65534, cwd="/", env={"PATH": "/usr/bin:/bin"})
+    finally:
+        first.release()
+        shutil.rmtree(shared)
+    assert r.returncode == 0, r.stderr
+    assert "leased ('GPU-bbbb',)" in r.stdout
+    assert "refused GPU 0 (GPU-aaaa) is leased by another runner" in r.stdout
