@@ -11,12 +11,23 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from .repo import RESULTS, RUNNER_DIR
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
-STATUSES = ("keep", "discard", "crash")
+
+
+class RowStatus(StrEnum):
+    """The status column of results.tsv, as autoresearch writes it."""
+
+    KEEP = "keep"
+    DISCARD = "discard"
+    CRASH = "crash"
+
+
+STATUSES = tuple(RowStatus)
 
 
 @dataclass(frozen=True)

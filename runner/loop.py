@@ -12,6 +12,7 @@ import queue
 import signal
 import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,14 +24,15 @@ from sandbox.spec import REASON_INTERRUPTED
 from .config import RunConfig
 from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
-from .ledger import HEADER, Ledger, Row
-from .reruns import load_noise, noise_floor, save_noise
+from .ledger import HEADER, Ledger, Row, RowStatus
+from .policy import RunState, decide
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, GuardError, ResearchRepo, branch_name
-from .summary import STATUS_OK, STATUS_TIMEOUT
+from .reruns import load_noise, noise_floor, save_noise
+from .summary import STATUS_OK
 
-KEEP, DISCARD, CRASH = "keep", "discard", "crash"
+KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
 LOG_TAIL_FOR_FIX = 50  # lines of a crashed run's output offered to the proposer
 NOISE_RERUNS = 2  # extra baseline runs when --min-delta auto has no noise floor yet
 PROPOSER_BACKOFF_S = 15  # first wait after a failed proposal; doubles, capped at 10 minutes
@@ -54,15 +56,6 @@ class Job:
     verifies: int | None = None  # the near-miss iteration this job re-applies
 
 
-@dataclass
-class State:
-    iteration: int = 0                # experiments run so far (the baseline is 0)
-    training_s: float = 0.0           # training seconds of every recorded run
-    best_commit: str | None = None
-    best_val_bpb: float = math.inf
-    since_keep: int = 0
-
-
 def exp_line(tag: str, iteration: int, row: Row) -> str:
     return (f"[EXP] {tag} {iteration} | commit:{row.commit} | val_bpb:{row.val_bpb:.6f} | "
             f"mem:{row.memory_gb:.1f}GB | status:{row.status} | {row.description}")
@@ -82,7 +75,7 @@ class Loop:
         self.reporter = out if isinstance(out, Reporter) else Reporter(out)
         self.out = self.reporter.line
         self.ledger = Ledger(repo.path, cfg.tag)
-        self.state = State()
+        self.state = RunState()
         self.stop = threading.Event()
         self.lock = threading.RLock()  # git, the ledger, the state: one worker at a time
         self.min_delta = 0.0
@@ -134,14 +127,7 @@ class Loop:
             if (row.commit, row.status) not in recorded:
                 self.ledger.append_row(row)
                 self.ledger.event("row_restored", commit=row.commit)
-        for e in experiments:
-            self.state.iteration = max(self.state.iteration, e["iteration"])
-            if e["row"]["status"] == KEEP:
-                self.state.best_commit = e["commit"]
-                self.state.best_val_bpb = e["row"]["val_bpb"]
-                self.state.since_keep = 0
-            else:
-                self.state.since_keep += 1
+        self.state = RunState.recover(experiments)
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha
@@ -324,22 +310,20 @@ class Loop:
             self.ledger.event("interrupted", iteration=job.iteration, commit=job.commit, run=run.to_dict())
             return None
         outcome = run.outcome
-        improved = outcome.status == STATUS_OK and outcome.val_bpb < self.state.best_val_bpb - self.min_delta
-        stale_parent = job.parent != self.state.best_commit
+        decision = decide(self.state, job, outcome, self.min_delta)
         extra = {"parent": job.parent, "verifies": job.verifies}
-        if improved and not stale_parent:
+        val = outcome.val_bpb if outcome.status == STATUS_OK else None
+        if decision.status == KEEP:
             self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra)
-            self.proposer.observe(job.proposal, KEEP, outcome.val_bpb)
+            self.proposer.observe(job.proposal, KEEP, val)
             self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
             self.state.since_keep = 0
             self.repo.reset_hard(job.commit)  # the branch advances to the keep
             return None
         self.state.since_keep += 1
-        if improved:
-            # Better than the best it started from, but the best moved while it ran: re-apply
-            # the edit on the new best and run that, or record it as a near-miss.
+        if decision.near_miss:
             self._record(job.iteration, run, DISCARD, f"{job.proposal.description} [near-miss]", job.proposal, **extra)
-            self.proposer.observe(job.proposal, DISCARD, outcome.val_bpb)
+            self.proposer.observe(job.proposal, DISCARD, val)
             merged = self.repo.merge_train_py(job.parent, self.state.best_commit, job.commit)
             if merged is None:
                 self.ledger.event("near_miss_conflict", iteration=job.iteration, commit=job.commit)
@@ -347,13 +331,10 @@ class Loop:
             again = dataclasses.replace(job.proposal, train_py=merged,
                                         description=f"{job.proposal.description} (re-applied)")
             return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
-        status = DISCARD if outcome.status in (STATUS_OK, STATUS_TIMEOUT) else CRASH
-        self._record(job.iteration, run, status, job.proposal.description, job.proposal, **extra)
-        self.proposer.observe(job.proposal, status, outcome.val_bpb if outcome.status == STATUS_OK else None)
+        self._record(job.iteration, run, decision.status, job.proposal.description, job.proposal, **extra)
+        self.proposer.observe(job.proposal, decision.status, val)
         self.repo.reset_hard(self.state.best_commit)  # nothing of a failed edit stays in the work tree
-        if status == CRASH and job.retry_fix and not self.stop.is_set():
-            return "fix"
-        return None
+        return "fix" if decision.fix and not self.stop.is_set() else None
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -370,13 +351,22 @@ class Loop:
             self.setup(resume)
             if self.state.best_commit is None and not self.stop.is_set():
                 self.baseline()
+            failure = None
             if self.state.best_commit is not None and not self.stop.is_set():
-                prefetch = self._prefetch(len(slots))
-                if len(slots) == 1 and prefetch == 0:
-                    self._sequential(slots[0])
-                else:
-                    self._pipelined(slots, prefetch)
-            return self.finish(len(slots))
+                failure = self._schedule(slots, self._prefetch(len(slots)))
+            summary = self.finish(len(slots))
+            if failure is not None:
+                who, exc = failure
+                raise LoopError(f"the run stopped: {who} failed: {exc.__class__.__name__}: {exc} "
+                                f"(events: {self.ledger.events_path})") from exc
+            return summary
+        except KeyboardInterrupt:
+            # The second Ctrl-C: stop now. Workers may still be inside a run; remove this
+            # runner's containers rather than leave them to a sweep that spares live owners.
+            self.stop.set()
+            self.engine.sandbox.cleanup(owner=self.engine.sandbox.owner)
+            self.ledger.event("interrupted", iteration=None, commit=None, forced=True)
+            raise
         finally:
             restore()
             self.reporter.close()
@@ -411,32 +401,36 @@ class Loop:
                 self.stop.wait(min(PROPOSER_BACKOFF_S * 2 ** (errors[0] - 1), 600))
         return None
 
-    def _sequential(self, slot: Slot | None) -> None:
-        proposed, errors = 0, [0]
-        while not self.stop.is_set() and self._budget_left(proposed):
-            job = self._next_job(errors)
-            proposed += 1
-            if job is not None:
-                self._execute(job, slot)
+    def _schedule(self, slots: list, prefetch: int) -> tuple[str, BaseException] | None:
+        """Run experiments on `slots` until stopped or out of budget: one proposer thread and one
+        worker per slot, on futures. Sequential is one slot with prefetch 0.
 
-    def _pipelined(self, slots: list, prefetch: int) -> None:
-        """N workers, one per slot, fed by a proposer thread that keeps `prefetch` jobs ready,
-        so no worker waits for a proposal while another could be prepared."""
-        jobs: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        The proposer proposes only while it holds a ticket, and a worker returns its ticket when
+        its job (and every follow-up) is done: len(slots) + prefetch tickets, so a proposal is
+        ready for each idle worker plus `prefetch` more, and with prefetch 0 nothing is proposed
+        on a best that a running experiment may still change.
+
+        Returns:
+            (who, exception) for the first exception of the proposer or a worker (the others
+            are stopped; a `stopped` event names it), or None.
+        """
+        jobs: queue.Queue = queue.Queue()
+        tickets = threading.Semaphore(len(slots) + prefetch)
         done_proposing = threading.Event()
 
         def produce():
             proposed, errors = 0, [0]
             try:
                 while not self.stop.is_set() and self._budget_left(proposed):
+                    while not tickets.acquire(timeout=0.2):
+                        if self.stop.is_set():
+                            return
                     job = self._next_job(errors)
                     proposed += 1
-                    while job is not None and not self.stop.is_set():
-                        try:
-                            jobs.put(job, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
+                    if job is None:
+                        tickets.release()
+                    else:
+                        jobs.put(job)
             finally:
                 done_proposing.set()
 
@@ -445,26 +439,42 @@ class Loop:
                 try:
                     job = jobs.get(timeout=0.2)
                 except queue.Empty:
-                    if done_proposing.is_set():
+                    if done_proposing.is_set() and jobs.empty():
                         return
                     continue
-                self._execute(job, slot)
+                try:
+                    self._execute(job, slot)
+                finally:
+                    tickets.release()
 
-        threads = [threading.Thread(target=produce, name="proposer", daemon=True)]
-        threads += [threading.Thread(target=work, args=(s,), name=f"worker-{i}", daemon=True) for i, s in enumerate(slots)]
-        for t in threads:
-            t.start()
-        # The main thread keeps signals; it waits for the workers rather than joining blindly.
-        while any(t.is_alive() for t in threads[1:]):
-            for t in threads[1:]:
-                t.join(timeout=0.5)
-        threads[0].join(timeout=1)
+        pool = ThreadPoolExecutor(max_workers=len(slots) + 1, thread_name_prefix="loop")
+        futures: dict[Future, str] = {pool.submit(produce): "proposer"}
+        futures.update({pool.submit(work, slot): f"worker {i}" for i, slot in enumerate(slots)})
+        failure = None
+        pending = set(futures)
+        try:
+            # The main thread keeps the signals: it waits in short steps, never in a blind join.
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    exc = f.exception()
+                    if exc is not None and failure is None:
+                        failure = (futures[f], exc)
+                        self.stop.set()
+                        self.ledger.event("stopped", reason=f"{futures[f]} failed: {exc.__class__.__name__}: {exc}")
+        except KeyboardInterrupt:  # forced stop: the caller removes the containers, nobody waits
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return failure
 
     def finish(self, workers: int = 1) -> Summary:
-        if self.stop.is_set():
-            self.repo.respawn_git()
-        rows = self._rows_of_this_tag()
-        summary = self.proposer.summarize(self.context(), rows)
+        with self.lock:  # a proposer thread may still be using git
+            if self.stop.is_set():
+                self.repo.respawn_git()
+            rows = self._rows_of_this_tag()
+            context = self.context()
+        summary = self.proposer.summarize(context, rows)
         wall_s = time.monotonic() - self.started
         duty = self.state.training_s / (wall_s * workers) if wall_s > 0 else 0.0
         self.ledger.event("summary", experiments=len(rows), best_commit=self.state.best_commit,
@@ -497,7 +507,7 @@ class Loop:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-def format_summary(tag: str, rows: list[Row], state: State, summary: Summary, duty: float | None = None) -> str:
+def format_summary(tag: str, rows: list[Row], state: RunState, summary: Summary, duty: float | None = None) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in (KEEP, DISCARD, CRASH)}
     best = "none" if state.best_commit is None else f"{state.best_commit[:7]} val_bpb {state.best_val_bpb:.6f}"
     lines = [

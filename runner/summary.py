@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from sandbox.spec import REASON_EXIT, REASON_TIMEOUT, RunResult
 
-STATUS_OK = "ok"
-STATUS_CRASH = "crash"
-STATUS_TIMEOUT = "timeout"
+class OutcomeStatus(StrEnum):
+    """How a finished run came out (results.tsv's row status is ledger.RowStatus, decided from it)."""
+
+    OK = "ok"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+
+
+STATUS_OK, STATUS_CRASH, STATUS_TIMEOUT = OutcomeStatus.OK, OutcomeStatus.CRASH, OutcomeStatus.TIMEOUT
 
 REASON_NO_SUMMARY = "no_summary"
 REASON_BAD_METRIC = "bad_metric"

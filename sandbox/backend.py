@@ -1,5 +1,5 @@
 """The Sandbox contract. Backends (Docker today, a Kubernetes Job tomorrow) only implement it;
-tests/conformance.py holds every backend to the same promises.
+tests/test_conformance.py holds every backend to the same promises.
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ class Sandbox(abc.ABC):
         """
 
     @abc.abstractmethod
-    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True) -> list[str]:
+    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
         """Remove this tool's leftover run containers (selected by label, never by name).
 
         Args:
             tag: only those of this run tag; None = every tag.
             only_dead_owners: keep containers whose runner process is still alive on this host.
+            owner: only those this owner started, alive or not (a runner forced to stop now
+                removes its own).
 
         Returns:
             Names of the containers removed.

@@ -313,18 +313,27 @@ class DockerSandbox(Sandbox):
         except (docker.errors.APIError, ValueError):
             return None
 
-    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True) -> list[str]:
+    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
         # Only this user's containers: on a shared host, another user's leftovers are theirs.
         labels = {naming.L_USER: str(os.getuid())}
         if tag:
             labels[naming.L_TAG] = tag
+        if owner:
+            labels[naming.L_OWNER] = owner
+            only_dead_owners = False
         removed = []
         try:
             for kind in (naming.KIND_RUN, naming.KIND_PREPARE):
                 for c in self.client.containers.list(all=True, filters=naming.managed_filter(kind, **labels)):
                     if only_dead_owners and _owner_alive(self.client, c.labels.get(naming.L_OWNER, "")):
                         continue
-                    c.remove(force=True)
+                    try:
+                        c.remove(force=True)
+                    except docker.errors.NotFound:
+                        continue  # removed meanwhile (its own run, or another cleanup): the goal is met
+                    except docker.errors.APIError as exc:
+                        if exc.status_code != 409:  # 409: its removal is already in progress
+                            raise
                     removed.append(c.name)
         except docker.errors.APIError as exc:
             raise SandboxError(f"Docker engine error during cleanup: {exc}") from None

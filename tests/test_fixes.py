@@ -107,3 +107,46 @@ def test_a_run_silent_longer_than_the_client_timeout_keeps_its_output(tmp_path, 
     result = DockerSandbox(short).run(spec)
     assert result.exit_code == 0
     assert "after the silence" in result.output_tail
+
+
+# --- the loop's decisions, without Docker ----------------------------------------------------
+
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from runner.ledger import RowStatus  # noqa: E402
+from runner.policy import RunState, decide  # noqa: E402
+from runner.summary import Metrics, Outcome  # noqa: E402
+
+
+@_dataclass
+class _Job:
+    parent: str
+    retry_fix: bool = True
+
+
+def _ok(val):
+    return Outcome("ok", "", Metrics(val_bpb=val))
+
+
+@pytest.mark.parametrize("parent,outcome,min_delta,retry,expected", [
+    ("best", _ok(3.0), 0.0, True, (RowStatus.KEEP, False, False)),
+    ("best", _ok(3.45), 0.1, True, (RowStatus.DISCARD, False, False)),         # within min_delta
+    ("best", _ok(3.5), 0.0, True, (RowStatus.DISCARD, False, False)),          # a tie is no keep
+    ("older", _ok(3.0), 0.0, True, (RowStatus.DISCARD, True, False)),          # the best moved: near-miss
+    ("best", Outcome("timeout", "timeout", None), 0.0, True, (RowStatus.DISCARD, False, False)),
+    ("best", Outcome("crash", "oom", None), 0.0, True, (RowStatus.CRASH, False, True)),
+    ("best", Outcome("crash", "exit_code", None), 0.0, False, (RowStatus.CRASH, False, False)),  # fixed once
+])
+def test_decide(parent, outcome, min_delta, retry, expected):
+    state = RunState(best_commit="best", best_val_bpb=3.5)
+    d = decide(state, _Job(parent, retry), outcome, min_delta)
+    assert (d.status, d.near_miss, d.fix) == expected
+
+
+def test_state_recovers_from_the_ledger():
+    def exp(i, commit, status, val):
+        return {"iteration": i, "commit": commit, "row": {"status": status, "val_bpb": val}}
+    state = RunState.recover([exp(0, "a", "keep", 3.5), exp(1, "b", "discard", 3.6), exp(2, "c", "keep", 3.4),
+                              exp(3, "d", "crash", 0.0), exp(4, "e", "discard", 3.41)])
+    assert (state.iteration, state.best_commit, state.best_val_bpb, state.since_keep) == (4, "c", 3.4, 2)
+    assert RunState.recover([]).best_commit is None

@@ -274,3 +274,29 @@ def test_proposer_outage_backs_off_and_the_loop_goes_on(tmp_path, data_dir, monk
     loop.run()
     assert len(loop.ledger.events("proposer_error")) == 2
     assert [r.description for r in loop.ledger.rows()] == ["baseline", "after the outage"]
+
+
+class Exploding(Scripted):
+    """Proposes once, then fails with a bug (not a ProposerError): the run must stop, loudly."""
+
+    def propose(self, ctx):
+        if not self.proposals:
+            raise RuntimeError("a bug in the proposer")
+        return super().propose(ctx)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_proposer_bug_stops_the_run_with_an_error_not_a_normal_summary(tmp_path, data_dir, workers):
+    from runner.loop import LoopError
+
+    repo = make_repo(tmp_path / "repo", MINI_TRAIN)
+    loop, proposer, lines = make_loop(repo, lambda r: Exploding(r, [(variant(VALUE=1.5), "better")]), data_dir,
+                                      workers=workers, prefetch=1 if workers > 1 else 0)
+    slots = [None] if workers == 1 else __import__("runner.engine", fromlist=["make_slots"]).make_slots((), 2, cpus=[0, 1])
+    with pytest.raises(LoopError, match="proposer failed: RuntimeError: a bug in the proposer"):
+        loop.run(slots=slots)
+    events = [json.loads(l) for l in (repo / ".autoresearch" / "t" / "events.jsonl").read_text().splitlines()]
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert stopped and "a bug in the proposer" in stopped[0]["reason"]
+    assert [e["row"]["status"] for e in events if e["event"] == "experiment"] == ["keep", "keep"]
+    assert any(e["event"] == "summary" for e in events)
