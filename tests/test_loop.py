@@ -300,3 +300,30 @@ def test_a_proposer_bug_stops_the_run_with_an_error_not_a_normal_summary(tmp_pat
     assert stopped and "a bug in the proposer" in stopped[0]["reason"]
     assert [e["row"]["status"] for e in events if e["event"] == "experiment"] == ["keep", "keep"]
     assert any(e["event"] == "summary" for e in events)
+
+
+STUBBORN_TRAIN = """import signal, time
+KNOB = 1.0        # the offline proposer's only knob: every experiment changes it
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if KNOB != 1.0:
+    time.sleep(120)   # experiments hang and ignore SIGTERM; the baseline does not
+""" + SUMMARY
+
+
+def test_a_second_ctrl_c_stops_now_and_leaves_no_container(tmp_path, data_dir, docker_client):
+    """Two workers, each in an experiment that ignores SIGTERM: the first Ctrl-C would wait for
+    the kill grace; the second must stop at once and remove both containers, not leak them."""
+    path = make_repo(tmp_path / "r", STUBBORN_TRAIN)
+    proc = _start_in_background(path, data_dir, "cc", "--workers", "2")
+    _wait_for_experiment_container(docker_client, "cc", 1)
+    deadline = time.monotonic() + 60
+    while len(_running(docker_client, "cc")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_running(docker_client, "cc")) == 2
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 8  # well inside the 10 s kill grace a first Ctrl-C honours
+    assert docker_client.containers.list(all=True, filters=naming.managed_filter(naming.KIND_RUN, **{naming.L_TAG: "cc"})) == []
