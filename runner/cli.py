@@ -272,13 +272,14 @@ def noise(
     from .ledger import Ledger
 
     cfg = _config(repo, data_dir=data_dir, gpus=gpus)
-    baseline = next((e for e in Ledger(cfg.repo, tag).events("experiment") if e["iteration"] == 0), None)
+    ledger = Ledger(cfg.repo, tag)
+    baseline = next((e for e in ledger.experiments() if e.iteration == 0), None)
     if baseline is None:
         from .loop import LoopError
 
         raise LoopError(f"run {tag} has no baseline yet: start it first (`runner start --tag {tag}`)")
     with _leased(cfg.gpus) as lease:
-        image = reruns.find_experiment_image(connect(), baseline["commit"], tag)
+        image = reruns.find_experiment_image(connect(), baseline.commit, tag)
         runs = reruns.rerun(Engine(cfg, None, gpus=lease, progress=typer.echo), image, n,
                             cfg.repo / ".autoresearch" / tag / "runs")
     values = [r.outcome.val_bpb for r in runs if r.outcome.status == "ok"]
@@ -286,8 +287,8 @@ def noise(
         typer.echo("error: fewer than 2 reruns succeeded; read their logs under .autoresearch/", err=True)
         raise typer.Exit(2)
     result = reruns.noise_floor(values)
-    path = reruns.save_noise(cfg.repo, tag, result)
-    Ledger(cfg.repo, tag).event("noise", **result, min_delta=2 * result["spread"])
+    path = reruns.save_noise(ledger, result)
+    ledger.event("noise", **result, min_delta=2 * result["spread"])
     typer.echo(f"baseline {image.commit[:7]}: {n} reruns, mean {result['mean']:.6f}, stdev {result['stdev']:.6f}, "
                f"spread {result['spread']:.6f} -> --min-delta auto = {2 * result['spread']:.6f} (saved {path})")
 

@@ -7,16 +7,18 @@ followed by fsync, so a kill leaves either the whole line or, at worst, a torn l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from .repo import RESULTS, RUNNER_DIR
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+NOISE_FILE = "noise.json"  # the baseline's measured spread (runner noise, --min-delta auto)
 
 
 class RowStatus(StrEnum):
@@ -46,6 +48,46 @@ class Row:
     def parse(cls, line: str) -> "Row":
         commit, val, mem, status, desc = line.split("\t", 4)
         return cls(commit, float(val), float(mem), status, desc)
+
+
+@dataclass(frozen=True)
+class ExperimentRecord:
+    """One experiment as events.jsonl records it (event "experiment"); read and written only here.
+
+    `row` is its results.tsv row; `outcome` an OutcomeStatus value; `run` the engine's record of
+    the run (timings, image, limits, log).
+    """
+
+    iteration: int
+    commit: str
+    row: Row
+    outcome: str
+    reason: str = ""
+    metrics: dict | None = None
+    run: dict = field(default_factory=dict)
+    hypothesis: str = ""
+    usage: dict = field(default_factory=dict)
+    parent: str | None = None
+    verifies: int | None = None
+
+    @property
+    def status(self) -> RowStatus:
+        return RowStatus(self.row.status)
+
+    @property
+    def training_s(self) -> float:
+        return (self.metrics or {}).get("training_seconds") or 0.0
+
+    def fields(self) -> dict:
+        """The event's fields (Ledger.event adds ts, tag and the event name)."""
+        return {**dataclasses.asdict(self), "row": dataclasses.asdict(self.row)}
+
+    @classmethod
+    def from_event(cls, event: dict) -> "ExperimentRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in event.items() if k in known}
+        values["row"] = Row(**event["row"])
+        return cls(**values)
 
 
 def _append(path: Path, line: str) -> None:
@@ -104,6 +146,12 @@ class Ledger:
             raise ValueError(f"status must be one of {STATUSES}, got {row.status!r}")
         _append(self.results_path, row.line())
 
+    def record(self, experiment: ExperimentRecord, **extra) -> None:
+        """Record a finished experiment: its event first, then its results.tsv row (a kill
+        between the two is repaired on resume from the event)."""
+        self.event("experiment", **experiment.fields(), **extra)
+        self.append_row(experiment.row)
+
     def event(self, kind: str, **fields) -> dict:
         record = {"ts": round(time.time(), 3), "tag": self.tag, "event": kind, **fields}
         _append(self.events_path, json.dumps(record, default=str, sort_keys=True))
@@ -116,6 +164,19 @@ class Ledger:
             return []
         lines = self.results_path.read_text().splitlines()[1:]
         return [Row.parse(line) for line in lines if line.strip()]
+
+    def experiments(self) -> list[ExperimentRecord]:
+        """This tag's experiments, in the order they were recorded."""
+        return [ExperimentRecord.from_event(e) for e in self.events("experiment")]
+
+    def results_text(self, last: int = 20) -> str:
+        """results.tsv's header and this tag's last `last` rows. The root results.tsv holds every
+        tag's rows (as autoresearch's does); a run sees only its own."""
+        return "\n".join([HEADER] + [r.row.line() for r in self.experiments()[-last:]])
+
+    @property
+    def noise_path(self) -> Path:
+        return self.dir / NOISE_FILE
 
     def events(self, kind: str | None = None) -> list[dict]:
         if not self.events_path.exists():

@@ -24,7 +24,7 @@ from sandbox.spec import REASON_INTERRUPTED
 from .config import RunConfig
 from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
-from .ledger import HEADER, Ledger, Row, RowStatus
+from .ledger import ExperimentRecord, Ledger, Row, RowStatus
 from .policy import RunState, decide
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
@@ -110,7 +110,7 @@ class Loop:
     def _min_delta(self) -> float:
         if self.cfg.min_delta != "auto":
             return float(self.cfg.min_delta)
-        noise = load_noise(self.repo.path, self.tag)
+        noise = load_noise(self.ledger)
         return 0.0 if noise is None else 2 * noise["spread"]  # measured after the baseline otherwise
 
     def _recover(self) -> None:
@@ -119,14 +119,12 @@ class Loop:
         A kill can leave: an experiment committed but not recorded (reset away and proposed
         again), a recorded experiment whose results.tsv row was not yet written (row added).
         """
-        experiments = self.ledger.events("experiment")
-        rows = self.ledger.rows()
-        recorded = {(r.commit, r.status) for r in rows}
+        experiments = self.ledger.experiments()
+        recorded = {(r.commit, r.status) for r in self.ledger.rows()}
         for e in experiments:
-            row = Row(**e["row"])
-            if (row.commit, row.status) not in recorded:
-                self.ledger.append_row(row)
-                self.ledger.event("row_restored", commit=row.commit)
+            if (e.row.commit, e.row.status) not in recorded:
+                self.ledger.append_row(e.row)
+                self.ledger.event("row_restored", commit=e.row.commit)
         self.state = RunState.recover(experiments)
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
@@ -151,7 +149,6 @@ class Loop:
 
     def context(self) -> Context:
         """Orientation for the proposer: the in-scope files, the last ~20 rows, the git log."""
-        rows_text = (self._read(self.ledger.results_path.name) or HEADER).splitlines()
         return Context(
             tag=self.tag,
             iteration=self.state.iteration + 1,
@@ -159,7 +156,7 @@ class Loop:
             prepare_py=self._read("prepare.py"),
             program_md=self._read("program.md"),
             readme=self._read("README.md"),
-            results_tail="\n".join([rows_text[0]] + rows_text[1:][-20:]),
+            results_tail=self.ledger.results_text(20),
             git_log=[c.message.splitlines()[0] for c in self.repo.log(20)],
             best_val_bpb=self.state.best_val_bpb,
             experiments_since_keep=self.state.since_keep,
@@ -181,25 +178,22 @@ class Loop:
                 self.repo.respawn_git()
         return run
 
-    def _record(self, iteration: int, run: ExperimentRun, status: str, description: str,
-                proposal: Proposal | None, **extra) -> Row:
+    def _record(self, iteration: int, run: ExperimentRun, status: RowStatus, description: str,
+                proposal: Proposal | None, parent: str | None = None, verifies: int | None = None) -> Row:
         outcome = run.outcome
         if outcome.status != STATUS_OK:
             description = f"{description} [{outcome.reason}]"
         row = Row(run.commit[:7], outcome.val_bpb, run.memory_gb, status, description)
-        # Event first: on resume a row missing from results.tsv is restored from it.
-        self.ledger.event(
-            "experiment", iteration=iteration, commit=run.commit, row=dataclasses.asdict(row),
-            outcome=outcome.status, reason=outcome.reason,
-            metrics=dataclasses.asdict(outcome.metrics) if outcome.metrics else None,
-            run=run.to_dict(), hypothesis=proposal.hypothesis if proposal else "",
-            usage=proposal.usage if proposal else {}, **extra,
+        record = ExperimentRecord(
+            iteration=iteration, commit=run.commit, row=row, outcome=outcome.status, reason=outcome.reason,
+            metrics=dataclasses.asdict(outcome.metrics) if outcome.metrics else None, run=run.to_dict(),
+            hypothesis=proposal.hypothesis if proposal else "", usage=proposal.usage if proposal else {},
+            parent=parent, verifies=verifies,
         )
-        self.ledger.append_row(row)
+        self.ledger.record(record)
         self.reporter.recorded(status, row.val_bpb, iteration)
         self.out(exp_line(self.tag, iteration, row))
-        if run.outcome.metrics and run.outcome.metrics.training_seconds:
-            self.state.training_s += run.outcome.metrics.training_seconds
+        self.state.training_s += record.training_s
         return row
 
     def baseline(self) -> None:
@@ -221,7 +215,7 @@ class Loop:
             # Default VRAM ceiling: twice what the baseline needed, as NVML measured it.
             self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
             self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
-        if self.cfg.min_delta == "auto" and load_noise(self.repo.path, self.tag) is None:
+        if self.cfg.min_delta == "auto" and load_noise(self.ledger) is None:
             self.measure_noise(run.outcome.val_bpb)
 
     def measure_noise(self, first: float) -> None:
@@ -233,7 +227,7 @@ class Loop:
                 return
             values.append(run.outcome.val_bpb)
         noise = noise_floor(values)
-        save_noise(self.repo.path, self.tag, noise)
+        save_noise(self.ledger, noise)
         self.min_delta = 2 * noise["spread"]
         self.ledger.event("noise", **noise, min_delta=self.min_delta)
         self.out(f"noise floor: {len(values)} baseline runs, spread {noise['spread']:.6f} -> min_delta {self.min_delta:.6f}")
@@ -486,7 +480,7 @@ class Loop:
         return summary
 
     def _rows_of_this_tag(self) -> list[Row]:
-        return [Row(**e["row"]) for e in self.ledger.events("experiment")]
+        return [e.row for e in self.ledger.experiments()]
 
     def _install_signal_handlers(self):
         """First SIGINT/SIGTERM: stop after cleaning up the current run. Second: stop now."""

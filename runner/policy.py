@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from .ledger import RowStatus
+from .ledger import ExperimentRecord, RowStatus
 from .summary import Outcome, OutcomeStatus
 
 
@@ -20,13 +20,13 @@ class RunState:
     since_keep: int = 0
 
     @classmethod
-    def recover(cls, experiments: Iterable[dict]) -> "RunState":
-        """The state after the recorded experiments (events.jsonl `experiment` records, in order)."""
+    def recover(cls, experiments: Iterable[ExperimentRecord]) -> "RunState":
+        """The state after the recorded experiments (Ledger.experiments(), in order)."""
         state = cls()
         for e in experiments:
-            state.iteration = max(state.iteration, e["iteration"])
-            if e["row"]["status"] == RowStatus.KEEP:
-                state.best_commit, state.best_val_bpb = e["commit"], e["row"]["val_bpb"]
+            state.iteration = max(state.iteration, e.iteration)
+            if e.status == RowStatus.KEEP:
+                state.best_commit, state.best_val_bpb = e.commit, e.row.val_bpb
                 state.since_keep = 0
             else:
                 state.since_keep += 1

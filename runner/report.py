@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ledger import Ledger
+from .ledger import Ledger, RowStatus
 
 # USD per million tokens (input, output); a model not listed reports tokens only.
 PRICES_PER_MTOK = {
@@ -45,28 +45,27 @@ def collect(repo_root: Path, tag: str) -> ReportData:
         ValueError: no experiments recorded for `tag`.
     """
     ledger = Ledger(repo_root, tag)
-    experiments = ledger.events("experiment")
+    experiments = ledger.experiments()
     if not experiments:
         raise ValueError(f"no experiments recorded for tag {tag} in {ledger.events_path}: run `runner start --tag {tag}` first")
     data = ReportData(tag)
     best = None
     for e in experiments:
-        row = e["row"]
-        data.points.append({"iteration": e["iteration"], "val_bpb": row["val_bpb"], "status": row["status"],
-                            "description": row["description"], "commit": row["commit"]})
-        if row["status"] == "keep":
+        row = e.row
+        data.points.append({"iteration": e.iteration, "val_bpb": row.val_bpb, "status": row.status,
+                            "description": row.description, "commit": row.commit})
+        if e.status == RowStatus.KEEP:
             if best is not None:
-                data.improvements.append({"delta": best - row["val_bpb"], "description": row["description"],
-                                          "commit": row["commit"], "val_bpb": row["val_bpb"]})
-            best = row["val_bpb"]
-        usage = e.get("usage") or {}
-        data.input_tokens += usage.get("input_tokens", 0)
-        data.output_tokens += usage.get("output_tokens", 0)
-        data.training_s += ((e.get("metrics") or {}).get("training_seconds") or 0.0)
-        data.wall_s += (e.get("run") or {}).get("wall_s") or 0.0
+                data.improvements.append({"delta": best - row.val_bpb, "description": row.description,
+                                          "commit": row.commit, "val_bpb": row.val_bpb})
+            best = row.val_bpb
+        data.input_tokens += e.usage.get("input_tokens", 0)
+        data.output_tokens += e.usage.get("output_tokens", 0)
+        data.training_s += e.training_s
+        data.wall_s += e.run.get("wall_s") or 0.0
     data.improvements.sort(key=lambda i: i["delta"], reverse=True)
     tried = [p for p in data.points if p["iteration"] > 0]
-    data.counts = {s: sum(p["status"] == s for p in tried) for s in ("keep", "discard", "crash")}
+    data.counts = {s: sum(p["status"] == s for p in tried) for s in RowStatus}
     data.keep_rate = data.counts["keep"] / len(tried) if tried else 0.0
     starts = ledger.events("start")
     if starts:

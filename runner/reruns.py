@@ -22,11 +22,10 @@ from sandbox import naming
 from sandbox.spec import Limits
 
 from .data import DataError, data_digest
-from .ledger import Ledger
+from .ledger import Ledger, RowStatus
 from .repo import RepoError
 
 RECORDS_DIR = Path.home() / ".cache" / "autoresearch-runner" / "records"
-NOISE_FILE = "noise.json"
 
 
 @dataclass(frozen=True)
@@ -96,10 +95,10 @@ def recorded_result(repo_root: Path | None, image: ExperimentImage) -> dict | No
     """What the experiment scored when it first ran: from the repo's ledger, else from an
     imported record (`runner import`)."""
     if repo_root is not None and image.tag:
-        for e in reversed(Ledger(repo_root, image.tag).events("experiment")):
-            if e["commit"] == image.commit:
-                return {"val_bpb": e["row"]["val_bpb"], "status": e["row"]["status"], "outcome": e["outcome"],
-                        "description": e["row"]["description"], "image_id": e["run"].get("image_id")}
+        for e in reversed(Ledger(repo_root, image.tag).experiments()):
+            if e.commit == image.commit:
+                return {"val_bpb": e.row.val_bpb, "status": e.row.status, "outcome": e.outcome,
+                        "description": e.row.description, "image_id": e.run.get("image_id")}
     path = RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -150,8 +149,8 @@ def noise_floor(values: list[float]) -> dict:
     }
 
 
-def save_noise(repo_root: Path, tag: str, noise: dict) -> Path:
-    path = Path(repo_root) / ".autoresearch" / tag / NOISE_FILE
+def save_noise(ledger: Ledger, noise: dict) -> Path:
+    path = ledger.noise_path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(noise, indent=2))
@@ -159,8 +158,8 @@ def save_noise(repo_root: Path, tag: str, noise: dict) -> Path:
     return path
 
 
-def load_noise(repo_root: Path, tag: str) -> dict | None:
-    path = Path(repo_root) / ".autoresearch" / tag / NOISE_FILE
+def load_noise(ledger: Ledger) -> dict | None:
+    path = ledger.noise_path
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -185,9 +184,9 @@ def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, str]:
     """commit -> its row status; a commit ever kept stays 'keep'."""
     status: dict[str, str] = {}
     for tag in tags:
-        for e in Ledger(repo_root, tag).events("experiment"):
-            if status.get(e["commit"]) != "keep":
-                status[e["commit"]] = e["row"]["status"]
+        for e in Ledger(repo_root, tag).experiments():
+            if status.get(e.commit) != RowStatus.KEEP:
+                status[e.commit] = e.row.status
     return status
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from sandbox import naming
 from sandbox.docker_backend import connect
 
-from .ledger import Ledger
+from .ledger import Ledger, RowStatus
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ def running(tag: str | None = None) -> list[Running]:
         repo = lab.get(naming.L_REPO, "")
         best, kept = None, 0
         if repo and Path(repo).is_dir():
-            keeps = [e["row"]["val_bpb"] for e in Ledger(Path(repo), lab.get(naming.L_TAG, "")).events("experiment")
-                     if e["row"]["status"] == "keep"]
+            keeps = [e.row.val_bpb for e in Ledger(Path(repo), lab.get(naming.L_TAG, "")).experiments()
+                     if e.status == RowStatus.KEEP]
             best, kept = (keeps[-1] if keeps else None), len(keeps)
         out.append(Running(
             tag=lab.get(naming.L_TAG, ""), iteration=int(lab.get(naming.L_ITERATION, "0") or 0),

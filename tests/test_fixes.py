@@ -144,9 +144,27 @@ def test_decide(parent, outcome, min_delta, retry, expected):
 
 
 def test_state_recovers_from_the_ledger():
+    from runner.ledger import ExperimentRecord, Row
+
     def exp(i, commit, status, val):
-        return {"iteration": i, "commit": commit, "row": {"status": status, "val_bpb": val}}
+        return ExperimentRecord(i, commit, Row(commit[:7], val, 0.0, status, "x"), "ok")
     state = RunState.recover([exp(0, "a", "keep", 3.5), exp(1, "b", "discard", 3.6), exp(2, "c", "keep", 3.4),
                               exp(3, "d", "crash", 0.0), exp(4, "e", "discard", 3.41)])
     assert (state.iteration, state.best_commit, state.best_val_bpb, state.since_keep) == (4, "c", 3.4, 2)
     assert RunState.recover([]).best_commit is None
+
+
+def test_a_tag_sees_only_its_own_rows_though_results_tsv_holds_every_tag(tmp_path):
+    """results.tsv stays autoresearch's one file; a run's proposer context, dedupe and offline
+    search read only its own tag's rows."""
+    from runner.ledger import HEADER, ExperimentRecord, Ledger, Row
+
+    a, b = Ledger(tmp_path, "mar5"), Ledger(tmp_path, "mar6")
+    for ledger, desc in ((a, "from mar5"), (b, "from mar6")):
+        ledger.open()
+        ledger.record(ExperimentRecord(0, "c" * 40, Row("ccccccc", 3.5, 0.1, "keep", desc), "ok", run={"wall_s": 1.0}))
+    lines = (tmp_path / "results.tsv").read_text().splitlines()
+    assert lines[0] == HEADER and len(lines) == 3
+    assert b.results_text().splitlines() == [HEADER, "ccccccc\t3.500000\t0.1\tkeep\tfrom mar6"]
+    [record] = b.experiments()
+    assert record.row.description == "from mar6" and record.run == {"wall_s": 1.0} and record.status == "keep"
