@@ -80,14 +80,17 @@ def _leased(request: str):
 
 def _lease(request: str):
     """Lease GPUs: free by lock file and not held by any running experiment container."""
-    from sandbox import gpu, naming
-    from sandbox.docker_backend import connect
+    from sandbox import gpu
+    from sandbox.backend import held_gpus
 
-    busy: set[str] = set()
-    if request != "none":
-        for c in connect().containers.list(filters=naming.managed_filter(naming.KIND_RUN)):
-            busy |= {d for d in c.labels.get(naming.L_GPUS, "").split(",") if d}
+    busy = held_gpus(_backend()) if request != "none" else set()
     return gpu.acquire(request, busy=busy)
+
+
+def _backend(name: str = "docker"):
+    from sandbox.backend import open_backend
+
+    return open_backend(name)
 
 
 @app.command("version")
@@ -230,18 +233,15 @@ def rerun(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run an experiment image again, exactly: same image, limits and data. Prints recorded vs new."""
-    from sandbox.docker_backend import connect
-
     from . import reruns
     from .engine import Engine
 
     cfg = _config(repo, data_dir=data_dir, gpus=gpus)
     with _leased(cfg.gpus) as lease:
-        client = connect()
-        image = reruns.find_experiment_image(client, what, tag)
+        engine = Engine(cfg, None, gpus=lease, progress=lambda m: typer.echo(m, err=True))
+        image = reruns.find_experiment_image(engine.sandbox, what, tag)
         root = repo.resolve() if (repo / ".autoresearch").exists() else None
         record = reruns.recorded_result(root, image)
-        engine = Engine(cfg, None, gpus=lease, progress=lambda m: typer.echo(m, err=True))
         log_dir = (root or Path(tempfile.gettempdir())) / ".autoresearch" / "reruns"
         out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
     if as_json:
@@ -265,8 +265,6 @@ def noise(
 ) -> None:
     """Rerun a run's baseline N times and record the spread; --min-delta auto then keeps only
     improvements beyond twice that spread."""
-    from sandbox.docker_backend import connect
-
     from . import reruns
     from .engine import Engine
     from .ledger import Ledger
@@ -279,9 +277,9 @@ def noise(
 
         raise LoopError(f"run {tag} has no baseline yet: start it first (`runner start --tag {tag}`)")
     with _leased(cfg.gpus) as lease:
-        image = reruns.find_experiment_image(connect(), baseline.commit, tag)
-        runs = reruns.rerun(Engine(cfg, None, gpus=lease, progress=typer.echo), image, n,
-                            cfg.repo / ".autoresearch" / tag / "runs")
+        engine = Engine(cfg, None, gpus=lease, progress=typer.echo)
+        image = reruns.find_experiment_image(engine.sandbox, baseline.commit, tag)
+        runs = reruns.rerun(engine, image, n, ledger.runs_dir)
     values = [r.outcome.val_bpb for r in runs if r.outcome.status == "ok"]
     if len(values) < 2:
         typer.echo("error: fewer than 2 reruns succeeded; read their logs under .autoresearch/", err=True)
@@ -303,12 +301,9 @@ def images_list(
     """List experiment images with status, val_bpb and the disk each added."""
     if ctx.invoked_subcommand:
         return
-    from sandbox.docker_backend import connect
-
     from . import reruns
 
-    client = connect()
-    found = reruns.experiment_images(client, tag)
+    found = reruns.experiment_images(_backend(), tag)
     root = repo.resolve()
     typer.echo(f"{'image':48} {'status':8} {'val_bpb':>9} {'added':>10}")
     for img in found:
@@ -331,19 +326,17 @@ def images_gc(
 ) -> None:
     """Remove images of discarded and crashed experiments. Never the kept chain, never an image
     whose status is unknown, never another tool's images."""
-    from sandbox.docker_backend import connect
-
     from . import reruns
 
-    client = connect()
-    found = reruns.experiment_images(client, tag)
+    backend = _backend()
+    found = reruns.experiment_images(backend, tag)
     statuses = reruns.statuses_from_ledger(repo.resolve(), {i.tag for i in found})
     doomed = reruns.gc_plan(found, statuses, keep_discarded)
     freed = 0
     for img in doomed:
         freed += img.size_added_bytes
         if not dry_run:
-            client.images.remove(img.ref, noprune=False)
+            backend.remove_image(img.ref)
     typer.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} image(s), {freed / 1024:.1f} KiB"
                + "".join(f"\n  {i.ref}" for i in doomed))
 
@@ -357,13 +350,11 @@ def export(
     repo: Path = RepoOpt,
 ) -> None:
     """Write an experiment image and its recorded result to one file, for `runner import` elsewhere."""
-    from sandbox.docker_backend import connect
-
     from . import reruns
 
-    client = connect()
-    image = reruns.find_experiment_image(client, what, tag)
-    reruns.export_image(client, image, reruns.recorded_result(repo.resolve(), image), output)
+    backend = _backend()
+    image = reruns.find_experiment_image(backend, what, tag)
+    reruns.export_image(backend, image, reruns.recorded_result(repo.resolve(), image), output)
     typer.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): {image.ref}")
 
 
@@ -371,11 +362,9 @@ def export(
 @cli_command
 def import_(file: Path = typer.Argument(..., help="A file written by `runner export`.")) -> None:
     """Load an exported experiment; `runner rerun <image>` then runs it on this host."""
-    from sandbox.docker_backend import connect
-
     from . import reruns
 
-    image = reruns.import_image(connect(), file)
+    image = reruns.import_image(_backend(), file)
     typer.echo(f"imported {image.ref} (commit {image.commit[:7]}); run it with: runner rerun {image.ref}")
 
 
@@ -410,7 +399,7 @@ def status(tag: Optional[str] = typer.Option(None, help="Only this run tag.")) -
     """What runs on this host now, for every user: tags, GPUs, commit, elapsed; best so far from the ledgers."""
     from .status import running
 
-    rows = running(tag)
+    rows = running(_backend(), tag)
     if not rows:
         typer.echo("no experiments running")
         return
@@ -425,9 +414,7 @@ def status(tag: Optional[str] = typer.Option(None, help="Only this run tag.")) -
 @cli_command
 def clean(tag: Optional[str] = typer.Option(None, help="Only this tag's containers.")) -> None:
     """Remove this user's leftover experiment containers whose runner has died."""
-    from sandbox.docker_backend import DockerSandbox
-
-    removed = DockerSandbox().cleanup(tag=tag)
+    removed = _backend().cleanup(tag=tag)
     typer.echo(f"removed {len(removed)} container(s)" + (": " + ", ".join(removed) if removed else ""))
 
 
@@ -452,14 +439,12 @@ def base_image_build(
 ) -> None:
     """Build the CPU base image with debootstrap and `docker import`: no container registry needed."""
     from sandbox import images
-    from sandbox.docker_backend import connect
-
     from .config import default_ca_bundle
 
     ca = ca_bundle or default_ca_bundle()
     links = find_links or _env_path("PIP_FIND_LINKS", file=False)
     recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,))
-    ref = images.build_base_image(connect(), recipe, ca_bundle=ca, find_links=links, progress=typer.echo, force=force)
+    ref = _backend().build_base_image(recipe, ca, links, typer.echo, force=force)
     typer.echo(ref)
 
 
@@ -471,13 +456,10 @@ def agent_image_build(
 ) -> None:
     """Build the runner's own image from this source checkout (Dockerfile.agent)."""
     from sandbox import images
-    from sandbox.docker_backend import connect
-
     from .config import default_ca_bundle
 
     project = Path(__file__).resolve().parent.parent
-    built = images.build_agent_image(connect(), project, base, ca_bundle or default_ca_bundle(),
-                                     progress=typer.echo)
+    built = _backend().build_agent_image(project, base, ca_bundle or default_ca_bundle(), typer.echo)
     typer.echo(f"{built.ref} ({'reused' if built.reused else f'built in {built.build_s:.0f}s'})")
 
 

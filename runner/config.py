@@ -84,6 +84,7 @@ class RunConfig:
     gpu_runtime: str = "auto"            # auto | toolkit (nvidia-container-toolkit) | devices (device nodes + driver libs)
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
     prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
+    backend: str = "docker"              # where experiments run (sandbox.backend.BACKENDS)
     base_image: str = "auto"             # auto | an image reference
     dependencies: str = "auto"           # auto | none | a file: uv.lock, pyproject.toml or requirements (runner/deps.py)
     ca_bundle: Path | None = None        # CA bundle for image builds (TLS proxies); null = $PIP_CERT or $SSL_CERT_FILE

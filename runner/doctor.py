@@ -8,8 +8,7 @@ from typing import Callable
 
 def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -> bool:
     from sandbox import gpu, images
-    from sandbox.backend import SandboxError
-    from sandbox.docker_backend import connect
+    from sandbox.backend import SandboxError, open_backend
 
     from .config import ConfigError, load_config
     from .data import DataError, check_data_dir
@@ -22,11 +21,10 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
         ok &= good
         echo(f"[{'ok' if good else 'FAIL'}] {what}" + ("" if good else f" -> {fix}"))
 
-    client = None
+    backend = None
     try:
-        client = connect()
-        v = client.version()
-        report(True, f"Docker engine {v.get('Version')} (API {v.get('ApiVersion')})")
+        backend = open_backend()
+        report(True, backend.version())
     except SandboxError as exc:
         report(False, "Docker engine", str(exc))
 
@@ -37,9 +35,9 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
     else:
         echo("[ok] no NVIDIA GPU visible (NVML): experiments run on the CPU")
 
-    if client is not None:
+    if backend is not None:
         want = images.CUDA_BASE_DEFAULT if devices else images.CPU_BASE_ALIAS
-        present = images.find_image(client, want) is not None
+        present = backend.image(want) is not None
         report(present, f"base image {want}",
                "run `runner base-image build`" if want == images.CPU_BASE_ALIAS else f"docker pull {want} (or docker load it)")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from git import GitCommandError
 from sandbox import images, naming
-from sandbox.docker_backend import DockerSandbox, connect
+from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
 from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec
 
@@ -163,13 +163,14 @@ def cpuset_cpus(cpuset: str | None) -> list[int] | None:
 class Engine:
     """Holds the Docker connection, the trainer image and the config for one research repo."""
 
-    def __init__(self, cfg: RunConfig, repo: ResearchRepo | None, gpus: GpuLease | None = None, progress=print):
-        """`repo` may be None for reruns of existing images, which need no sources."""
+    def __init__(self, cfg: RunConfig, repo: ResearchRepo | None, gpus: GpuLease | None = None, progress=print,
+                 sandbox: Backend | None = None):
+        """`repo` may be None for reruns of existing images, which need no sources. `sandbox`:
+        the backend to run on (tests inject one); default the one runner.yaml names."""
         self.cfg = cfg
         self.repo = repo
-        self.client = connect()
         self.gpus = gpus or GpuLease.none()
-        self.sandbox = DockerSandbox(self.client, vram_probe=self.gpus.vram_probe())
+        self.sandbox = sandbox or open_backend(cfg.backend, vram_probe=self.gpus.vram_probe())
         self.progress = progress
         self._trainer: images.BuiltImage | None = None
         self._base_id = ""  # set with the trainer
@@ -180,12 +181,10 @@ class Engine:
 
     def trainer(self) -> images.BuiltImage:
         if self._trainer is None:
-            base = images.resolve_base_image(self.client, self.cfg.base_image, want_gpu=bool(self.gpus.devices))
+            base = self.sandbox.resolve_base(self.cfg.base_image, want_gpu=bool(self.gpus.devices))
             deps = resolve_dependencies(self.repo.path, self.cfg.dependencies)
-            self._trainer = images.ensure_trainer_image(
-                self.client, base, deps, self.cfg.ca_bundle, progress=self.progress
-            )
-            self._base_id = self.client.images.get(base).id
+            self._trainer = self.sandbox.ensure_trainer(base, deps, self.cfg.ca_bundle, self.progress)
+            self._base_id = base.id
         return self._trainer
 
     def time_budget_s(self) -> float:
@@ -216,8 +215,8 @@ class Engine:
                 naming.L_BASE: self._base_id,
             },
         )
-        return images.ensure_experiment_image(
-            self.client, naming.experiment_image_ref(tag, commit), trainer, self.repo.snapshot_tars(commit), labels
+        return self.sandbox.ensure_experiment(
+            naming.experiment_image_ref(tag, commit), trainer, self.repo.snapshot_tars(commit), labels
         )
 
     # --- runs ------------------------------------------------------------------------
@@ -287,7 +286,10 @@ class Engine:
         if image is None:
             built = self.experiment_image(commit, tag, limits, data_digest(self.cfg.data_dir))
         elif isinstance(image, str):
-            built = images.BuiltImage(image, self.client.images.get(image).id, True, 0.0)
+            found = self.sandbox.image(image)
+            if found is None:
+                raise SandboxError(f"image {image} is not on this engine: `runner images` lists them, `runner import` brings one")
+            built = images.BuiltImage(image, found.id, True, 0.0)
         else:
             built = image
         spec = RunSpec(

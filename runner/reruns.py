@@ -6,6 +6,7 @@ the noise floor, list and garbage-collect experiment images, and move them betwe
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import statistics
@@ -15,10 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import docker
-import docker.errors
-
 from sandbox import naming
+from sandbox.backend import Backend, ImageRecord
 from sandbox.spec import Limits
 
 from .data import DataError, data_digest
@@ -40,47 +39,45 @@ class ExperimentImage:
     created: str
 
     @classmethod
-    def of(cls, client, image) -> "ExperimentImage":
-        labels = image.labels or {}
-        ref = next((t for t in image.tags if t.startswith(naming.REPO + "/")), image.id)
-        return cls(ref=ref, id=image.id, tag=labels.get(naming.L_TAG, ""), commit=labels.get(naming.L_COMMIT, ""),
-                   data_digest=labels.get(naming.L_DATA, ""),
-                   limits=Limits(**json.loads(labels.get(naming.L_LIMITS, "{}"))),
-                   size_added_bytes=added_size(client, image, labels.get(naming.L_SOURCES) or labels.get(naming.L_TRAINER, "")),
-                   created=image.attrs.get("Created", ""))
+    def of(cls, backend: Backend, image: ImageRecord) -> "ExperimentImage":
+        labels = image.labels
+        below = labels.get(naming.L_SOURCES) or labels.get(naming.L_TRAINER, "")
+        return cls(ref=image.ref, id=image.id, tag=labels.get(naming.L_TAG, ""), commit=labels.get(naming.L_COMMIT, ""),
+                   data_digest=labels.get(naming.L_DATA, ""), limits=recorded_limits(labels.get(naming.L_LIMITS, "{}")),
+                   size_added_bytes=backend.added_bytes(image.id, below), created=image.created)
 
 
-def added_size(client, image, below_id: str) -> int:
-    """Bytes of the layers between `image` and the image `below_id` it was built on."""
-    total = 0
-    for layer in client.api.history(image.id):
-        if layer.get("Id") == below_id:
-            break
-        total += layer.get("Size", 0)
-    return total
+def recorded_limits(label: str) -> Limits:
+    """The Limits an image's label records; keys this runner version does not know are dropped
+    (an image of another version), and an unreadable label gives the defaults."""
+    try:
+        recorded = json.loads(label)
+    except ValueError:
+        recorded = {}
+    known = {f.name for f in dataclasses.fields(Limits)}
+    return Limits(**{k: v for k, v in (recorded if isinstance(recorded, dict) else {}).items() if k in known})
 
 
-def experiment_images(client, tag: str | None = None) -> list[ExperimentImage]:
+def experiment_images(backend: Backend, tag: str | None = None) -> list[ExperimentImage]:
     labels = {naming.L_TAG: tag} if tag else {}
-    found = client.images.list(filters=naming.managed_filter(naming.KIND_EXPERIMENT, **labels))
-    return sorted((ExperimentImage.of(client, i) for i in found), key=lambda e: e.created)
+    found = backend.images(naming.KIND_EXPERIMENT, **labels)
+    return sorted((ExperimentImage.of(backend, i) for i in found), key=lambda e: e.created)
 
 
-def find_experiment_image(client, what: str, tag: str | None = None) -> ExperimentImage:
+def find_experiment_image(backend: Backend, what: str, tag: str | None = None) -> ExperimentImage:
     """An experiment image by reference, id, or (a prefix of) its commit.
 
     Raises:
         RepoError: nothing matches, or a commit prefix matches several tags (say --tag).
     """
     if ":" in what or "/" in what:
-        try:
-            image = client.images.get(what)
-        except docker.errors.ImageNotFound:
-            raise RepoError(f"no image {what} on this engine: `runner images` lists them, `runner import` brings one") from None
-        if (image.labels or {}).get(naming.L_KIND) != naming.KIND_EXPERIMENT:
+        image = backend.image(what)
+        if image is None:
+            raise RepoError(f"no image {what} on this engine: `runner images` lists them, `runner import` brings one")
+        if image.labels.get(naming.L_KIND) != naming.KIND_EXPERIMENT:
             raise RepoError(f"{what} is not an autoresearch-runner experiment image")
-        return ExperimentImage.of(client, image)
-    matches = [e for e in experiment_images(client, tag) if e.commit.startswith(what.lower())]
+        return ExperimentImage.of(backend, image)
+    matches = [e for e in experiment_images(backend, tag) if e.commit.startswith(what.lower())]
     if not matches:
         raise RepoError(f"no experiment image for commit {what}: `runner images` lists them")
     if len({e.ref for e in matches}) > 1:
@@ -193,12 +190,11 @@ def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, str]:
 # --- moving between hosts --------------------------------------------------------------------
 
 
-def export_image(client, image: ExperimentImage, record: dict | None, out: Path) -> Path:
-    """One file: the image (docker save, streamed) and its recorded result."""
+def export_image(backend: Backend, image: ExperimentImage, record: dict | None, out: Path) -> Path:
+    """One file: the image (saved by the backend, streamed) and its recorded result."""
     out = Path(out)
     with tempfile.TemporaryFile() as saved:
-        for chunk in client.images.get(image.id).save(named=True):
-            saved.write(chunk)
+        backend.save_image(image.id, saved)
         size = saved.tell()
         saved.seek(0)
         with tarfile.open(out, "w") as tar:
@@ -212,20 +208,26 @@ def export_image(client, image: ExperimentImage, record: dict | None, out: Path)
     return out
 
 
-def import_image(client, path: Path) -> ExperimentImage:
+def import_image(backend: Backend, path: Path) -> ExperimentImage:
     """Load an exported experiment and keep its record for `runner rerun`.
 
     Raises:
         RepoError: the file is not an export of `runner export`.
+        SandboxError: the engine failed to load it (its own words).
     """
     try:
         with tarfile.open(path) as tar:
             meta = json.loads(tar.extractfile("record.json").read())
-            images = client.images.load(tar.extractfile("image.tar"))
+            image_tar = tar.extractfile("image.tar")
+            if image_tar is None:
+                raise KeyError("image.tar")
+            images = backend.load_images(image_tar)
     except (OSError, KeyError, tarfile.TarError, ValueError):
         raise RepoError(f"{path} is not a file written by `runner export`") from None
+    if not images:
+        raise RepoError(f"{path} holds no image: it is not a file written by `runner export`")
     image = images[0]
     if meta.get("record"):
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
         (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(meta["record"]))
-    return ExperimentImage.of(client, image)
+    return ExperimentImage.of(backend, image)

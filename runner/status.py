@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sandbox import naming
-from sandbox.docker_backend import connect
+from sandbox.backend import Backend
 
 from .ledger import Ledger, RowStatus
 
@@ -32,11 +32,11 @@ def _elapsed(started_at: str) -> float:
     return (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
 
 
-def running(tag: str | None = None) -> list[Running]:
+def running(backend: Backend, tag: str | None = None) -> list[Running]:
     labels = {naming.L_TAG: tag} if tag else {}
     out = []
-    for c in connect().containers.list(filters=naming.managed_filter(naming.KIND_RUN, **labels)):
-        lab = c.labels
+    for run in backend.running(**labels):
+        lab = run.labels
         repo = lab.get(naming.L_REPO, "")
         best, kept = None, 0
         if repo and Path(repo).is_dir():
@@ -45,7 +45,7 @@ def running(tag: str | None = None) -> list[Running]:
             best, kept = (keeps[-1] if keeps else None), len(keeps)
         out.append(Running(
             tag=lab.get(naming.L_TAG, ""), iteration=int(lab.get(naming.L_ITERATION, "0") or 0),
-            commit=lab.get(naming.L_COMMIT, ""), elapsed_s=_elapsed(c.attrs["State"].get("StartedAt", "")),
+            commit=lab.get(naming.L_COMMIT, ""), elapsed_s=_elapsed(run.started_at),
             gpus=lab.get(naming.L_GPUS, ""), user=lab.get(naming.L_USER, ""), owner=lab.get(naming.L_OWNER, ""),
             repo=repo, best_val_bpb=best, kept=kept,
         ))

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import abc
 import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
 
 from .spec import RunResult, RunSpec
+
+if TYPE_CHECKING:
+    from .images import BuiltImage
 
 
 class SandboxError(RuntimeError):
@@ -57,3 +62,118 @@ class Sandbox(abc.ABC):
         Raises:
             SandboxError: the backend is unreachable.
         """
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image as the runner sees it, whatever the backend stores it in."""
+
+    ref: str            # the runner's own name for it (autoresearch-runner/<...>), else its id
+    id: str
+    labels: dict[str, str]
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class RunningRun:
+    """A run container alive on the backend now (any user's)."""
+
+    labels: dict[str, str]
+    started_at: str = ""
+
+
+class Backend(Sandbox):
+    """Everything the runner asks of an execution backend: runs (Sandbox), the images they run
+    in, and what is running now. `runner/` talks to nothing else; every engine, HTTP or driver
+    error comes out of these methods as SandboxError.
+    """
+
+    owner: str  # the label value that marks containers this process starts
+
+    @abc.abstractmethod
+    def gpu_runtime(self, requested: str) -> str:
+        """`toolkit` or `devices` for a gpu_runtime setting (auto | toolkit | devices)."""
+
+    @abc.abstractmethod
+    def resolve_base(self, requested: str, want_gpu: bool) -> ImageRecord:
+        """The base image ("auto" or a reference) present on this backend.
+
+        Raises:
+            SandboxError: it is missing, with the command that makes it.
+        """
+
+    @abc.abstractmethod
+    def ensure_trainer(self, base: ImageRecord, deps, ca_bundle, progress) -> "BuiltImage":
+        """The trainer image on `base` with the repo's dependencies (images.Dependencies), built
+        once per content."""
+
+    @abc.abstractmethod
+    def ensure_experiment(self, ref: str, trainer: "BuiltImage", sources: tuple[bytes, bytes],
+                          labels: dict[str, str]) -> "BuiltImage":
+        """The image of one commit: trainer + fixed sources + train.py, reused when it exists."""
+
+    @abc.abstractmethod
+    def image(self, ref: str) -> ImageRecord | None:
+        """The image called `ref` (a name or an id), or None."""
+
+    @abc.abstractmethod
+    def images(self, kind: str, **labels: str) -> list[ImageRecord]:
+        """The runner's images of `kind` (naming.KIND_*) whose labels match `labels`."""
+
+    @abc.abstractmethod
+    def added_bytes(self, image_id: str, below_id: str) -> int:
+        """Bytes of the layers between `image_id` and the image `below_id` it was built on."""
+
+    @abc.abstractmethod
+    def remove_image(self, ref: str) -> None:
+        """Remove an image (its tag, and its layers no other image uses)."""
+
+    @abc.abstractmethod
+    def save_image(self, image_id: str, out: BinaryIO) -> None:
+        """Write the image, with its names, to `out` (the engine's save format)."""
+
+    @abc.abstractmethod
+    def load_images(self, src: BinaryIO) -> list[ImageRecord]:
+        """Load images saved by save_image; returns what was loaded."""
+
+    @abc.abstractmethod
+    def running(self, **labels: str) -> list[RunningRun]:
+        """Run containers alive now, every user's, whose labels match `labels`."""
+
+    @abc.abstractmethod
+    def build_base_image(self, recipe, ca_bundle, find_links, progress, force: bool = False) -> str:
+        """Make the registry-less CPU base image (images.BaseRecipe); returns its reference."""
+
+    @abc.abstractmethod
+    def build_agent_image(self, project_dir, base_ref: str, ca_bundle, progress) -> "BuiltImage":
+        """The runner's own image from a source checkout (Dockerfile.agent)."""
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """The backend's own version, for `runner doctor`."""
+
+
+def held_gpus(backend: Backend) -> set[str]:
+    """GPUs that running experiments of any runner on this backend hold (by label)."""
+    from . import naming
+
+    return {d for r in backend.running() for d in r.labels.get(naming.L_GPUS, "").split(",") if d}
+
+
+# Backends by name (runner.yaml `backend:`): a module:class path, imported when chosen, so a
+# host without one backend's client library can still use another.
+BACKENDS = {"docker": "sandbox.docker_backend:DockerBackend"}
+
+
+def open_backend(name: str = "docker", **kwargs) -> Backend:
+    """The backend called `name`, connected.
+
+    Raises:
+        SandboxError: no such backend, or it cannot be reached.
+    """
+    import importlib
+
+    if name not in BACKENDS:
+        raise SandboxError(f"unknown backend {name!r}: use one of {', '.join(sorted(BACKENDS))}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

@@ -6,19 +6,21 @@ reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
 import threading
 import time
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import docker
 import docker.errors
 import docker.types
+import requests.exceptions
 
-from . import naming
-from .backend import Sandbox, SandboxError
+from . import images, naming
+from .backend import Backend, ImageRecord, RunningRun, SandboxError
 from .cgroups import memory_files
 from .gpu import NVIDIA_LIB_DIR
 from .logcap import CappedLog
@@ -147,12 +149,105 @@ class _CgroupMemory:
         return None
 
 
-class DockerSandbox(Sandbox):
+def _engine_errors(what: str):
+    """Turn the Docker SDK's and HTTP errors of a backend method into SandboxError: the facade
+    lets nothing of the engine's client through."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise SandboxError(f"Docker engine error {what}: {exc}") from None
+        return wrapper
+
+    return wrap
+
+
+def _record(image) -> ImageRecord:
+    ref = next((t for t in image.tags if t.startswith(naming.REPO + "/")), image.id)
+    return ImageRecord(ref, image.id, dict(image.labels or {}), image.attrs.get("Created", ""))
+
+
+class DockerSandbox(Backend):
+    """The Backend on a local (or DOCKER_HOST) Docker engine."""
+
     def __init__(self, client: docker.DockerClient | None = None, vram_probe: VramProbe | None = None):
         self.client = client or connect()
         self.vram_probe = vram_probe
         self.owner = runner_owner(self.client)
 
+    # --- images ------------------------------------------------------------------------
+
+    @_engine_errors("resolving the base image")
+    def resolve_base(self, requested: str, want_gpu: bool) -> ImageRecord:
+        return _record(self.client.images.get(images.resolve_base_image(self.client, requested, want_gpu)))
+
+    @_engine_errors("building the trainer image")
+    def ensure_trainer(self, base: ImageRecord, deps, ca_bundle, progress) -> images.BuiltImage:
+        return images.ensure_trainer_image(self.client, base.ref, deps, ca_bundle, progress=progress)
+
+    @_engine_errors("building an experiment image")
+    def ensure_experiment(self, ref, trainer, sources, labels) -> images.BuiltImage:
+        return images.ensure_experiment_image(self.client, ref, trainer, sources, labels)
+
+    @_engine_errors("looking up an image")
+    def image(self, ref: str) -> ImageRecord | None:
+        found = images.find_image(self.client, ref)
+        return None if found is None else _record(found)
+
+    @_engine_errors("listing images")
+    def images(self, kind: str, **labels: str) -> list[ImageRecord]:
+        return [_record(i) for i in self.client.images.list(filters=naming.managed_filter(kind, **labels))]
+
+    @_engine_errors("reading an image's history")
+    def added_bytes(self, image_id: str, below_id: str) -> int:
+        total = 0
+        for layer in self.client.api.history(image_id):
+            if layer.get("Id") == below_id:
+                break
+            total += layer.get("Size", 0)
+        return total
+
+    @_engine_errors("removing an image")
+    def remove_image(self, ref: str) -> None:
+        try:
+            self.client.images.remove(ref, noprune=False)
+        except docker.errors.ImageNotFound:
+            pass  # already gone: the goal is met
+
+    @_engine_errors("saving an image")
+    def save_image(self, image_id: str, out: BinaryIO) -> None:
+        for chunk in self.client.images.get(image_id).save(named=True):
+            out.write(chunk)
+
+    @_engine_errors("loading images")
+    def load_images(self, src: BinaryIO) -> list[ImageRecord]:
+        return [_record(i) for i in self.client.images.load(src)]
+
+    @_engine_errors("building the base image")
+    def build_base_image(self, recipe, ca_bundle, find_links, progress, force: bool = False) -> str:
+        return images.build_base_image(self.client, recipe, ca_bundle=ca_bundle, find_links=find_links,
+                                       progress=progress, force=force)
+
+    @_engine_errors("building the agent image")
+    def build_agent_image(self, project_dir, base_ref: str, ca_bundle, progress) -> images.BuiltImage:
+        return images.build_agent_image(self.client, project_dir, base_ref, ca_bundle, progress=progress)
+
+    # --- what runs now -----------------------------------------------------------------
+
+    @_engine_errors("listing running experiments")
+    def running(self, **labels: str) -> list[RunningRun]:
+        return [RunningRun(dict(c.labels), c.attrs["State"].get("StartedAt", ""))
+                for c in self.client.containers.list(filters=naming.managed_filter(naming.KIND_RUN, **labels))]
+
+    @_engine_errors("asking for its version")
+    def version(self) -> str:
+        v = self.client.version()
+        return f"Docker engine {v.get('Version')} (API {v.get('ApiVersion')})"
+
+    @_engine_errors("asking for its runtimes")
     def gpu_runtime(self, requested: str) -> str:
         """`toolkit` or `devices` for a gpu_runtime setting; auto = toolkit where the engine has
         the `nvidia` runtime (nvidia-container-toolkit), else the device nodes.
@@ -162,12 +257,9 @@ class DockerSandbox(Sandbox):
         """
         if requested != "auto":
             return requested
-        try:
-            runtimes = self.client.info().get("Runtimes") or {}
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"Docker engine error asking for its runtimes: {exc}") from None
-        return "toolkit" if "nvidia" in runtimes else "devices"
+        return "toolkit" if "nvidia" in (self.client.info().get("Runtimes") or {}) else "devices"
 
+    @_engine_errors("during a run")
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
         lim = spec.limits
         stop = stop or threading.Event()
@@ -278,7 +370,11 @@ class DockerSandbox(Sandbox):
                 peak_vram = max(peak_vram or 0.0, vram)
                 if lim.vram_limit_gb and vram > lim.vram_limit_gb * 1024:
                     reason = REASON_VRAM
-                    container.kill(signal="SIGKILL")
+                    try:
+                        container.kill(signal="SIGKILL")
+                    except docker.errors.APIError as exc:
+                        if exc.status_code not in (404, 409):  # it exited between the sample and the kill
+                            raise
                     break
             if stop.is_set():
                 reason = REASON_INTERRUPTED
@@ -313,6 +409,7 @@ class DockerSandbox(Sandbox):
         except (docker.errors.APIError, ValueError):
             return None
 
+    @_engine_errors("during cleanup")
     def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
         # Only this user's containers: on a shared host, another user's leftovers are theirs.
         labels = {naming.L_USER: str(os.getuid())}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
+from .backend import SandboxError
 from .cgroups import cgroup_of
 from .spec import GpuAccess
 
@@ -77,15 +78,22 @@ class RealNvml:
         return self.nv.nvmlDeviceGetMinorNumber(h)
 
     def process_vram_mb(self, uuid: str) -> dict[int, float]:
-        """Host PID -> MiB of VRAM used on device `uuid`."""
+        """Host PID -> MiB of VRAM used on device `uuid`.
+
+        Raises:
+            SandboxError: NVML failed (the watchdog cannot enforce the ceiling without it).
+        """
         if not self.ok:
             return {}
-        h = self.nv.nvmlDeviceGetHandleByUUID(uuid)
-        used = {}
-        for p in self.nv.nvmlDeviceGetComputeRunningProcesses(h):
-            # usedGpuMemory is None where the driver hides it (some vGPU / MIG setups).
-            used[p.pid] = (p.usedGpuMemory or 0) / 2**20
-        return used
+        try:
+            h = self.nv.nvmlDeviceGetHandleByUUID(uuid)
+            used = {}
+            for p in self.nv.nvmlDeviceGetComputeRunningProcesses(h):
+                # usedGpuMemory is None where the driver hides it (some vGPU / MIG setups).
+                used[p.pid] = (p.usedGpuMemory or 0) / 2**20
+            return used
+        except self.nv.NVMLError as exc:
+            raise SandboxError(f"NVML failed reading GPU {uuid} ({exc}): the VRAM watchdog cannot run; check the driver (nvidia-smi)") from None
 
 
 def in_container(container_id: str, cgroup_reader: Callable[[int], str] = cgroup_of) -> Callable[[int], bool]:

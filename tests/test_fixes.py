@@ -71,7 +71,9 @@ def test_prepare_leaves_no_image_that_reruns_mistake_for_an_experiment(tinylm, d
     import git
 
     head = git.Repo(repo).head.commit.hexsha
-    tags = {e.tag for e in reruns.experiment_images(docker_client) if e.commit == head}
+    from sandbox.docker_backend import DockerSandbox
+
+    tags = {e.tag for e in reruns.experiment_images(DockerSandbox(docker_client)) if e.commit == head}
     assert "prepare" not in tags
 
 
