@@ -1,0 +1,93 @@
+"""The loop as an orchestrator, on a fake backend (tests/fake_backend.py): decisions, the branch,
+the ledger and failures, in seconds and without Docker. The same loop on the real daemon is
+tests/test_loop.py."""
+
+from __future__ import annotations
+
+import json
+
+import git
+import pytest
+from conftest import SUMMARY, make_repo
+from fake_backend import FakeBackend
+
+from runner.proposers.base import Proposal, Proposer, Summary
+
+TRAIN = """VALUE = 2.0
+CRASH = 0
+if CRASH:
+    raise SystemExit("boom")
+""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+
+
+def variant(**values) -> str:
+    lines = TRAIN.splitlines()
+    for name, value in values.items():
+        lines = [f"{name} = {value}" if line.startswith(f"{name} = ") else line for line in lines]
+    return "\n".join(lines) + "\n"
+
+
+class Scripted(Proposer):
+    name = "scripted"
+
+    def __init__(self, proposals):
+        self.proposals = list(proposals)
+        self.contexts = []
+
+    def propose(self, ctx):
+        self.contexts.append(ctx)
+        if not self.proposals:
+            raise RuntimeError("out of proposals")
+        train_py, desc = self.proposals.pop(0)
+        return Proposal(train_py, desc, "scripted")
+
+    def fix_crash(self, ctx, proposal, log_tail):
+        return None
+
+    def summarize(self, ctx, rows):
+        return Summary(["scripted"], [])
+
+
+def make(tmp_path, data_dir, proposals, backend=None, **overrides):
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.loop import Loop
+    from runner.repo import ResearchRepo
+
+    path = make_repo(tmp_path / "repo", TRAIN)
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, **overrides})
+    repo = ResearchRepo(path)
+    backend = backend or FakeBackend()
+    lines: list[str] = []
+    loop = Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=backend), Scripted(proposals),
+                out=lines.append)
+    return loop, path, lines
+
+
+def events(path):
+    return [json.loads(line) for line in (path / ".autoresearch/fake/events.jsonl").read_text().splitlines()]
+
+
+def test_keep_discard_crash_and_the_branch_without_docker(tmp_path, data_dir):
+    loop, path, lines = make(tmp_path, data_dir, [
+        (variant(VALUE=1.5), "better"), (variant(VALUE=1.9), "worse"), (variant(CRASH=1), "broken"),
+        (variant(VALUE=1.2), "better again")], max_experiments=4)
+    loop.run()
+    rows = [e["row"] for e in events(path) if e["event"] == "experiment"]
+    assert [(r["status"], r["val_bpb"]) for r in rows] == [
+        ("keep", 2.0), ("keep", 1.5), ("discard", 1.9), ("crash", 0.0), ("keep", 1.2)]
+    kept = [e["commit"] for e in events(path) if e["event"] == "experiment" and e["row"]["status"] == "keep"]
+    assert git.Repo(path).head.commit.hexsha == kept[-1]
+    assert sum(line.startswith("[EXP] fake") for line in lines) == 5
+
+
+def test_an_engine_failure_mid_night_stops_the_run_with_an_error(tmp_path, data_dir):
+    from runner.loop import LoopError
+
+    loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better"), (variant(VALUE=1.4), "lost")],
+                         backend=FakeBackend(fail_on_run=3), max_experiments=2)
+    with pytest.raises(LoopError, match="worker 0 failed: SandboxError: the fake engine went away"):
+        loop.run()
+    stopped = [e for e in events(path) if e["event"] == "stopped"]
+    assert stopped and "fake engine went away" in stopped[0]["reason"]
+    assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
