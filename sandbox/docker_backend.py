@@ -299,7 +299,8 @@ class DockerSandbox(Backend):
             exit_code = state.get("ExitCode", exit_status.get("StatusCode"))
             if not reason and state.get("OOMKilled"):
                 reason = REASON_OOM
-                # The kernel kills at the ceiling; a blow-up can get there between two samples.
+                # OOMKilled is the kernel saying usage reached the ceiling. A blow-up can get there
+                # and be gone (with its cgroup) between two samples, so the ceiling is the peak.
                 peak_mem = max(peak_mem or 0, lim.mem_limit_bytes)
             if not reason and exit_code != 0:
                 reason = REASON_EXIT

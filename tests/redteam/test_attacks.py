@@ -182,8 +182,9 @@ def test_memory_blowup_is_an_oom_crash(attack):
         hog.append(bytearray(32 * 1024 * 1024))
     """, summary=False))
     assert (run.outcome.status, run.outcome.reason) == ("crash", "oom")
-    assert run.result.peak_mem_bytes >= 0.4 * 1024**3
-    assert run.memory_gb == pytest.approx(0.5, abs=0.1)
+    # the kernel's kill at the ceiling is the reported peak; that peaks are measured at all is
+    # tests/test_conformance.py::test_peak_memory_is_measured_not_assumed
+    assert run.result.peak_mem_bytes == 0.5 * 1024**3 and run.memory_gb == 0.5
 
 
 def test_filling_tmp_and_out_gets_enospc_inside(attack):
