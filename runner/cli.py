@@ -1,4 +1,5 @@
-"""The `runner` command. Parses options, builds the config, calls one function; no logic here.
+"""The `runner` command: options in, the config built, then the work of `runner/` called; only
+the printing of results is decided here.
 
 Every expected failure (bad input, no daemon, missing image or data) ends as one `error:` line
 on stderr that says what to do, and exit code 2.
@@ -35,11 +36,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     from .config import ConfigError
     from .data import DataError
+    from .ledger import LedgerError
     from .loop import LoopError
     from .proposers.base import ProposerError
     from .repo import RepoError
 
-    return (SandboxError, GpuError, TagError, ConfigError, DataError, LoopError, RepoError, ProposerError)
+    return (SandboxError, GpuError, TagError, ConfigError, DataError, LedgerError, LoopError, RepoError, ProposerError)
 
 
 def cli_command(fn):

@@ -32,6 +32,10 @@ class RowStatus(StrEnum):
 STATUSES = tuple(RowStatus)
 
 
+class LedgerError(ValueError):
+    """results.tsv or events.jsonl cannot be used as they are; the message says what to do."""
+
+
 @dataclass(frozen=True)
 class Row:
     commit: str
@@ -131,7 +135,8 @@ class Ledger:
         if not self.results_path.exists() or self.results_path.stat().st_size == 0:
             _append(self.results_path, HEADER)
         elif self.results_path.read_text().splitlines()[0] != HEADER:
-            raise ValueError(f"{self.results_path} does not start with the results.tsv header: move it away")
+            raise LedgerError(f"{self.results_path} does not start with the results.tsv header "
+                              f"({HEADER.replace(chr(9), ' ')}): move it away, or fix its first line")
         for name, cut in torn.items():
             if cut:
                 self.event("repaired", file=name, bytes_cut=cut)

@@ -88,17 +88,17 @@ class Loop:
         if resume:
             if not self.repo.branch_exists(branch) or not self.ledger.exists():
                 raise LoopError(f"nothing to resume for tag {self.tag}: start it without --resume")
-            self.repo.checkout(branch)
         else:
             if self.repo.branch_exists(branch):
                 raise LoopError(f"branch {branch} exists: continue it with --resume, or pick a new --tag")
             self.repo.ensure_clean()
-        # Readiness before anything changes: Docker, base and trainer images, data.
+        # Readiness before the branch or the ledger changes: data, the engine, the trainer image.
         check_data_dir(self.cfg.data_dir)
         self.engine.trainer()
         self._sweep()
         self.min_delta = self._min_delta()
         if resume:
+            self.repo.checkout(branch)
             self.ledger.open()
             self._recover()
         else:
@@ -126,6 +126,9 @@ class Loop:
                 self.ledger.append_row(e.row)
                 self.ledger.event("row_restored", commit=e.row.commit)
         self.state = RunState.recover(experiments)
+        ceilings = self.ledger.events("vram_ceiling")
+        if ceilings and self.cfg.limits.vram_gb is None:
+            self.engine.vram_ceiling_gb = ceilings[-1]["gb"]  # the default ceiling outlives the stop
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha
@@ -215,17 +218,26 @@ class Loop:
             # Default VRAM ceiling: twice what the baseline needed, as NVML measured it.
             self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
             self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
-        if self.cfg.min_delta == "auto" and load_noise(self.ledger) is None:
-            self.measure_noise(run.outcome.val_bpb)
 
-    def measure_noise(self, first: float) -> None:
-        """Rerun the baseline NOISE_RERUNS more times; keeps must then beat 2 x the spread."""
-        values = [first]
-        for i in range(NOISE_RERUNS):
-            run = self._run(None, self.state.best_commit, 0, self.ledger.runs_dir / f"noise-{i + 1}.log")
-            if self.stop.is_set() or run.outcome.status != STATUS_OK:
-                return
-            values.append(run.outcome.val_bpb)
+    def measure_noise(self) -> None:
+        """Rerun the baseline until NOISE_RERUNS more results are in (a crashed rerun is tried
+        again, up to twice as many runs); keeps must then beat 2 x the spread. Without enough
+        results nothing is saved, and the next start measures again."""
+        baseline = next(e for e in self.ledger.experiments() if e.iteration == 0)
+        values, attempts = [baseline.row.val_bpb], 0
+        while len(values) <= NOISE_RERUNS and attempts < 2 * NOISE_RERUNS and not self.stop.is_set():
+            attempts += 1
+            run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log")
+            if run.outcome.status == STATUS_OK:
+                values.append(run.outcome.val_bpb)
+            elif run.result.reason != REASON_INTERRUPTED:
+                self.ledger.event("noise_run_failed", attempt=attempts, reason=run.outcome.reason)
+        if len(values) <= NOISE_RERUNS:
+            if not self.stop.is_set():
+                self.ledger.event("noise_failed", results=len(values), attempts=attempts)
+                self.out(f"noise floor: only {len(values)} baseline results in {attempts} reruns; min_delta stays "
+                         f"{self.min_delta} until the next start measures again")
+            return
         noise = noise_floor(values)
         save_noise(self.ledger, noise)
         self.min_delta = 2 * noise["spread"]
@@ -345,6 +357,9 @@ class Loop:
             self.setup(resume)
             if self.state.best_commit is None and not self.stop.is_set():
                 self.baseline()
+            if (self.cfg.min_delta == "auto" and self.state.best_commit is not None and not self.stop.is_set()
+                    and load_noise(self.ledger) is None):
+                self.measure_noise()
             failure = None
             if self.state.best_commit is not None and not self.stop.is_set():
                 failure = self._schedule(slots, self._prefetch(len(slots)))

@@ -123,14 +123,21 @@ class ResearchRepo:
         self.git.create_head(name).checkout()
 
     def checkout(self, name: str) -> None:
-        self.git.heads[name].checkout()
+        """Raises RepoError when git refuses (local changes in the way, for one)."""
+        try:
+            self.git.heads[name].checkout()
+        except git.GitCommandError as exc:
+            why = (exc.stderr or str(exc)).strip().splitlines()
+            raise RepoError(f"git cannot check out {name}: {why[-1] if why else exc} "
+                            f"(commit or stash the changes in {self.path}, then resume)") from None
 
     def commit_train_py(self, parent: str, new_text: str, message: str, ref: str) -> Commit:
         """Commit `new_text` as train.py on top of `parent`, off the branch and off the work tree.
 
         The commit is kept alive by `ref` (refs/autoresearch/...); the branch moves only when
         the experiment is kept (`reset_hard` on the branch). Experiments running in parallel each get their own
-        commit this way. The guard runs before anything is written.
+        commit this way. The text and the work tree are checked before anything is written; the
+        commit is guarded again once made (nothing but train.py differs from its parent).
 
         Raises:
             GuardError: the text does not parse, or a tracked file other than train.py was

@@ -1,4 +1,4 @@
-"""The three image layers, each named by what built it:
+"""The four image layers, each named by what built it:
 
   base        a Debian root filesystem with python3 and torch, made without any registry
               (debootstrap + `docker import`), or an official CUDA PyTorch image on GPU hosts

@@ -25,13 +25,15 @@ from sandbox.spec import REASON_EXIT, REASON_INTERRUPTED, REASON_TIMEOUT, RunRes
 
 
 class FakeBackend(Backend):
-    def __init__(self, fail_on_run: int | None = None):
-        """`fail_on_run`: the n-th run (1-based) raises SandboxError, as a dead engine would."""
+    def __init__(self, fail_on_run: int | None = None, crash_runs: set[int] = frozenset()):
+        """`fail_on_run`: the n-th run (1-based) raises SandboxError, as a dead engine would.
+        `crash_runs`: those runs exit 1 whatever they run (a flaky node, an OOM of bad luck)."""
         self.owner = f"fake:{os.getpid()}"
         self.snapshots: dict[str, tuple[bytes, bytes]] = {}
         self.records: dict[str, ImageRecord] = {}
         self.runs: list[RunSpec] = []
         self.fail_on_run = fail_on_run
+        self.crash_runs = set(crash_runs)
 
     def gpu_runtime(self, requested: str) -> str:
         return "devices" if requested == "auto" else requested
@@ -94,6 +96,8 @@ class FakeBackend(Backend):
             for p in workdir.rglob("*"):
                 p.chmod(0o755 if p.is_dir() else 0o644)
             command = [sys.executable if spec.command[0] == "python" else spec.command[0], *spec.command[1:]]
+            if len(self.runs) in self.crash_runs:
+                command = [sys.executable, "-c", "raise SystemExit('crashed by the fake backend')"]
             t0 = time.monotonic()
             proc = subprocess.Popen(command, cwd=workdir, env={"PATH": os.environ["PATH"], **spec.env},
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -91,3 +91,51 @@ def test_an_engine_failure_mid_night_stops_the_run_with_an_error(tmp_path, data_
     stopped = [e for e in events(path) if e["event"] == "stopped"]
     assert stopped and "fake engine went away" in stopped[0]["reason"]
     assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
+
+
+def test_resume_keeps_the_default_vram_ceiling(tmp_path, data_dir):
+    from runner.engine import Engine
+    from runner.loop import Loop
+
+    loop, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
+    loop.run()
+    loop.ledger.event("vram_ceiling", gb=3.5)  # what a GPU baseline leaves: twice its NVML peak
+    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, sandbox=FakeBackend()),
+                 Scripted([]), out=lambda line: None)
+    again.setup(resume=True)
+    assert again.engine.limits().vram_limit_gb == 3.5
+
+
+def test_a_crashed_noise_run_is_run_again(tmp_path, data_dir):
+    backend = FakeBackend(crash_runs={2})  # run 1 is the baseline, run 2 the first noise rerun
+    loop, path, _ = make(tmp_path, data_dir, [], backend=backend, max_experiments=0, min_delta="auto")
+    loop.run()
+    kinds = [e["event"] for e in events(path)]
+    assert "noise_run_failed" in kinds and "noise" in kinds
+    assert (path / ".autoresearch/fake/noise.json").exists() and len(backend.runs) == 4
+
+
+def test_resume_with_local_changes_in_the_way_is_one_clear_error(tmp_path, data_dir):
+    from runner.engine import Engine
+    from runner.loop import Loop
+    from runner.repo import RepoError
+
+    loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better")], max_experiments=1)
+    loop.run()
+    g = git.Repo(path)
+    g.git.checkout("main")
+    (path / "train.py").write_text(variant(VALUE=9.0))  # an edit the branch's train.py would overwrite
+    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, sandbox=FakeBackend()),
+                 Scripted([]), out=lambda line: None)
+    with pytest.raises(RepoError, match="git cannot check out autoresearch/fake: .*stash"):
+        again.setup(resume=True)
+
+
+def test_a_results_tsv_of_another_shape_is_one_clear_error(tmp_path, data_dir):
+    from runner.ledger import LedgerError
+
+    loop, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
+    (path / "results.tsv").write_text("step\tloss\n")
+    with pytest.raises(LedgerError, match="does not start with the results.tsv header"):
+        loop.run()
+    assert (path / "results.tsv").read_text() == "step\tloss\n"  # nothing written to it
