@@ -434,7 +434,8 @@ def doctor(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None)) 
 def base_image_build(
     ca_bundle: Optional[Path] = typer.Option(None, help="CA bundle for pip in the chroot (TLS-intercepting proxies). Default: $PIP_CERT or $SSL_CERT_FILE."),
     find_links: Optional[Path] = typer.Option(None, help="Local wheel directory (air-gapped hosts). Default: $PIP_FIND_LINKS if a directory."),
-    torch: str = typer.Option("torch==2.13.0", help="The torch requirement to install (a CPU build)."),
+    torch: str = typer.Option("torch==2.13.0+cpu", help="The torch requirement to install (a CPU build)."),
+    torch_index: Optional[str] = typer.Option(None, help="Extra index with that build. Default: PyTorch's CPU index, unless --find-links is used."),
     mirror: str = typer.Option("http://deb.debian.org/debian", help="Debian mirror for debootstrap."),
     suite: str = typer.Option("bookworm", help="Debian suite."),
     force: bool = typer.Option(False, help="Rebuild even if an image with the same recipe exists."),
@@ -445,7 +446,8 @@ def base_image_build(
 
     ca = ca_bundle or default_ca_bundle()
     links = find_links or _env_path("PIP_FIND_LINKS", file=False)
-    recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,))
+    recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,),
+                               extra_index_url=torch_index or (None if links else images.TORCH_CPU_INDEX))
     ref = _backend().build_base_image(recipe, ca, links, typer.echo, force=force)
     typer.echo(ref)
 
@@ -457,7 +459,6 @@ def agent_image_build(
     base: str = typer.Option("autoresearch-runner/base:cpu", help="Base image with python3 and pip."),
 ) -> None:
     """Build the runner's own image from this source checkout (Dockerfile.agent)."""
-    from sandbox import images
     from .config import default_ca_bundle
 
     project = Path(__file__).resolve().parent.parent

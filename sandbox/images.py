@@ -35,6 +35,7 @@ from .backend import SandboxError
 Progress = Callable[[str], None]
 TRAINER_DOCKERFILE = Path(__file__).with_name("Dockerfile.trainer")
 CPU_BASE_ALIAS = f"{naming.REPO}/base:cpu"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # PyTorch's own index of its CPU builds
 # A -devel image: torch.compile needs its compiler and headers (runtime images have neither).
 CUDA_BASE_DEFAULT = "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel"
 RUNNER_UID = 10001
@@ -86,8 +87,10 @@ class BaseRecipe:
     # gcc, g++ and the Python headers: torch.compile (inductor, Triton) builds C++ and C at run time.
     debs: tuple[str, ...] = ("python3", "python3-pip", "python-is-python3", "python3-dev", "gcc", "g++",
                              "libc6-dev", "ca-certificates", "procps")
-    python_packages: tuple[str, ...] = ("torch==2.13.0",)
+    # The CPU build (+cpu): plain `torch` from PyPI brings several GB of CUDA wheels into a CPU image.
+    python_packages: tuple[str, ...] = ("torch==2.13.0+cpu",)
     index_url: str | None = None
+    extra_index_url: str | None = None  # where the +cpu build is, when no local wheel directory has it
 
     def key(self) -> str:
         return _sha256(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -155,6 +158,8 @@ def build_base_image(
                 pip += ["--find-links", "/tmp/wheels"]
             if recipe.index_url:
                 pip += ["--index-url", recipe.index_url]
+            if recipe.extra_index_url:
+                pip += ["--extra-index-url", recipe.extra_index_url]
             progress(f"pip install {' '.join(recipe.python_packages)} in the chroot")
             _run_step(["chroot", str(root), *pip, *recipe.python_packages], "pip install", progress, env=env)
             progress(f"pip done in {time.monotonic() - t1:.0f}s")

@@ -18,7 +18,6 @@ import struct
 import threading
 import zipfile
 from contextlib import contextmanager
-from pathlib import Path
 from urllib.parse import unquote
 
 
@@ -45,6 +44,31 @@ def serving(handler_cls, host: str):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Quiet, and one `serve(head)` for GET and HEAD (clients probe files with HEAD first)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.serve(head=True)
+
+    def do_GET(self):
+        self.serve(head=False)
+
+    def serve(self, head: bool) -> None:
+        raise NotImplementedError
+
+    def send(self, code: int, body: bytes, headers: dict, head: bool) -> None:
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
 
 
 def _record_hash(data: bytes) -> str:
@@ -86,40 +110,20 @@ class PackageIndex:
     def handler(self):
         index = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self._serve(head=True)
-
-            def do_GET(self):
-                self._serve(head=False)
-
-            def _serve(self, head: bool):
-                self.head = head
+        class Handler(_Handler):
+            def serve(self, head: bool):
                 parts = [p for p in unquote(self.path).split("/") if p]
                 if len(parts) == 2 and parts[0] == "simple" and parts[1] in index.wheels:
                     links = "".join(
                         f'<a href="/files/{fn}#sha256={hashlib.sha256(data).hexdigest()}">{fn}</a>\n'
                         for fn, data in index.wheels[parts[1]].items()
                     )
-                    self._send(200, f"<html><body>\n{links}</body></html>".encode(), "text/html")
-                    return
+                    return self.send(200, f"<html><body>\n{links}</body></html>".encode(), {"Content-Type": "text/html"}, head)
                 if len(parts) == 2 and parts[0] == "files":
                     for files in index.wheels.values():
                         if parts[1] in files:
-                            self._send(200, files[parts[1]], "application/octet-stream")
-                            return
-                self._send(404, b"not found", "text/plain")
-
-            def _send(self, code: int, body: bytes, ctype: str):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not self.head:
-                    self.wfile.write(body)
+                            return self.send(200, files[parts[1]], {"Content-Type": "application/octet-stream"}, head)
+                self.send(404, b"not found", {"Content-Type": "text/plain"}, head)
 
         return Handler
 
@@ -141,17 +145,8 @@ class FakeHub:
     def handler(self):
         hub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self._serve(head=True)
-
-            def do_GET(self):
-                self._serve(head=False)
-
-            def _serve(self, head: bool):
+        class Handler(_Handler):
+            def serve(self, head: bool):
                 path = unquote(self.path.split("?")[0])
                 hub.requests.append(f"{self.command} {path}")
                 parts = [p for p in path.split("/") if p]
@@ -159,34 +154,20 @@ class FakeHub:
                 if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
                     repo_id = f"{parts[2]}/{parts[3]}"
                     if repo_id not in hub.repos:
-                        return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+                        return self.send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head)
                     info = {"id": repo_id, "modelId": repo_id, "sha": hub.sha(repo_id), "private": False,
                             "siblings": [{"rfilename": f} for f in sorted(hub.repos[repo_id])]}
-                    return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+                    return self.send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
                 # /<org>/<name>/resolve/<rev>/<file...>
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo_id, filename = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])
                     data = hub.repos.get(repo_id, {}).get(filename)
                     if data is None:
-                        return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound"})
+                        return self.send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound"}, head)
                     headers = {"X-Repo-Commit": hub.sha(repo_id), "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
                                "Content-Type": "application/octet-stream"}
-                    return self._send(200, data, headers, head)
-                self._send(404, b"not found", {})
-
-            def _send(self, code: int, body: bytes, headers: dict, head: bool = False):
-                self.send_response(code)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                    return self.send(200, data, headers, head)
+                self.send(404, b"not found", {}, head)
 
         return Handler
 
-
-def write_text_files(root: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
