@@ -200,9 +200,14 @@ class Engine:
         return limits
 
     def experiment_image(self, commit: str, tag: str, limits: Limits, digest: str,
-                         kind: str = naming.KIND_EXPERIMENT) -> images.BuiltImage:
+                         kind: str = naming.KIND_EXPERIMENT, sources: tuple[bytes, bytes] | None = None) -> images.BuiltImage:
         """The image of `commit`: an experiment's, or (kind KIND_PREPARE) the one prepare runs in,
-        which reruns, `runner images` and gc never mistake for an experiment."""
+        which reruns, `runner images` and gc never mistake for an experiment.
+
+        Args:
+            sources: the commit's snapshot_tars, when the caller read them already (git is not
+                thread-safe: the loop reads them under its lock and builds outside it).
+        """
         trainer = self.trainer()  # first: it also resolves the base image id labelled below
         labels = naming.managed_labels(
             kind,
@@ -216,7 +221,7 @@ class Engine:
             },
         )
         return self.sandbox.ensure_experiment(
-            naming.experiment_image_ref(tag, commit), trainer, self.repo.snapshot_tars(commit), labels
+            naming.experiment_image_ref(tag, commit), trainer, sources or self.repo.snapshot_tars(commit), labels
         )
 
     # --- runs ------------------------------------------------------------------------

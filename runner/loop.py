@@ -45,13 +45,15 @@ class LoopError(RuntimeError):
 
 @dataclass
 class Job:
-    """One experiment on its way: proposed on `parent`, committed off-branch, image built."""
+    """One experiment on its way: proposed on `parent`, committed off-branch, its sources read
+    from git (under the lock); its image is built by the worker that runs it (outside the lock)."""
 
     iteration: int
     parent: str
     proposal: Proposal
     commit: str
-    image: BuiltImage
+    sources: tuple[bytes, bytes]      # ResearchRepo.snapshot_tars(commit)
+    image: BuiltImage | None = None
     retry_fix: bool = True
     verifies: int | None = None  # the near-miss iteration this job re-applies
 
@@ -172,6 +174,10 @@ class Loop:
         self.reporter.started(iteration, commit, job.proposal.description if job else "baseline", log_path,
                               self.engine.limits().time_budget_s)
         try:
+            if job is not None and job.image is None:
+                # A docker build takes seconds: never under the lock the other workers settle with.
+                job.image = self.engine.experiment_image(job.commit, self.tag, self.engine.limits(),
+                                                         data_digest(self.cfg.data_dir), sources=job.sources)
             run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
                                          image=job.image if job else None, slot=slot)
         finally:
@@ -271,7 +277,7 @@ class Loop:
             return self._commit_job(parent, proposal)
 
     def _commit_job(self, parent: str, proposal: Proposal, **job_fields) -> Job | None:
-        """Guard and commit `proposal` on `parent`, build its image. Caller holds the lock."""
+        """Guard and commit `proposal` on `parent`, and read its sources. Caller holds the lock."""
         iteration = self.state.iteration + 1
         try:
             commit = self.repo.commit_train_py(parent, proposal.train_py, f"{self.tag}: {proposal.description}",
@@ -282,9 +288,7 @@ class Loop:
             self.repo.reset_hard(self.state.best_commit)
             return None
         self.state.iteration = iteration
-        image = self.engine.experiment_image(commit.sha, self.tag, self.engine.limits(),
-                                             data_digest(self.cfg.data_dir))
-        return Job(iteration, parent, proposal, commit.sha, image, **job_fields)
+        return Job(iteration, parent, proposal, commit.sha, self.repo.snapshot_tars(commit.sha), **job_fields)
 
     def _execute(self, job: Job, slot: Slot | None) -> None:
         """Run one job and every follow-up it causes (a crash fix, a re-applied near-miss)."""

@@ -1,4 +1,5 @@
-"""The sandbox contract (DESIGN.md's table) as one suite that every Sandbox backend must pass.
+"""The sandbox contract (the promises in sandbox/backend.py's Sandbox.run) as one suite that every
+Sandbox backend must pass.
 
 A new backend joins by adding itself to BACKENDS; the tests speak only the Sandbox interface.
 """

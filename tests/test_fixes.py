@@ -170,3 +170,29 @@ def test_a_tag_sees_only_its_own_rows_though_results_tsv_holds_every_tag(tmp_pat
     assert b.results_text().splitlines() == [HEADER, "ccccccc\t3.500000\t0.1\tkeep\tfrom mar6"]
     [record] = b.experiments()
     assert record.row.description == "from mar6" and record.run == {"wall_s": 1.0} and record.status == "keep"
+
+
+@pytest.mark.docker
+def test_import_names_the_engines_error_not_a_wrong_file(tmp_path):
+    """An export file whose image the engine refuses: the engine's words, not 'not a file
+    written by runner export' (which is for files of another shape)."""
+    import io
+    import json
+    import tarfile
+
+    from conftest import runner_cli
+
+    bundle = tmp_path / "exp.tar"
+    with tarfile.open(bundle, "w") as tar:
+        for name, data in (("record.json", json.dumps({"ref": "x", "id": "y", "record": None}).encode()),
+                           ("image.tar", b"this is no image archive")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    r = runner_cli("import", str(bundle))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: Docker engine error loading images") and "runner export" not in r.stderr
+    not_an_export = tmp_path / "plain.txt"
+    not_an_export.write_text("hello")
+    r = runner_cli("import", str(not_an_export))
+    assert r.returncode == 2 and "is not a file written by `runner export`" in r.stderr
