@@ -19,6 +19,7 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .ledger import RunnerFiles
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safe unattended ML research loops in containers.")
 base_app = typer.Typer(no_args_is_help=True, help="The registry-less base image.")
@@ -120,14 +121,15 @@ def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, 
     cfg = _config(repo, data_dir=data_dir)
     research = _open_repo(cfg.repo)
     engine = Engine(cfg, research, progress=typer.echo)
-    log = research.path / ".autoresearch" / "prepare.log"
+    files = RunnerFiles(research.path)
+    log = files.prepare_log
     result = engine.prepare_data(log)
     if result.exit_code != 0 or result.reason:
         typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {log}:\n{result.tail_lines(15)}", err=True)
         raise typer.Exit(2)
     typer.echo(result.tail_lines(5))
     typer.echo(f"data ready in {cfg.data_dir}")
-    hub_log = research.path / ".autoresearch" / "hub-fetch.log"
+    hub_log = files.hub_fetch_log
     fetch, report = engine.fetch_hub(hub_log)
     for label in report.fetched:
         typer.echo(f"hub: fetched {label} into {cfg.hf_cache}")
@@ -162,7 +164,7 @@ def run(
     sha = research.resolve(commit).sha
     with _leased(cfg.gpus) as lease:
         engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
-        log = research.path / ".autoresearch" / "runs" / f"run-{sha[:7]}.log"
+        log = RunnerFiles(research.path).adhoc_run_log(sha)
         result = engine.run_commit(sha, tag, log)
     record = result.to_dict()
     if as_json:
@@ -242,9 +244,9 @@ def rerun(
     with _leased(cfg.gpus) as lease:
         engine = Engine(cfg, None, gpus=lease, progress=lambda m: typer.echo(m, err=True))
         image = reruns.find_experiment_image(engine.sandbox, what, tag)
-        root = repo.resolve() if (repo / ".autoresearch").exists() else None
+        root = repo.resolve() if RunnerFiles(repo).dir.exists() else None
         record = reruns.recorded_result(root, image)
-        log_dir = (root or Path(tempfile.gettempdir())) / ".autoresearch" / "reruns"
+        log_dir = RunnerFiles(root or Path(tempfile.gettempdir())).reruns_dir
         out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
     if as_json:
         typer.echo(json.dumps(out))

@@ -116,12 +116,40 @@ def _trim_torn_tail(path: Path) -> int:
     return len(data) - keep
 
 
+@dataclass(frozen=True)
+class RunnerFiles:
+    """Where the runner keeps its files in a research repo, outside any one tag's ledger."""
+
+    root: Path
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / RUNNER_DIR
+
+    @property
+    def prepare_log(self) -> Path:
+        return self.dir / "prepare.log"
+
+    @property
+    def hub_fetch_log(self) -> Path:
+        return self.dir / "hub-fetch.log"
+
+    @property
+    def reruns_dir(self) -> Path:
+        return self.dir / "reruns"
+
+    def adhoc_run_log(self, commit: str) -> Path:
+        """The log of `runner run` on one commit."""
+        return self.dir / "runs" / f"run-{commit[:7]}.log"
+
+
 class Ledger:
     def __init__(self, repo_root: Path, tag: str):
         self.root = Path(repo_root)
         self.tag = tag
+        self.files = RunnerFiles(self.root)
         self.results_path = self.root / RESULTS
-        self.dir = self.root / RUNNER_DIR / tag
+        self.dir = self.files.dir / tag
         self.events_path = self.dir / "events.jsonl"
         self.runs_dir = self.dir / "runs"
 

@@ -129,7 +129,7 @@ def plot(data: ReportData, path: Path) -> Path:
 def write_report(repo_root: Path, tag: str, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write progress.png and report.html (default: .autoresearch/<tag>/). Returns both paths."""
     data = collect(repo_root, tag)
-    out_dir = Path(out_dir or Path(repo_root) / ".autoresearch" / tag)
+    out_dir = Path(out_dir or Ledger(repo_root, tag).dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot(data, out_dir / "progress.png")
     html_path = out_dir / "report.html"

@@ -196,3 +196,30 @@ def test_import_names_the_engines_error_not_a_wrong_file(tmp_path):
     not_an_export.write_text("hello")
     r = runner_cli("import", str(not_an_export))
     assert r.returncode == 2 and "is not a file written by `runner export`" in r.stderr
+
+
+def test_limits_label_of_another_runner_version_is_read_not_a_traceback():
+    from runner.reruns import recorded_limits
+
+    limits = recorded_limits('{"time_budget_s": 5.0, "pids_limit": 64, "a_future_limit": 1}')
+    assert limits.time_budget_s == 5.0 and limits.pids_limit == 64
+    assert recorded_limits("not json").time_budget_s == 300.0
+
+
+def test_an_nvml_failure_while_watching_is_a_harness_error():
+    from sandbox.backend import SandboxError
+    from sandbox.gpu import RealNvml
+
+    class NVMLError(Exception):
+        pass
+
+    class BrokenDriver:
+        NVMLError = NVMLError
+
+        def nvmlDeviceGetHandleByUUID(self, uuid):
+            raise NVMLError("GPU is lost")
+
+    nvml = RealNvml.__new__(RealNvml)
+    nvml.nv, nvml.ok = BrokenDriver(), True
+    with pytest.raises(SandboxError, match="NVML failed reading GPU GPU-aaaa .*GPU is lost"):
+        nvml.process_vram_mb("GPU-aaaa")
