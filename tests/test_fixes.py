@@ -214,10 +214,10 @@ def test_an_nvml_failure_while_watching_is_a_harness_error():
         pass
 
     class BrokenDriver:
-        NVMLError = NVMLError
-
         def nvmlDeviceGetHandleByUUID(self, uuid):
             raise NVMLError("GPU is lost")
+
+    BrokenDriver.NVMLError = NVMLError
 
     nvml = RealNvml.__new__(RealNvml)
     nvml.nv, nvml.ok = BrokenDriver(), True
