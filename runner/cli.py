@@ -195,7 +195,7 @@ def start(
     """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
     from sandbox.naming import check_tag
 
-    from .engine import Engine, cpuset_cpus, make_slots
+    from .engine import Engine, cpuset_cpus, fit_to_host, make_slots
     from .loop import Loop
     from .progress import LiveReporter, Reporter
     from .proposers import make_proposer
@@ -205,11 +205,15 @@ def start(
                   min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir)
     research = _open_repo(cfg.repo)
     with _leased(cfg.gpus) as lease:
+        slots = make_slots(lease.devices, cfg.workers, cpuset_cpus(cfg.limits.cpuset))
+        cfg, fitted = fit_to_host(cfg, len(slots))
+        if fitted:
+            typer.echo(fitted)
         engine = Engine(cfg, research, gpus=lease, progress=typer.echo)
         # A live panel on a terminal; plain [EXP] lines when piped or logged.
         reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
         loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter)
-        loop.run(resume=resume, slots=make_slots(lease.devices, cfg.workers, cpuset_cpus(cfg.limits.cpuset)))
+        loop.run(resume=resume, slots=slots)
 
 
 def _float(text: str, name: str) -> float:

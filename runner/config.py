@@ -64,6 +64,7 @@ class LimitsConfig:
     log_cap_mb: int = 8              # host log: this much of the head is kept ...
     log_tail_mb: int = 1             # ... plus this much of the tail
     vram_gb: float | None = None     # VRAM ceiling enforced by the NVML watchdog; null = none
+    nofile: int = 1024               # open files per process
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class RunConfig:
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
     prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
     backend: str = "docker"              # where experiments run (sandbox.backend.BACKENDS)
+    runtime: str | None = None           # the engine's OCI runtime for experiments (runsc = gVisor, kata-runtime); null = default
     base_image: str = "auto"             # auto | an image reference
     dependencies: str = "auto"           # auto | none | a file: uv.lock, pyproject.toml or requirements (runner/deps.py)
     ca_bundle: Path | None = None        # CA bundle for image builds (TLS proxies); null = $PIP_CERT or $SSL_CERT_FILE
@@ -111,6 +113,8 @@ class RunConfig:
             log_cap_bytes=lim.log_cap_mb * MiB,
             log_tail_bytes=lim.log_tail_mb * MiB,
             vram_limit_gb=lim.vram_gb,
+            nofile=lim.nofile,
+            runtime=self.runtime,
         )
 
     def to_dict(self) -> dict:
@@ -216,7 +220,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:
         raise ConfigError(f"budget must be positive seconds, got {cfg.budget_s}")
-    for key in ("memory_gb", "pids", "tmp_mb", "out_mb", "log_cap_mb", "log_tail_mb", "kill_grace_s", "timeout_factor"):
+    for key in ("memory_gb", "pids", "tmp_mb", "out_mb", "log_cap_mb", "log_tail_mb", "kill_grace_s", "timeout_factor",
+                "nofile"):
         if getattr(cfg.limits, key) <= 0:
             # log_tail_mb 0 would keep no summary block: every run would be judged no_summary
             raise ConfigError(f"limits.{key} must be positive, got {getattr(cfg.limits, key)}")

@@ -20,7 +20,7 @@ from sandbox.gpu import GpuLease, RealNvml, devices_access
 from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
-from .config import DATA_MOUNT, HF_MOUNT, ConfigError, RunConfig
+from .config import DATA_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
 from .data import check_data_dir, data_digest
 from .deps import resolve_dependencies
 from .repo import ResearchRepo, read_time_budget
@@ -142,6 +142,60 @@ def make_slots(devices: tuple[str, ...], workers: int | None, cpus: list[int] | 
     if n > len(cpus):
         raise ConfigError(f"--workers {n} needs {n} CPUs, {'limits.cpuset gives' if cpus else 'this host has'} {len(cpus)}")
     return [Slot(f"cpu{i}", cpuset=",".join(map(str, part))) for i, part in enumerate(_split(cpus, n))]
+
+
+FILE_TABLE_SHARE = 0.25   # of fs.file-max that all workers' pids x nofile may claim together
+MEMORY_SHARE = 0.9        # of the host's MemTotal that all workers' memory ceilings may claim together
+MIN_NOFILE = 256          # below this, a default nofile is not lowered to fit: the settings must change
+
+
+def _host_figures(proc: Path) -> tuple[int, int]:
+    """(fs.file-max, MemTotal in bytes) of this host; 0 where unreadable."""
+    try:
+        file_max = int((proc / "sys/fs/file-max").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        file_max = 0
+    try:
+        meminfo = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
+        mem_total = int(meminfo["MemTotal"].split()[0]) * 1024
+    except (OSError, ValueError, KeyError, IndexError):
+        mem_total = 0
+    return file_max, mem_total
+
+
+def fit_to_host(cfg: RunConfig, workers: int, proc: Path = Path("/proc")) -> tuple[RunConfig, str | None]:
+    """The config with limits that cannot exhaust the host over all parallel workers: the
+    global file table (ENFILE for every process, dockerd's included) or its memory (a global
+    OOM kill picks any process, the runner and dockerd included). A nofile or memory ceiling
+    left at its default is lowered to fit, and the returned line says so; limits set in
+    runner.yaml that do not fit are refused.
+
+    Raises:
+        ConfigError: with the numbers and what to lower.
+    """
+    file_max, mem_total = _host_figures(proc)
+    lim, default, said = cfg.limits, LimitsConfig(), []
+    files_budget = int(FILE_TABLE_SHARE * file_max) if file_max else 0
+    if files_budget and lim.pids * lim.nofile * workers > files_budget:
+        fitted_nofile = files_budget // (lim.pids * workers)
+        if lim.nofile != default.nofile or lim.pids != default.pids or fitted_nofile < MIN_NOFILE:
+            raise ConfigError(f"limits.pids x limits.nofile x workers = {lim.pids * lim.nofile * workers:,} open files, "
+                              f"over a quarter of this host's fs.file-max ({file_max:,}): lower limits.nofile or "
+                              f"limits.pids, or run fewer workers")
+        said.append(f"limits.nofile {lim.nofile} -> {fitted_nofile}")
+        lim = dataclasses.replace(lim, nofile=fitted_nofile)
+    memory_budget_gb = MEMORY_SHARE * mem_total / 2**30
+    if mem_total and lim.memory_gb * workers > memory_budget_gb:
+        if lim.memory_gb != default.memory_gb:
+            raise ConfigError(f"limits.memory_gb x workers = {lim.memory_gb * workers:.1f} GiB, over 90% of this host's "
+                              f"{mem_total / 2**30:.1f} GiB: lower limits.memory_gb or run fewer workers")
+        fitted_gb = round(memory_budget_gb / workers, 1)
+        said.append(f"limits.memory_gb {lim.memory_gb:g} -> {fitted_gb:g}")
+        lim = dataclasses.replace(lim, memory_gb=fitted_gb)
+    if not said:
+        return cfg, None
+    return dataclasses.replace(cfg, limits=lim), (f"fitted to this host ({workers} worker(s), {mem_total / 2**30:.1f} GiB, "
+                                                  f"fs.file-max {file_max:,}): {', '.join(said)}")
 
 
 def _split(items: list, n: int) -> list[list]:

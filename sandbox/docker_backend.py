@@ -67,7 +67,10 @@ def hardened_create_kwargs(spec: RunSpec, image_env: dict[str, str] | None = Non
     lim = spec.limits
     kwargs = dict(
         image=spec.image,
-        command=list(spec.command),
+        # The deadline holds without the runner: coreutils' timeout, below the init, ends the
+        # command's whole process group (TERM, then KILL) after inner_deadline_s. A live runner
+        # stops the run earlier (deadline_s) and records why.
+        command=["timeout", "--kill-after", f"{lim.kill_grace_s:g}s", f"{lim.inner_deadline_s:g}s", *spec.command],
         name=spec.name,
         labels=dict(spec.labels),
         environment=dict(spec.env),
@@ -91,6 +94,13 @@ def hardened_create_kwargs(spec: RunSpec, image_env: dict[str, str] | None = Non
         init=True,  # tini reaps zombies and forwards SIGTERM to the training process
         ipc_mode="private",
         pids_limit=lim.pids_limit,
+        # nofile: pids x nofile is this run's share of the host's file table (fs.file-max);
+        # core 0: on hosts whose core_pattern is a pipe, a core dump runs a handler as root.
+        ulimits=[docker.types.Ulimit(name="nofile", soft=lim.nofile, hard=lim.nofile),
+                 docker.types.Ulimit(name="core", soft=0, hard=0)],
+        # docker-py would copy ~/.docker/config.json's proxies (credentials included) into the
+        # environment: the environment is an allow-list, nothing else enters.
+        use_config_proxy=False,
         mem_limit=lim.mem_limit_bytes,
         memswap_limit=lim.mem_limit_bytes,  # equal: no swap to hide a blow-up in
         # The engine's own copy of the output is tiny: our capped stream is the log of record,
@@ -104,6 +114,8 @@ def hardened_create_kwargs(spec: RunSpec, image_env: dict[str, str] | None = Non
         # The engine copies the host's resolv.conf even into network "none"; hide it so the
         # code inside learns no resolver address either.
         kwargs["mounts"].append(docker.types.Mount(target="/etc/resolv.conf", source="/dev/null", type="bind", read_only=True))
+    if lim.runtime:
+        kwargs["runtime"] = lim.runtime
     if lim.cpus:
         kwargs["nano_cpus"] = int(lim.cpus * 1e9)
     if lim.cpuset:
@@ -324,7 +336,7 @@ class DockerSandbox(Backend):
             log.close()
             if container is not None:
                 try:
-                    container.remove(force=True)
+                    container.remove(force=True, v=True)  # anonymous volumes go with it
                 except docker.errors.NotFound:
                     pass
 
@@ -426,7 +438,7 @@ class DockerSandbox(Backend):
                     if only_dead_owners and _owner_alive(self.client, c.labels.get(naming.L_OWNER, "")):
                         continue
                     try:
-                        c.remove(force=True)
+                        c.remove(force=True, v=True)
                     except docker.errors.NotFound:
                         continue  # removed meanwhile (its own run, or another cleanup): the goal is met
                     except docker.errors.APIError as exc:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 GiB = 1024**3
 MiB = 1024**2
+INNER_DEADLINE_MARGIN_S = 15.0  # how much later than the host's deadline a run ends itself
 
 # Why a run ended; RunResult.reason carries one of these (or "" for a clean exit).
 REASON_EXIT = "exit_code"        # the process exited non-zero
@@ -38,11 +39,19 @@ class Limits:
     log_cap_bytes: int = 8 * MiB        # host log file: this much of the head, plus the tail
     log_tail_bytes: int = 1 * MiB       # tail of the output always kept (holds the summary)
     vram_limit_gb: float | None = None  # NVML watchdog ceiling; None = whole device
+    nofile: int = 1024                  # open files per process (pids x nofile bounds the host file table share)
+    runtime: str | None = None          # OCI runtime of the engine (runsc for gVisor, kata); None = its default
 
     @property
     def deadline_s(self) -> float:
         """Seconds from container start until the host stops the run."""
         return self.timeout_factor * self.time_budget_s + self.startup_grace_s
+
+    @property
+    def inner_deadline_s(self) -> float:
+        """When the run stops itself, with no runner watching (killed, or its host lost): later
+        than the host's deadline and its kill grace, so a live runner always acts first."""
+        return self.deadline_s + self.kill_grace_s + INNER_DEADLINE_MARGIN_S
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -48,6 +48,8 @@ facts = {
     "repo_files": sorted(os.listdir("/repo")),
     "prepare_stat": oct(os.stat("prepare.py").st_mode), 
     "prepare_owner": os.stat("prepare.py").st_uid,
+    "rlimit_nofile": list(__import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)),
+    "rlimit_core": list(__import__("resource").getrlimit(__import__("resource").RLIMIT_CORE)),
     "mounts": {l.split()[1]: l.split()[3].split(",") for l in open("/proc/mounts") if l.split()[1] in ("/tmp", "/out")},
     "pids_max": open("/sys/fs/cgroup/pids/pids.max").read().strip() if os.path.exists("/sys/fs/cgroup/pids/pids.max") else None,
 }

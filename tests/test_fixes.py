@@ -223,3 +223,35 @@ def test_an_nvml_failure_while_watching_is_a_harness_error():
     nvml.nv, nvml.ok = BrokenDriver(), True
     with pytest.raises(SandboxError, match="NVML failed reading GPU GPU-aaaa .*GPU is lost"):
         nvml.process_vram_mb("GPU-aaaa")
+
+
+def _fake_proc(tmp_path, file_max, mem_kb):
+    proc = tmp_path / "proc"
+    (proc / "sys/fs").mkdir(parents=True)
+    (proc / "sys/fs/file-max").write_text(f"{file_max}\n")
+    (proc / "meminfo").write_text(f"MemTotal:       {mem_kb} kB\nMemFree:        1 kB\n")
+    return proc
+
+
+def test_default_ceilings_are_fitted_to_the_host_over_all_workers(tmp_path):
+    from runner.engine import fit_to_host
+
+    cfg = load_config(tmp_path)
+    proc = _fake_proc(tmp_path, 2_000_000, 24 * 1024 * 1024)  # 24 GiB
+    fitted, said = fit_to_host(cfg, 2, proc)
+    assert fitted.limits.memory_gb * 2 <= 0.9 * 24 and fitted.limits.pids * fitted.limits.nofile * 2 <= 500_000
+    assert "limits.nofile 1024 -> 488" in said and "limits.memory_gb 16 -> 10.8" in said
+    with pytest.raises(ConfigError, match="fs.file-max"):  # 4 workers would leave under 256 files each
+        fit_to_host(cfg, 4, proc)
+    assert fit_to_host(cfg, 1, _fake_proc(tmp_path / "big", 10**8, 256 * 1024 * 1024)) == (cfg, None)
+
+
+def test_explicit_ceilings_that_do_not_fit_are_refused(tmp_path):
+    from runner.engine import fit_to_host
+
+    (tmp_path / "runner.yaml").write_text("limits:\n  memory_gb: 12\n")
+    with pytest.raises(ConfigError, match="limits.memory_gb x workers = 24.0 GiB"):
+        fit_to_host(load_config(tmp_path), 2, _fake_proc(tmp_path, 10**8, 24 * 1024 * 1024))
+    (tmp_path / "runner.yaml").write_text("limits:\n  nofile: 65536\n")
+    with pytest.raises(ConfigError, match="fs.file-max"):
+        fit_to_host(load_config(tmp_path), 1, _fake_proc(tmp_path / "p2", 2_000_000, 24 * 1024 * 1024))

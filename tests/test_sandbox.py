@@ -27,12 +27,18 @@ def probe(tmp_path_factory, docker_client):
     # Plant secrets where a careless runner would leak them: its environment and its home.
     os.environ["ANTHROPIC_API_KEY"] = SECRET
     os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
+    # docker-py copies a client config's proxies (credentials and all) into containers by default
+    docker_config = root / "docker-config"
+    docker_config.mkdir()
+    (docker_config / "config.json").write_text(
+        '{"proxies": {"default": {"httpProxy": "http://user:%s@127.0.0.1:3128", "noProxy": "localhost"}}}' % SECRET)
+    os.environ["DOCKER_CONFIG"] = str(docker_config)
     try:
         repo = make_repo(root / "repo", probe_train_py())
         engine = Engine(load_config(repo, {"budget_s": 2, "data_dir": data}), ResearchRepo(repo), progress=lambda m: None)
         run = engine.run_commit(engine.repo.head().sha, "probe", root / "run.log")
     finally:
-        del os.environ["ANTHROPIC_API_KEY"], os.environ["AWS_SECRET_ACCESS_KEY"]
+        del os.environ["ANTHROPIC_API_KEY"], os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["DOCKER_CONFIG"]
     return run, read_probe(run.result.log_path.read_text())
 
 
@@ -59,6 +65,7 @@ def test_non_root_without_capabilities(probe):
 def test_host_secrets_never_enter(probe):
     _, facts = probe
     assert "ANTHROPIC_API_KEY" not in facts["env"] and "AWS_SECRET_ACCESS_KEY" not in facts["env"]
+    assert not any("proxy" in name.lower() for name in facts["env"])  # nor the client config's proxies
     assert SECRET not in facts["environ_raw"]
     assert facts["env"]["AUTORESEARCH_TIME_BUDGET"] == "2"
 
@@ -103,3 +110,38 @@ def test_container_is_removed_and_labelled(probe, docker_client):
     assert image.labels[naming.L_COMMIT] == run.commit
     assert image.labels[naming.L_MANAGED] == "true"
     assert image.labels[naming.OCI_REVISION] == run.commit
+
+
+def test_open_files_are_bounded_and_core_dumps_are_off(probe):
+    """nofile bounds the run's share of the host's file table; core 0 keeps a host core_pattern
+    pipe (apport, systemd-coredump: a root handler) from running on a crash."""
+    _, facts = probe
+    assert facts["rlimit_nofile"] == [1024, 1024]
+    assert facts["rlimit_core"] == [0, 0]
+
+
+def test_the_deadline_holds_without_the_runner(docker_client, tmp_path):
+    """No watchdog at all (the runner SIGKILLed): the container ends itself at its inner deadline."""
+    import time
+
+    from sandbox import naming
+    from sandbox.docker_backend import hardened_create_kwargs
+    from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
+    from sandbox.spec import Limits, RunSpec
+
+    image = ensure_trainer_image(docker_client, CPU_BASE_ALIAS)
+    limits = Limits(time_budget_s=1, timeout_factor=1, startup_grace_s=1, kill_grace_s=1)
+    spec = RunSpec(image=image.ref, workdir="/tmp", limits=limits, log_path=tmp_path / "log",
+                   command=("sh", "-c", "trap '' TERM; sleep 300 & sleep 300"),
+                   name=naming.container_name("run", "nodeadline", "0" * 8),
+                   labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "nodeadline", naming.L_OWNER: naming.owner()}))
+    container = docker_client.containers.create(**hardened_create_kwargs(spec))
+    try:
+        t0 = time.monotonic()
+        container.start()
+        status = container.wait(timeout=limits.inner_deadline_s + 30)
+        took = time.monotonic() - t0
+    finally:
+        container.remove(force=True)
+    assert status["StatusCode"] in (124, 137)  # timeout's TERM, then KILL for what ignores TERM
+    assert limits.inner_deadline_s <= took < limits.inner_deadline_s + 10
