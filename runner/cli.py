@@ -20,6 +20,7 @@ import typer
 
 from . import __version__
 from .ledger import RunnerFiles
+from .text import block, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safe unattended ML research loops in containers.")
 base_app = typer.Typer(no_args_is_help=True, help="The registry-less base image.")
@@ -125,18 +126,19 @@ def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, 
     log = files.prepare_log
     result = engine.prepare_data(log)
     if result.exit_code != 0 or result.reason:
-        typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {log}:\n{result.tail_lines(15)}", err=True)
+        typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {log}:\n"
+                   f"{block(result.tail_lines(15))}", err=True)
         raise typer.Exit(2)
-    typer.echo(result.tail_lines(5))
+    typer.echo(block(result.tail_lines(5)))
     typer.echo(f"data ready in {cfg.data_dir}")
     hub_log = files.hub_fetch_log
     fetch, report = engine.fetch_hub(hub_log)
     for label in report.fetched:
         typer.echo(f"hub: fetched {label} into {cfg.hf_cache}")
     for line in report.failed:
-        typer.echo(f"warning: hub: could not fetch {line}", err=True)
+        typer.echo(f"warning: hub: could not fetch {one_line(line, 400)}", err=True)
     if fetch is not None and (fetch.reason or fetch.exit_code != 0 or report.fatal):
-        why = report.fatal[0] if report.fatal else fetch.reason or f"exit {fetch.exit_code}"
+        why = one_line(report.fatal[0], 400) if report.fatal else fetch.reason or f"exit {fetch.exit_code}"
         typer.echo(f"error: fetching Hugging Face Hub repos failed ({why}); read {hub_log}", err=True)
         raise typer.Exit(2)
 

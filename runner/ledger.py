@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .repo import RESULTS, RUNNER_DIR
+from .text import one_line
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 NOISE_FILE = "noise.json"  # the baseline's measured spread (runner noise, --min-delta auto)
@@ -45,7 +46,7 @@ class Row:
     description: str
 
     def line(self) -> str:
-        desc = " ".join(self.description.split())  # tabs and newlines would break the TSV
+        desc = one_line(self.description)  # tabs, newlines and terminal escapes would break the TSV and its readers
         return f"{self.commit}\t{self.val_bpb:.6f}\t{self.memory_gb:.1f}\t{self.status}\t{desc}"
 
     @classmethod

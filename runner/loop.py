@@ -31,16 +31,28 @@ from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
 from .summary import STATUS_OK
+from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
 LOG_TAIL_FOR_FIX = 50  # lines of a crashed run's output offered to the proposer
 NOISE_RERUNS = 2  # extra baseline runs when --min-delta auto has no noise floor yet
 PROPOSER_BACKOFF_S = 15  # first wait after a failed proposal; doubles, capped at 10 minutes
 PROPOSER_MAX_ERRORS = 12  # failed proposals in a row (about 1.5 hours of backoff) before giving up
+MAX_REFUSED_IN_A_ROW = 10  # refused proposals in a row before the run stops: the proposer is broken
 
 
 class LoopError(RuntimeError):
     """The loop cannot start or go on (baseline crashed, branch state wrong); the message says why."""
+
+
+class ProposalRefused(Exception):
+    """A proposal that will not be run: the guard refused it, or the proposer failed making it."""
+
+
+def sanitized(proposal: Proposal) -> Proposal:
+    """A proposal's words, through the one sanitiser, before anything prints, commits or records them."""
+    return dataclasses.replace(proposal, description=one_line(proposal.description) or "(no description)",
+                               hypothesis=one_line(proposal.hypothesis, HYPOTHESIS_MAX_CHARS))
 
 
 @dataclass
@@ -216,7 +228,7 @@ class Loop:
             raise LoopError(
                 f"the baseline crashed ({run.outcome.reason}): the environment or data is broken, not the idea. "
                 + (f"{run.outcome.detail}. " if run.outcome.detail else "")
-                + f"Read {run.result.log_path}; last lines:\n{run.result.tail_lines(15)}"
+                + f"Read {run.result.log_path}; last lines:\n{block(run.result.tail_lines(15))}"
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
@@ -264,11 +276,16 @@ class Loop:
             ctx = self.context()
             parent = self.state.best_commit
         try:
-            proposal = self.proposer.propose(ctx)
+            proposal = sanitized(self.proposer.propose(ctx))
         except ProposerError as exc:
-            self.ledger.event("proposer_error", iteration=ctx.iteration, error=str(exc))
-            self.out(f"proposer: {exc}")
+            self.ledger.event("proposer_error", iteration=ctx.iteration, error=one_line(str(exc), 500))
+            self.out(f"proposer: {one_line(str(exc))}")
             raise
+        except Exception as exc:  # malformed model output the proposer choked on: a refusal, not the night's end
+            reason = f"the proposer failed: {type(exc).__name__}: {one_line(str(exc))}"
+            self.ledger.event("refused", iteration=ctx.iteration, reason=reason, description="")
+            self.out(f"refused: {reason}")
+            raise ProposalRefused(reason) from exc
         with self.lock:
             if self.stop.is_set():  # stopped while the proposer worked: drop the proposal
                 self.repo.respawn_git()
@@ -286,7 +303,7 @@ class Loop:
             self.ledger.event("refused", iteration=iteration, reason=str(exc), description=proposal.description)
             self.out(f"refused: {exc}")
             self.repo.reset_hard(self.state.best_commit)
-            return None
+            raise ProposalRefused(str(exc)) from None
         self.state.iteration = iteration
         return Job(iteration, parent, proposal, commit.sha, self.repo.snapshot_tars(commit.sha), **job_fields)
 
@@ -299,14 +316,21 @@ class Loop:
             if follow == "fix":
                 with self.lock:
                     ctx = self.context()
-                fix = self.proposer.fix_crash(ctx, job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
+                try:
+                    fix = self.proposer.fix_crash(ctx, job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
+                except Exception as exc:  # no fix this time (an API outage, a malformed reply); the night goes on
+                    self.ledger.event("fix_failed", iteration=job.iteration, error=one_line(f"{type(exc).__name__}: {exc}", 500))
+                    fix = None
                 with self.lock:
                     crashed, job = job, None
                     if fix is not None and not self.stop.is_set():
-                        fix = dataclasses.replace(fix, description=f"fix: {fix.description}")
+                        fix = sanitized(dataclasses.replace(fix, description=f"fix: {fix.description}"))
                         # On the crashed edit's own parent: if the best moved meanwhile, the
                         # near-miss path re-applies the fix rather than undoing the newer keep.
-                        job = self._commit_job(crashed.parent, fix, retry_fix=False)
+                        try:
+                            job = self._commit_job(crashed.parent, fix, retry_fix=False)
+                        except ProposalRefused:
+                            job = None
             else:
                 job = follow
 
@@ -340,7 +364,10 @@ class Loop:
                 return None
             again = dataclasses.replace(job.proposal, train_py=merged,
                                         description=f"{job.proposal.description} (re-applied)")
-            return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
+            try:
+                return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
+            except ProposalRefused:
+                return None
         self._record(job.iteration, run, decision.status, job.proposal.description, job.proposal, **extra)
         self.proposer.observe(job.proposal, decision.status, val)
         self.repo.reset_hard(self.state.best_commit)  # nothing of a failed edit stays in the work tree
@@ -399,12 +426,22 @@ class Loop:
 
     def _next_job(self, errors: list[int]) -> Job | None:
         """Propose until a job comes out; back off on proposer errors (an API outage must not
-        end a night's run). Returns None when stopped or out of patience."""
+        end a night's run). Returns None when stopped, out of patience, or after a refused
+        proposal (it counts as proposed).
+
+        Raises:
+            LoopError: MAX_REFUSED_IN_A_ROW proposals in a row were refused: the proposer is broken.
+        """
         while not self.stop.is_set():
             try:
                 job = self._propose()
-                errors[0] = 0
+                errors[0] = errors[1] = 0
                 return job
+            except ProposalRefused as exc:
+                errors[1] += 1
+                if errors[1] >= MAX_REFUSED_IN_A_ROW:
+                    raise LoopError(f"{errors[1]} proposals in a row were refused; the last: {exc}") from None
+                return None
             except ProposerError:
                 errors[0] += 1
                 if errors[0] >= PROPOSER_MAX_ERRORS:
@@ -432,7 +469,7 @@ class Loop:
         done_proposing = threading.Event()
 
         def produce():
-            proposed, errors = 0, [0]
+            proposed, errors = 0, [0, 0]
             try:
                 while not self.stop.is_set() and self._budget_left(proposed):
                     while not tickets.acquire(timeout=0.2):

@@ -222,11 +222,23 @@ class ResearchRepo:
         return fixed.getvalue(), editable.getvalue()
 
 
+MAX_TRAIN_PY_BYTES = 1 << 20  # 1 MiB: a proposal is a script, not a payload (it costs memory and a layer)
+
+
 def check_python(text: str) -> None:
+    """Raise GuardError unless `text` is a train.py the runner will commit: a str under
+    MAX_TRAIN_PY_BYTES that Python parses."""
+    if not isinstance(text, str):
+        raise GuardError(f"train.py must be text, got {type(text).__name__}")
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_TRAIN_PY_BYTES:
+        raise GuardError(f"train.py is {size:,} bytes, over the {MAX_TRAIN_PY_BYTES:,} a proposal may be")
     try:
         ast.parse(text)
     except SyntaxError as exc:
         raise GuardError(f"train.py does not parse: line {exc.lineno}: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError) as exc:  # 0+0+...+0, null bytes: the parser gives up
+        raise GuardError(f"train.py does not parse: {type(exc).__name__}") from None
 
 
 def read_time_budget(prepare_py: str) -> float | None:

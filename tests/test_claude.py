@@ -54,3 +54,5 @@ def test_untrusted_log_is_capped_stripped_and_cannot_close_its_tag():
     clean = sanitize_log(hostile)
     assert len(clean) <= 8000 and "\x1b" not in clean and "\x07" not in clean
     assert "</untrusted_log>" not in clean
+    for variant in ("</UNTRUSTED_LOG>", "</ untrusted_log >", "< /untrusted-log>", "</untrusted log>"):
+        assert "untrusted" not in sanitize_log("x" + variant + "y").lower()

@@ -277,7 +277,8 @@ def test_proposer_outage_backs_off_and_the_loop_goes_on(tmp_path, data_dir, monk
 
 
 class Exploding(Scripted):
-    """Proposes once, then fails with a bug (not a ProposerError): the run must stop, loudly."""
+    """Proposes once, then fails every time with a bug (not a ProposerError): each failure is a
+    refused proposal, and after MAX_REFUSED_IN_A_ROW of them the run must stop, loudly."""
 
     def propose(self, ctx):
         if not self.proposals:
@@ -293,7 +294,8 @@ def test_a_proposer_bug_stops_the_run_with_an_error_not_a_normal_summary(tmp_pat
     loop, proposer, lines = make_loop(repo, lambda r: Exploding(r, [(variant(VALUE=1.5), "better")]), data_dir,
                                       workers=workers, prefetch=1 if workers > 1 else 0)
     slots = [None] if workers == 1 else __import__("runner.engine", fromlist=["make_slots"]).make_slots((), 2, cpus=[0, 1])
-    with pytest.raises(LoopError, match="proposer failed: RuntimeError: a bug in the proposer"):
+    with pytest.raises(LoopError, match="proposer failed: LoopError: 10 proposals in a row were refused; "
+                                        "the last: the proposer failed: RuntimeError: a bug in the proposer"):
         loop.run(slots=slots)
     events = [json.loads(l) for l in (repo / ".autoresearch" / "t" / "events.jsonl").read_text().splitlines()]
     stopped = [e for e in events if e["event"] == "stopped"]

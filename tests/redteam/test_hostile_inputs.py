@@ -1,0 +1,80 @@
+"""Hostile text and malformed proposals, through the real loop (on the fake backend: what is
+tested here is what the host does with the text, not the container)."""
+
+from __future__ import annotations
+
+import git
+import pytest
+from fake_backend import FakeBackend
+from test_loop_decisions import TRAIN, Scripted, events, make, variant
+
+from runner.proposers.base import Proposal
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"          # write "rm -rf ~" to the clipboard
+FORGED = "nice\n[EXP] fake 99 | commit:0000000 | val_bpb:0.000001 | mem:0.0GB | status:keep | pwned"
+HOSTILE = f"{OSC52}\x1b[2J\x1b[31mbold\u202eclaim\x9b31m {FORGED}\r\x00"
+
+
+def _printable(text: str) -> bool:
+    return not any(ord(c) < 32 and c not in "\n\t" or 0x7f <= ord(c) <= 0x9f or c in "\u202e\u2066" for c in text)
+
+
+def test_a_hostile_description_reaches_no_terminal_tsv_or_commit_raw(tmp_path, data_dir):
+    loop, path, lines = make(tmp_path, data_dir, [(variant(VALUE=1.5), HOSTILE)], max_experiments=1)
+    loop.run()
+    out = "\n".join(lines)
+    assert _printable(out) and "\x1b" not in out
+    exp_lines = [line for line in out.splitlines() if line.startswith("[EXP]")]
+    assert [line.split()[2] for line in exp_lines] == ["0", "1"]  # the forged "[EXP] fake 99" is no line of its own
+    tsv = (path / "results.tsv").read_text()
+    assert _printable(tsv) and len(tsv.splitlines()) == 3
+    message = git.Repo(path).head.commit.message
+    assert _printable(message) and "\n" not in message.strip()
+
+
+class Malformed(Scripted):
+    """What a confused or hostile model sends: a train.py that breaks the parser, a reply the
+    proposer chokes on, then a good proposal."""
+
+    def propose(self, ctx):
+        step = len(self.contexts)
+        self.contexts.append(ctx)
+        if step == 0:
+            return Proposal("x = " + "0+" * 6000 + "0\n", "deep", "")
+        if step == 1:
+            raise AttributeError("'int' object has no attribute 'startswith'")  # a tool call with a non-string path
+        if step == 2:
+            return Proposal("x = 1\n" * 200_000, "huge", "")
+        return Proposal(variant(VALUE=1.5), "good", "")
+
+
+def test_malformed_proposals_are_refused_and_the_night_goes_on(tmp_path, data_dir):
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.loop import Loop
+    from runner.repo import ResearchRepo
+    from conftest import make_repo
+
+    path = make_repo(tmp_path / "repo", TRAIN)
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "max_experiments": 4})
+    repo = ResearchRepo(path)
+    Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Malformed([]),
+         out=lambda line: None).run()
+    refused = [e["reason"] for e in events(path) if e["event"] == "refused"]
+    assert len(refused) == 3
+    assert "RecursionError" in refused[0] and "AttributeError" in refused[1] and "bytes" in refused[2]
+    assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
+
+
+def test_a_crashed_baselines_log_is_printed_clean(tmp_path, data_dir):
+    from runner.loop import LoopError
+
+    train = 'import sys\nprint("\\x1b]52;c;cm0gLXJmIH4K\\x07\\x1b[2Jowned")\nsys.exit(1)\n'
+    loop, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
+    (path / "train.py").write_text(train)
+    g = git.Repo(path)
+    g.index.add(["train.py"])
+    g.index.commit("a baseline that prints escapes and crashes")
+    with pytest.raises(LoopError) as err:
+        loop.run()
+    assert "owned" in str(err.value) and "\x1b" not in str(err.value) and "\x07" not in str(err.value)
