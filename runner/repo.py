@@ -196,29 +196,35 @@ class ResearchRepo:
     def snapshot_tars(self, sha: str) -> tuple[bytes, bytes]:
         """The tree at `sha` as two tars under `repo/`: (every fixed file, train.py alone).
 
-        No .git, no results, no untracked files. Every entry is root-owned and read-only
+        Built from the raw blobs of the commit, not by `git archive`: .gitattributes filters
+        (smudge drivers, git-lfs), export-subst and export-ignore would run host code on
+        repo-chosen input and make the image differ from what was committed. No .git, no
+        results, no untracked files, no submodules. Every entry is root-owned and read-only
         (files 0444, executables and dirs 0555), so inside the container the research code can
-        change none of it. Timestamps are zeroed: the fixed tar of two commits that differ only
-        in train.py is byte-identical, so their images share one sources layer.
+        change none of it. Timestamps are zeroed and entries sorted: the fixed tar of two commits
+        that differ only in train.py is byte-identical, so their images share one sources layer.
         """
-        raw = io.BytesIO()
-        self.git.archive(raw, sha, format="tar")
-        raw.seek(0)
         fixed, editable = io.BytesIO(), io.BytesIO()
-        with tarfile.open(fileobj=raw) as src, tarfile.open(fileobj=fixed, mode="w") as f_out, \
-                tarfile.open(fileobj=editable, mode="w") as e_out:
-            for m in src.getmembers():
-                if m.type == tarfile.XGLTYPE or m.name == "pax_global_header":
-                    continue
-                data = src.extractfile(m) if m.isfile() else None
-                out = e_out if m.name == EDITABLE else f_out
-                m.name = f"repo/{m.name}".rstrip("/")
-                m.uid = m.gid = 0
-                m.uname = m.gname = "root"
-                m.mtime = 0
-                m.pax_headers = {}
-                m.mode = 0o555 if (m.isdir() or m.mode & 0o111) else 0o444
-                out.addfile(m, data)
+        items = sorted((item for item in self.git.commit(sha).tree.traverse() if item.type in ("blob", "tree")),
+                       key=lambda item: item.path)
+        with tarfile.open(fileobj=fixed, mode="w", format=tarfile.USTAR_FORMAT) as f_out, \
+                tarfile.open(fileobj=editable, mode="w", format=tarfile.USTAR_FORMAT) as e_out:
+            for item in items:
+                info = tarfile.TarInfo(f"repo/{item.path}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mtime = 0
+                data = None
+                if item.type == "tree":
+                    info.type, info.mode = tarfile.DIRTYPE, 0o555
+                elif item.mode == 0o120000:  # a symlink: its target is the blob's content
+                    info.type, info.mode = tarfile.SYMTYPE, 0o777
+                    info.linkname = item.data_stream.read().decode("utf-8", errors="replace")
+                else:
+                    blob = item.data_stream.read()
+                    info.size, data = len(blob), io.BytesIO(blob)
+                    info.mode = 0o555 if item.mode & 0o111 else 0o444
+                (e_out if item.path == EDITABLE else f_out).addfile(info, data)
         return fixed.getvalue(), editable.getvalue()
 
 

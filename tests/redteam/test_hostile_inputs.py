@@ -78,3 +78,54 @@ def test_a_crashed_baselines_log_is_printed_clean(tmp_path, data_dir):
     with pytest.raises(LoopError) as err:
         loop.run()
     assert "owned" in str(err.value) and "\x1b" not in str(err.value) and "\x07" not in str(err.value)
+
+
+def test_the_data_digest_never_follows_a_fifo_or_a_link(tmp_path):
+    """prepare.py runs with the cache writable: a FIFO planted there hung `runner run`, a link to
+    /dev/zero would have grown the runner's memory without bound."""
+    import os
+    import threading
+
+    from runner.data import data_digest
+
+    data = tmp_path / "data"
+    (data / "tinylm").mkdir(parents=True)
+    (data / "tinylm" / "train.bin").write_bytes(b"\0" * 1000)
+    before = data_digest(data)
+    os.mkfifo(data / "tinylm" / "stall.fifo")
+    (data / "zero").symlink_to("/dev/zero")
+    (data / "etc").symlink_to("/etc")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("digest", data_digest(data)), daemon=True)
+    t.start()
+    t.join(10)
+    assert result.get("digest") == before  # finished, and only regular files counted
+    (data / "manifest.json").symlink_to("/dev/zero")  # a manifest that is a link is not read either
+    assert data_digest(data) == before
+
+
+def test_gitattributes_filters_never_run_on_the_host_and_the_image_holds_the_committed_blobs(tmp_path):
+    """A repo whose .gitattributes names a filter driver and export-subst / export-ignore: the
+    snapshot is the committed blobs; no driver runs (it would run host code), nothing is dropped."""
+    import io
+    import tarfile
+
+    from conftest import make_repo
+    from runner.repo import ResearchRepo
+
+    witness = tmp_path / "driver-ran"
+    repo = make_repo(tmp_path / "repo", TRAIN, extra={
+        ".gitattributes": "*.py filter=evil\nprogram.md export-subst\nsecret.txt export-ignore\n",
+        "program.md": "$Format:%H$\n", "secret.txt": "kept\n"})
+    g = git.Repo(repo)
+    with g.config_writer() as cw:  # what a hostile clone or a careless global config would carry
+        cw.set_value('filter "evil"', "smudge", f"touch {witness}; cat")
+        cw.set_value('filter "evil"', "clean", "cat")
+    fixed, editable = ResearchRepo(repo).snapshot_tars(g.head.commit.hexsha)
+    with tarfile.open(fileobj=io.BytesIO(fixed)) as tar:
+        names = tar.getnames()
+        program = tar.extractfile("repo/program.md").read()
+    assert not witness.exists()
+    assert "repo/secret.txt" in names and program == b"$Format:%H$\n"
+    with tarfile.open(fileobj=io.BytesIO(editable)) as tar:
+        assert tar.extractfile("repo/train.py").read() == TRAIN.encode()
