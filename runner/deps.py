@@ -3,12 +3,15 @@
 `dependencies: auto` (runner.yaml) picks, in this order: pyproject.toml + uv.lock (installed
 exactly, as `uv sync --frozen` would), pyproject.toml with [project] dependencies,
 requirements.txt, nothing. A path names one of those files explicitly; `none` installs nothing.
+Files are read as committed at HEAD (a work-tree file could be a link to any host file, which
+would go into the image).
 """
 
 from __future__ import annotations
 
+import posixpath
 import tomllib
-from pathlib import Path
+from typing import Callable
 
 from sandbox.images import Dependencies
 
@@ -16,43 +19,52 @@ from .config import ConfigError
 
 LOCK, PYPROJECT, REQUIREMENTS = "uv.lock", "pyproject.toml", "requirements.txt"
 
+Reader = Callable[[str], str]  # a committed file's text, "" when it is not tracked
 
-def _project_dependencies(pyproject: Path) -> list[str]:
+
+def _project_dependencies(text: str, name: str) -> list[str]:
     try:
-        data = tomllib.loads(pyproject.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{pyproject.name} is not valid TOML ({exc}): fix it or set dependencies: none") from None
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name} is not valid TOML ({exc}): fix it or set dependencies: none") from None
     return list(data.get("project", {}).get("dependencies", []) or [])
 
 
-def _lock(folder: Path) -> Dependencies:
-    if not (folder / PYPROJECT).is_file():
-        raise ConfigError(f"{folder / LOCK} has no {PYPROJECT} beside it: uv needs both to install the lock")
-    return Dependencies("lock", ((PYPROJECT, (folder / PYPROJECT).read_bytes()), (LOCK, (folder / LOCK).read_bytes())))
+def _lock(read: Reader, folder: str) -> Dependencies:
+    lock, pyproject = read(posixpath.join(folder, LOCK)), read(posixpath.join(folder, PYPROJECT))
+    if not pyproject:
+        raise ConfigError(f"{posixpath.join(folder, LOCK)} has no {PYPROJECT} beside it: uv needs both to install the lock")
+    return Dependencies("lock", ((PYPROJECT, pyproject.encode()), (LOCK, lock.encode())))
 
 
-def resolve_dependencies(repo: Path, setting: str) -> Dependencies:
-    """The dependencies of `repo` that `setting` (auto | none | a path in the repo) selects.
+def resolve_dependencies(read: Reader, setting: str) -> Dependencies:
+    """The dependencies that `setting` (auto | none | a path in the repo) selects, from the
+    files `read` returns.
 
     Raises:
-        ConfigError: a named file is missing, or pyproject.toml cannot be read.
+        ConfigError: a named file is not tracked, or pyproject.toml cannot be read.
+        RepoError: a dependency file is tracked as a symlink.
     """
-    repo = Path(repo)
     if setting == "none":
         return Dependencies()
     if setting == "auto":
-        if (repo / LOCK).is_file():
-            return _lock(repo)
-        if (repo / PYPROJECT).is_file() and _project_dependencies(repo / PYPROJECT):
-            return Dependencies("pyproject", ((PYPROJECT, (repo / PYPROJECT).read_bytes()),))
-        if (repo / REQUIREMENTS).is_file():
-            return Dependencies("requirements", ((REQUIREMENTS, (repo / REQUIREMENTS).read_bytes()),))
+        if read(LOCK):
+            return _lock(read, "")
+        pyproject = read(PYPROJECT)
+        if pyproject and _project_dependencies(pyproject, PYPROJECT):
+            return Dependencies("pyproject", ((PYPROJECT, pyproject.encode()),))
+        requirements = read(REQUIREMENTS)
+        if requirements:
+            return Dependencies("requirements", ((REQUIREMENTS, requirements.encode()),))
         return Dependencies()
-    path = (repo / setting).resolve()
-    if not path.is_relative_to(repo.resolve()) or not path.is_file():
-        raise ConfigError(f"dependencies: {setting} is not a file in the repo: name uv.lock, pyproject.toml or a requirements file")
-    if path.name == LOCK:
-        return _lock(path.parent)
-    if path.name == PYPROJECT:
-        return Dependencies("pyproject", ((PYPROJECT, path.read_bytes()),))
-    return Dependencies("requirements", ((REQUIREMENTS, path.read_bytes()),))
+    path = posixpath.normpath(setting)
+    text = "" if path.startswith(("..", "/")) else read(path)
+    if not text:
+        raise ConfigError(f"dependencies: {setting} is not a file committed in the repo: name uv.lock, pyproject.toml "
+                          "or a requirements file")
+    name = posixpath.basename(path)
+    if name == LOCK:
+        return _lock(read, posixpath.dirname(path))
+    if name == PYPROJECT:
+        return Dependencies("pyproject", ((PYPROJECT, text.encode()),))
+    return Dependencies("requirements", ((REQUIREMENTS, text.encode()),))

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from git import GitCommandError
 from sandbox import images, naming
 from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
@@ -236,7 +235,7 @@ class Engine:
     def trainer(self) -> images.BuiltImage:
         if self._trainer is None:
             base = self.sandbox.resolve_base(self.cfg.base_image, want_gpu=bool(self.gpus.devices))
-            deps = resolve_dependencies(self.repo.path, self.cfg.dependencies)
+            deps = resolve_dependencies(self.repo.committed_text, self.cfg.dependencies)
             self._trainer = self.sandbox.ensure_trainer(base, deps, self.cfg.ca_bundle, self.progress)
             self._base_id = base.id
         return self._trainer
@@ -244,7 +243,7 @@ class Engine:
     def time_budget_s(self) -> float:
         if self.cfg.budget_s:
             return float(self.cfg.budget_s)
-        budget = read_time_budget(self.repo.read("prepare.py"))
+        budget = read_time_budget(self.repo.committed_text("prepare.py"))
         return budget if budget else 300.0
 
     def limits(self) -> Limits:
@@ -306,12 +305,7 @@ class Engine:
 
     def hub_refs(self, rev: str | None = None) -> list[hub.HubRef]:
         """The Hub repos train.py and prepare.py (at `rev`, default the work tree) name, plus hf_prefetch."""
-        sources = {}
-        for name in hub.SOURCES:
-            try:
-                sources[name] = self.repo.read(name, rev)
-            except (OSError, GitCommandError):
-                continue
+        sources = {name: self.repo.committed_text(name, rev or "HEAD") for name in hub.SOURCES}
         return hub.wanted_refs(sources, self.cfg.hf_prefetch)
 
     def run_commit(

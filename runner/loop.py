@@ -28,7 +28,7 @@ from .ledger import ExperimentRecord, Ledger, Row, RowStatus
 from .policy import RunState, decide
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
-from .repo import EDITABLE, GuardError, ResearchRepo, branch_name
+from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
 from .summary import STATUS_OK
 from .text import HYPOTHESIS_MAX_CHARS, block, one_line
@@ -106,7 +106,10 @@ class Loop:
             if self.repo.branch_exists(branch):
                 raise LoopError(f"branch {branch} exists: continue it with --resume, or pick a new --tag")
             self.repo.ensure_clean()
-        # Readiness before the branch or the ledger changes: data, the engine, the trainer image.
+        # Readiness before the branch or the ledger changes: in-scope files that are committed
+        # text (no links to host files), data, the engine, the trainer image.
+        for name in IN_SCOPE:
+            self.repo.committed_text(name)
         check_data_dir(self.cfg.data_dir)
         self.engine.trainer()
         self._sweep()
@@ -161,8 +164,8 @@ class Loop:
     # --- one experiment --------------------------------------------------------------
 
     def _read(self, name: str) -> str:
-        path = self.repo.path / name
-        return path.read_text() if path.exists() else ""
+        """An in-scope file as committed at the branch head (never the work tree: see committed_text)."""
+        return self.repo.committed_text(name)
 
     def context(self) -> Context:
         """Orientation for the proposer: the in-scope files, the last ~20 rows, the git log."""

@@ -17,6 +17,7 @@ import git
 from gitdb import IStream
 
 EDITABLE = "train.py"
+IN_SCOPE = (EDITABLE, "prepare.py", "program.md", "README.md")  # what a proposer is shown
 REQUIRED = ("prepare.py", "train.py")
 RUNNER_DIR = ".autoresearch"
 RESULTS = "results.tsv"
@@ -105,6 +106,24 @@ class ResearchRepo:
         if rev is None:
             return (self.path / name).read_text()
         return self.git.git.show(f"{rev}:{name}")
+
+    def committed_text(self, name: str, rev: str = "HEAD") -> str:
+        """The committed content of `name` at `rev`: from the blob, never the work tree (whose
+        file could be a link to any host file); "" when it is not tracked there.
+
+        Raises:
+            RepoError: it is tracked as a symlink.
+        """
+        try:
+            item = self.git.commit(rev).tree / name
+        except KeyError:
+            return ""
+        if item.type != "blob":
+            return ""
+        if item.mode == 0o120000:
+            raise RepoError(f"{name} is tracked as a symlink: the runner reads in-scope files as committed text "
+                            f"and never follows links; commit the file itself")
+        return item.data_stream.read().decode("utf-8", errors="replace")
 
     def current_branch(self) -> str | None:
         return None if self.git.head.is_detached else self.git.active_branch.name

@@ -78,43 +78,39 @@ def test_fetch_report_fails_prepare_only_for_explicit_repos():
     assert len(report.failed) == 2 and report.fatal == ["model:e/f HTTPError: 404"]
 
 
-def _files(root, **files):
-    for name, text in files.items():
-        (root / name.replace("__", ".")).write_text(text)
-    return root
+def _reader(**files):
+    """A committed-file reader over `files` (names with "." written "__")."""
+    files = {name.replace("__", "."): text for name, text in files.items()}
+    return lambda name: files.get(name, "")
 
 
-def test_dependencies_auto_prefers_the_lock(tmp_path):
-    _files(tmp_path, pyproject__toml='[project]\nname="x"\ndependencies=["a"]\n', uv__lock="version = 1\n",
-           requirements__txt="b\n")
-    deps = resolve_dependencies(tmp_path, "auto")
+def test_dependencies_auto_prefers_the_lock():
+    deps = resolve_dependencies(_reader(pyproject__toml='[project]\nname="x"\ndependencies=["a"]\n',
+                                        uv__lock="version = 1\n", requirements__txt="b\n"), "auto")
     assert deps.kind == "lock" and [n for n, _ in deps.files] == ["pyproject.toml", "uv.lock"]
 
 
-def test_dependencies_auto_falls_back_in_order(tmp_path):
-    _files(tmp_path, pyproject__toml='[project]\nname="x"\n', requirements__txt="b\n")
-    assert resolve_dependencies(tmp_path, "auto").kind == "requirements"  # a pyproject without deps
-    _files(tmp_path, pyproject__toml='[project]\nname="x"\ndependencies=["a"]\n')
-    assert resolve_dependencies(tmp_path, "auto").kind == "pyproject"
-    assert resolve_dependencies(tmp_path, "none").kind == "none"
+def test_dependencies_auto_falls_back_in_order():
+    no_deps = _reader(pyproject__toml='[project]\nname="x"\n', requirements__txt="b\n")
+    assert resolve_dependencies(no_deps, "auto").kind == "requirements"  # a pyproject without deps
+    with_deps = _reader(pyproject__toml='[project]\nname="x"\ndependencies=["a"]\n', requirements__txt="b\n")
+    assert resolve_dependencies(with_deps, "auto").kind == "pyproject"
+    assert resolve_dependencies(with_deps, "none").kind == "none"
+    assert resolve_dependencies(_reader(), "auto").kind == "none"
 
 
-def test_dependencies_named_explicitly_and_the_errors(tmp_path):
-    (tmp_path / "env").mkdir()
-    (tmp_path / "env" / "gpu.txt").write_text("torch\n")
-    deps = resolve_dependencies(tmp_path, "env/gpu.txt")
+def test_dependencies_named_explicitly_and_the_errors():
+    read = _reader(**{"env/gpu__txt": "torch\n"})
+    deps = resolve_dependencies(read, "env/gpu.txt")
     assert deps.kind == "requirements" and deps.files == (("requirements.txt", b"torch\n"),)
-    with pytest.raises(ConfigError, match="not a file in the repo"):
-        resolve_dependencies(tmp_path, "missing.txt")
-    with pytest.raises(ConfigError, match="not a file in the repo"):
-        resolve_dependencies(tmp_path, "../../etc/passwd")
-    (tmp_path / "uv.lock").write_text("version = 1\n")
+    with pytest.raises(ConfigError, match="not a file committed in the repo"):
+        resolve_dependencies(read, "missing.txt")
+    with pytest.raises(ConfigError, match="not a file committed in the repo"):
+        resolve_dependencies(read, "../../etc/passwd")
     with pytest.raises(ConfigError, match="pyproject.toml"):
-        resolve_dependencies(tmp_path, "uv.lock")
-    (tmp_path / "uv.lock").unlink()
-    (tmp_path / "pyproject.toml").write_text("[project\n")
+        resolve_dependencies(_reader(uv__lock="version = 1\n"), "uv.lock")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        resolve_dependencies(tmp_path, "auto")
+        resolve_dependencies(_reader(pyproject__toml="[project\n"), "auto")
 
 
 UV_DOWNLOAD_FAILURE = """\

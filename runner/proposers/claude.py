@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anthropic
 
+from ..repo import IN_SCOPE
 from ..text import block as clean_block
 from .base import Context, Proposal, Proposer, ProposerError, Summary, trajectory_from_rows
 
@@ -31,7 +32,6 @@ SUBMIT_TOOL = {
         "required": ["description"],
     },
 }
-IN_SCOPE = ("train.py", "prepare.py", "program.md", "README.md")
 WRITABLE = "train.py"
 LOG_TAIL_MAX_CHARS = 8000
 
@@ -73,7 +73,9 @@ class Workspace:
     def close(self) -> None:
         self._tmp.cleanup()
 
-    def _resolve(self, path: str) -> Path:
+    def _resolve(self, path) -> Path:
+        if not isinstance(path, str):
+            raise PermissionError(f"path must be a string, got {type(path).__name__}")
         name = path.strip().removeprefix("/repo/").lstrip("./").lstrip("/")
         target = (self.root / name).resolve()
         if target.parent != self.root.resolve() or target.name not in IN_SCOPE:

@@ -129,3 +129,24 @@ def test_gitattributes_filters_never_run_on_the_host_and_the_image_holds_the_com
     assert "repo/secret.txt" in names and program == b"$Format:%H$\n"
     with tarfile.open(fileobj=io.BytesIO(editable)) as tar:
         assert tar.extractfile("repo/train.py").read() == TRAIN.encode()
+
+
+@pytest.mark.parametrize("linked", ["program.md", "README.md", "requirements.txt"])
+def test_in_scope_and_dependency_files_tracked_as_links_are_refused(tmp_path, data_dir, linked):
+    """A repo tracking program.md (or README, or a dependency file) as a link to a host file:
+    its target would have gone to the API, or into the image. Refused, nothing read."""
+    import os
+
+    from runner.repo import RepoError
+
+    secret = tmp_path / "host-secret"
+    secret.write_text("AKIA-planted-secret\n")
+    loop, path, lines = make(tmp_path, data_dir, [(variant(VALUE=1.5), "x")], max_experiments=1)
+    (path / linked).unlink(missing_ok=True)
+    os.symlink(secret, path / linked)
+    g = git.Repo(path)
+    g.index.add([linked])
+    g.index.commit("link a host file")
+    with pytest.raises(RepoError, match=f"{linked} is tracked as a symlink"):
+        loop.run()
+    assert "AKIA" not in "\n".join(lines) and not any(c.train_py for c in loop.proposer.contexts)
