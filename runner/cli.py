@@ -33,6 +33,7 @@ RepoOpt = typer.Option(Path("."), "--repo", help="The research repo (prepare.py,
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from sandbox.backend import SandboxError
+    from sandbox.fsafe import UnsafePathError
     from sandbox.gpu import GpuError
     from sandbox.naming import TagError
 
@@ -43,7 +44,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .proposers.base import ProposerError
     from .repo import RepoError
 
-    return (SandboxError, GpuError, TagError, ConfigError, DataError, LedgerError, LoopError, RepoError, ProposerError)
+    return (SandboxError, GpuError, TagError, ConfigError, DataError, LedgerError, LoopError, RepoError, ProposerError,
+            UnsafePathError)
 
 
 def cli_command(fn):

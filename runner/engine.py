@@ -350,6 +350,7 @@ class Engine:
             command=self.cfg.command,
             limits=limits,
             log_path=log_path,
+            log_root=self.repo.path if self.repo else None,
             name=naming.container_name("run", tag, commit),
             labels=naming.managed_labels(
                 naming.KIND_RUN,
@@ -389,6 +390,7 @@ class Engine:
             limits=Limits(time_budget_s=3600, timeout_factor=1.0, mem_limit_bytes=limits.mem_limit_bytes,
                           pids_limit=limits.pids_limit, tmp_size_bytes=limits.tmp_size_bytes),
             log_path=log_path,
+            log_root=self.repo.path if self.repo else None,
             name=naming.container_name("prepare", "prepare", head),
             labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.sandbox.owner, naming.L_COMMIT: head}),
             env=env,

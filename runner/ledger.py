@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from sandbox.fsafe import open_beneath
+
 from .repo import RESULTS, RUNNER_DIR
 from .text import one_line
 
@@ -95,8 +97,9 @@ class ExperimentRecord:
         return cls(**values)
 
 
-def _append(path: Path, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _append(root: Path, path: Path, line: str) -> None:
+    """One whole line appended to `path` (below `root`, reached without following links), fsync'd."""
+    fd = open_beneath(root, path.relative_to(root), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         os.write(fd, (line + "\n").encode())
         os.fsync(fd)
@@ -104,17 +107,19 @@ def _append(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def _trim_torn_tail(path: Path) -> int:
+def _trim_torn_tail(root: Path, path: Path) -> int:
     """Cut a last line that lacks its newline (a write torn by a kill). Returns bytes cut."""
-    if not path.exists() or path.stat().st_size == 0:
+    try:
+        fd = open_beneath(root, path.relative_to(root), os.O_RDWR, make_dirs=False)
+    except FileNotFoundError:
         return 0
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return 0
-    keep = data.rfind(b"\n") + 1
-    with open(path, "r+b") as f:
+    with os.fdopen(fd, "r+b") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
         f.truncate(keep)
-    return len(data) - keep
+        return len(data) - keep
 
 
 @dataclass(frozen=True)
@@ -160,9 +165,9 @@ class Ledger:
     def open(self) -> None:
         """Create the files if needed; repair a torn last line left by a kill."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        torn = {p.name: _trim_torn_tail(p) for p in (self.results_path, self.events_path)}
+        torn = {p.name: _trim_torn_tail(self.root, p) for p in (self.results_path, self.events_path)}
         if not self.results_path.exists() or self.results_path.stat().st_size == 0:
-            _append(self.results_path, HEADER)
+            _append(self.root, self.results_path, HEADER)
         elif self.results_path.read_text().splitlines()[0] != HEADER:
             raise LedgerError(f"{self.results_path} does not start with the results.tsv header "
                               f"({HEADER.replace(chr(9), ' ')}): move it away, or fix its first line")
@@ -178,7 +183,7 @@ class Ledger:
     def append_row(self, row: Row) -> None:
         if row.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {row.status!r}")
-        _append(self.results_path, row.line())
+        _append(self.root, self.results_path, row.line())
 
     def record(self, experiment: ExperimentRecord, **extra) -> None:
         """Record a finished experiment: its event first, then its results.tsv row (a kill
@@ -188,7 +193,7 @@ class Ledger:
 
     def event(self, kind: str, **fields) -> dict:
         record = {"ts": round(time.time(), 3), "tag": self.tag, "event": kind, **fields}
-        _append(self.events_path, json.dumps(record, default=str, sort_keys=True))
+        _append(self.root, self.events_path, json.dumps(record, default=str, sort_keys=True))
         return record
 
     # --- reading ---------------------------------------------------------------------

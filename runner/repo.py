@@ -8,6 +8,7 @@ import ast
 import io
 import math
 import operator
+import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -61,7 +62,26 @@ class ResearchRepo:
             raise RepoError(f"{self.path} is not a git repository: run `git init` and commit prepare.py and train.py") from None
         if not self.git.head.is_valid():
             raise RepoError(f"{self.path} has no commits yet: commit prepare.py and train.py first")
+        self.check_runner_paths()
         self._exclude_runner_files()
+
+    def check_runner_paths(self) -> None:
+        """Refuse a repo that tracks the runner's own paths, or has links among them: the
+        runner would write run output wherever they point.
+
+        Raises:
+            RepoError: which path, and what to do.
+        """
+        tracked = self.git.git.ls_files("--", RESULTS, RUNNER_DIR).split()
+        if tracked:
+            raise RepoError(f"{self.path} tracks {', '.join(tracked[:3])}: those are the runner's own files; "
+                            f"`git rm --cached` them and commit")
+        links = [p for p in (self.path / RESULTS, self.path / RUNNER_DIR) if p.is_symlink()]
+        if (self.path / RUNNER_DIR).is_dir() and not links:
+            for folder, dirs, files in os.walk(self.path / RUNNER_DIR, followlinks=False):
+                links += [Path(folder, n) for n in dirs + files if Path(folder, n).is_symlink()]
+        if links:
+            raise RepoError(f"{links[0]} is a symlink: the runner never writes through links; remove it")
 
     def _exclude_runner_files(self) -> None:
         exclude = Path(self.git.git_dir) / "info" / "exclude"

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
+
+from sandbox.fsafe import open_beneath
 
 from .ledger import Ledger, RowStatus
 
@@ -83,7 +86,8 @@ def collect(repo_root: Path, tag: str) -> ReportData:
     return data
 
 
-def plot(data: ReportData, path: Path) -> Path:
+def plot(data: ReportData, path):
+    """Draw the run into `path` (a file name or a binary file object), as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +125,7 @@ def plot(data: ReportData, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path
 
@@ -129,11 +133,15 @@ def plot(data: ReportData, path: Path) -> Path:
 def write_report(repo_root: Path, tag: str, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write progress.png and report.html (default: .autoresearch/<tag>/). Returns both paths."""
     data = collect(repo_root, tag)
-    out_dir = Path(out_dir or Ledger(repo_root, tag).dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot(data, out_dir / "progress.png")
-    html_path = out_dir / "report.html"
-    html_path.write_text(render_html(data, png.read_bytes()))
+    # The default folder is in the (untrusted) repo: files there are opened without following links.
+    root = Path(out_dir) if out_dir else Path(repo_root)
+    folder = PurePath(".") if out_dir else Ledger(repo_root, tag).dir.relative_to(repo_root)
+    root.mkdir(parents=True, exist_ok=True)
+    png, html_path = root / folder / "progress.png", root / folder / "report.html"
+    with os.fdopen(open_beneath(root, folder / "progress.png", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+        plot(data, f)
+    with os.fdopen(open_beneath(root, folder / "report.html", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+        f.write(render_html(data, png.read_bytes()))
     return png, html_path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import statistics
 import tarfile
 import tempfile
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox import naming
+from sandbox.fsafe import open_beneath
 from sandbox.backend import Backend, ImageRecord
 from sandbox.spec import Limits
 
@@ -148,10 +150,11 @@ def noise_floor(values: list[float]) -> dict:
 
 def save_noise(ledger: Ledger, noise: dict) -> Path:
     path = ledger.noise_path
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(noise, indent=2))
-    tmp.replace(path)
+    fd = open_beneath(ledger.root, tmp.relative_to(ledger.root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(noise, indent=2))
+    tmp.replace(path)  # rename replaces a link at `path` itself, never its target
     return path
 
 

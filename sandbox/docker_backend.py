@@ -282,7 +282,7 @@ class DockerSandbox(Backend):
         except docker.errors.APIError as exc:
             raise SandboxError(f"Docker engine error looking up {spec.image}: {exc}") from None
 
-        log = CappedLog(spec.log_path, lim.log_cap_bytes, lim.log_tail_bytes)
+        log = CappedLog(spec.log_path, lim.log_cap_bytes, lim.log_tail_bytes, root=spec.log_root)
         container = None
         try:
             try:

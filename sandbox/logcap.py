@@ -8,12 +8,17 @@ last, so it is always in the tail.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from pathlib import Path
 
+from .fsafe import open_beneath, relative_to_root
+
 
 class CappedLog:
-    def __init__(self, path: Path, head_bytes: int, tail_bytes: int):
+    def __init__(self, path: Path, head_bytes: int, tail_bytes: int, root: Path | None = None):
+        """`root`: a trusted directory above `path` (the research repo); nothing between the two,
+        nor the log itself, may be a symlink (see sandbox.fsafe)."""
         self.path = path
         self.head_bytes = head_bytes
         self.tail_bytes = tail_bytes
@@ -21,8 +26,10 @@ class CappedLog:
         self._written = 0
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "wb")
+        base, below = relative_to_root(path, root)
+        base.mkdir(parents=True, exist_ok=True)
+        fd = open_beneath(base, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._file = os.fdopen(fd, "wb")
 
     def write(self, chunk: bytes) -> None:
         self.total_bytes += len(chunk)

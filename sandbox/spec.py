@@ -102,6 +102,7 @@ class RunSpec:
     workdir: str = "/repo"
     user: str = "10001:10001"
     network: bool = False               # True only for trusted code (runner prepare)
+    log_root: Path | None = None        # a trusted directory above log_path (the repo): no links below it are followed
     read_only_root: bool = True
 
 

@@ -150,3 +150,59 @@ def test_in_scope_and_dependency_files_tracked_as_links_are_refused(tmp_path, da
     with pytest.raises(RepoError, match=f"{linked} is tracked as a symlink"):
         loop.run()
     assert "AKIA" not in "\n".join(lines) and not any(c.train_py for c in loop.proposer.contexts)
+
+
+@pytest.mark.parametrize("planted,tracked", [
+    (".autoresearch/fake/events.jsonl", True),   # a repo that tracks the runner's events file as a link
+    ("results.tsv", True),
+    ("results.tsv", False),                      # or has one lying in the work tree
+    (".autoresearch", False),
+])
+def test_runner_files_that_are_links_are_refused_and_their_targets_untouched(tmp_path, data_dir, planted, tracked):
+    import os
+
+    from runner.repo import RepoError
+
+    rc = tmp_path / "bashrc"
+    rc.write_text("# the user's shell rc\n")
+    target = rc if planted != ".autoresearch" else tmp_path
+    loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "x")], max_experiments=1)
+    (path / planted).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path / planted)
+    if tracked:
+        g = git.Repo(path)
+        g.git.add("-f", planted)
+        g.index.commit("track a runner path")
+    with pytest.raises(RepoError, match="tracks|symlink"):
+        from runner.repo import ResearchRepo
+
+        ResearchRepo(path)
+    assert rc.read_text() == "# the user's shell rc\n"
+
+
+def test_a_link_planted_in_the_runs_folder_mid_run_is_not_written_through(tmp_path):
+    """The repo check ran at start; a link appearing later under .autoresearch is still refused
+    at the write (each component opened O_NOFOLLOW from the repo root)."""
+    import os
+
+    from runner.ledger import Ledger, Row
+    from sandbox.fsafe import UnsafePathError
+    from sandbox.logcap import CappedLog
+
+    rc = tmp_path / "bashrc"
+    rc.write_text("safe\n")
+    repo = tmp_path / "repo"
+    ledger = Ledger(repo, "t")
+    ledger.open()
+    os.symlink(rc, ledger.runs_dir / "1-abcdef0.log")
+    with pytest.raises(UnsafePathError):
+        CappedLog(ledger.runs_dir / "1-abcdef0.log", 1024, 1024, root=repo)
+    os.rename(ledger.dir, tmp_path / "moved")
+    os.symlink(tmp_path / "moved", ledger.dir)  # the tag folder itself swapped for a link
+    with pytest.raises(UnsafePathError):
+        ledger.event("x")
+    os.symlink(rc, repo / "new-results.tsv")
+    ledger.results_path = repo / "new-results.tsv"
+    with pytest.raises(UnsafePathError):
+        ledger.append_row(Row("abcdef0", 1.0, 0.1, "keep", "x"))
+    assert rc.read_text() == "safe\n"
