@@ -260,7 +260,8 @@ def rerun(
         typer.echo(json.dumps(out))
         return
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    typer.echo(f"{image.ref} (commit {image.commit[:7]}, recorded: {out['recorded_status'] or 'unknown'})")
+    source = " (imported: unverified)" if out["recorded_source"] == "imported" else ""
+    typer.echo(f"{image.ref} (commit {image.commit[:7]}, recorded: {out['recorded_status'] or 'unknown'}{source})")
     typer.echo(f"  recorded val_bpb: {fmt(out['recorded_val_bpb'], '.6f')}")
     for v, d, status in zip(out["new_val_bpb"], out["diff"], out["statuses"]):
         typer.echo(f"  rerun   val_bpb: {fmt(v, '.6f')}  diff {fmt(d, '+.6f')}  ({status})")

@@ -106,7 +106,9 @@ def recorded_result(repo_root: Path | None, image: ExperimentImage) -> dict | No
 
 
 def rerun(engine, image: ExperimentImage, n: int, log_dir: Path) -> list:
-    """Run `image` n times with the limits it first ran with, on data with the same digest.
+    """Run `image` n times on data with the same digest, under this host's limits (runner.yaml)
+    with the training budget it first ran with, capped by this host's: the image's limits
+    label is information, never authority (a forged one asked for unlimited memory).
 
     Raises:
         DataError: the data cache differs from the one the experiment saw.
@@ -120,8 +122,19 @@ def rerun(engine, image: ExperimentImage, n: int, log_dir: Path) -> list:
     runs = []
     for i in range(n):
         log = log_dir / f"rerun-{image.commit[:7]}-{int(time.time())}-{i}.log"
-        runs.append(engine.run_commit(image.commit, image.tag or "rerun", log, limits=image.limits, image=image.ref))
+        runs.append(engine.run_commit(image.commit, image.tag or "rerun", log, limits=rerun_limits(engine, image),
+                                      image=image.ref))
     return runs
+
+
+RERUN_MAX_BUDGET_S = 3600.0  # no recorded budget makes a rerun train longer than this without --budget
+
+
+def rerun_limits(engine, image: ExperimentImage) -> Limits:
+    """This host's limits for a rerun of `image`: runner.yaml's ceilings; the budget from --budget
+    or budget_s, else the recorded one up to RERUN_MAX_BUDGET_S."""
+    budget = engine.cfg.budget_s or min(image.limits.time_budget_s, RERUN_MAX_BUDGET_S)
+    return engine.cfg.sandbox_limits(budget)
 
 
 def compare(image: ExperimentImage, record: dict | None, runs: list) -> dict:
@@ -131,6 +144,7 @@ def compare(image: ExperimentImage, record: dict | None, runs: list) -> dict:
     return {
         "image": image.ref, "image_id": image.id, "commit": image.commit,
         "recorded_val_bpb": recorded, "recorded_status": record.get("status") if record else None,
+        "recorded_source": record.get("source", "ledger") if record else None,
         "new_val_bpb": new,
         "diff": [None if v is None or recorded is None else round(v - recorded, 6) for v in new],
         "statuses": [r.outcome.status + (f" {r.outcome.reason}" if r.outcome.reason else "") for r in runs],
@@ -211,11 +225,53 @@ def export_image(backend: Backend, image: ExperimentImage, record: dict | None, 
     return out
 
 
-def import_image(backend: Backend, path: Path) -> ExperimentImage:
-    """Load an exported experiment and keep its record for `runner rerun`.
+def _quarantined(saved: tarfile.TarFile) -> tuple[dict, tempfile.SpooledTemporaryFile]:
+    """Check a docker-save archive from an untrusted file and make a copy the engine will load
+    without any name: exactly one image, an experiment image of this runner, no volumes, no
+    entrypoint, no healthcheck.
+
+    Returns:
+        (the image's config labels, the copy, positioned at its start)
 
     Raises:
-        RepoError: the file is not an export of `runner export`.
+        RepoError: what is refused, and why.
+    """
+    manifest = json.loads(saved.extractfile("manifest.json").read())
+    if not isinstance(manifest, list) or len(manifest) != 1:
+        raise RepoError(f"the file holds {len(manifest) if isinstance(manifest, list) else 'no'} images: "
+                        "an export holds exactly one experiment image")
+    config = (json.loads(saved.extractfile(manifest[0]["Config"]).read()).get("config") or {})
+    labels = config.get("Labels") or {}
+    if labels.get(naming.L_KIND) != naming.KIND_EXPERIMENT or not labels.get(naming.L_COMMIT):
+        raise RepoError("the file's image is not an autoresearch-runner experiment image")
+    for key, what in (("Volumes", "a VOLUME (writable host disk outside every cap)"),
+                      ("Entrypoint", "an ENTRYPOINT (code that runs before the experiment's command)"),
+                      ("Healthcheck", "a HEALTHCHECK (a second process the runner never started)")):
+        if config.get(key):
+            raise RepoError(f"the file's image declares {what}: refused")
+    manifest[0]["RepoTags"] = None  # loaded by id only: nothing on this engine is renamed by it
+    copy = tempfile.SpooledTemporaryFile(max_size=64 * 2**20)
+    with tarfile.open(fileobj=copy, mode="w") as out:
+        for member in saved.getmembers():
+            if member.name == "repositories":
+                continue  # the legacy tag file
+            if member.name == "manifest.json":
+                data = json.dumps(manifest).encode()
+                info = tarfile.TarInfo("manifest.json")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+            else:
+                out.addfile(member, saved.extractfile(member) if member.isfile() else None)
+    copy.seek(0)
+    return labels, copy
+
+
+def import_image(backend: Backend, path: Path) -> ExperimentImage:
+    """Load an exported experiment (checked in quarantine: see _quarantined) under its own name,
+    which must not exist yet, and keep its record, marked imported, for `runner rerun`.
+
+    Raises:
+        RepoError: the file is not an export of `runner export`, or its image is refused.
         SandboxError: the engine failed to load it (its own words).
     """
     try:
@@ -224,13 +280,30 @@ def import_image(backend: Backend, path: Path) -> ExperimentImage:
             image_tar = tar.extractfile("image.tar")
             if image_tar is None:
                 raise KeyError("image.tar")
-            images = backend.load_images(image_tar)
-    except (OSError, KeyError, tarfile.TarError, ValueError):
+            with tarfile.open(fileobj=image_tar) as saved:
+                labels, copy = _quarantined(saved)
+    except RepoError:
+        raise  # refused in quarantine: the reason is the message
+    except (OSError, KeyError, tarfile.TarError, ValueError, TypeError):
         raise RepoError(f"{path} is not a file written by `runner export`") from None
-    if not images:
-        raise RepoError(f"{path} holds no image: it is not a file written by `runner export`")
+    tag, commit = labels.get(naming.L_TAG) or "imported", labels[naming.L_COMMIT]
+    try:
+        naming.check_tag(tag)
+    except naming.TagError:
+        raise RepoError(f"the file's image names the tag {tag!r}, which is not usable here: refused") from None
+    with copy:
+        images = backend.load_images(copy)
+    if len(images) != 1:
+        raise RepoError(f"{path} loaded {len(images)} images: an export holds exactly one")
     image = images[0]
+    ref = naming.experiment_image_ref(tag, commit)
+    existing = backend.image(ref)
+    if existing is not None and existing.id != image.id:
+        raise RepoError(f"{ref} already exists on this engine as another image: an import never replaces a name "
+                        f"(remove it first if you mean to)")
+    backend.tag_image(image.id, ref)
     if meta.get("record"):
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-        (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(meta["record"]))
-    return ExperimentImage.of(backend, image)
+        record = {**meta["record"], "source": "imported"}
+        (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(record))
+    return ExperimentImage.of(backend, backend.image(ref))

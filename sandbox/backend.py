@@ -125,6 +125,10 @@ class Backend(Sandbox):
         """Bytes of the layers between `image_id` and the image `below_id` it was built on."""
 
     @abc.abstractmethod
+    def tag_image(self, image_id: str, ref: str) -> None:
+        """Give the image `image_id` the name `ref`."""
+
+    @abc.abstractmethod
     def remove_image(self, ref: str) -> None:
         """Remove an image (its tag, and its layers no other image uses)."""
 

@@ -222,6 +222,11 @@ class DockerSandbox(Backend):
             total += layer.get("Size", 0)
         return total
 
+    @_engine_errors("naming an image")
+    def tag_image(self, image_id: str, ref: str) -> None:
+        repository, tag = ref.rsplit(":", 1)
+        self.client.images.get(image_id).tag(repository, tag)
+
     @_engine_errors("removing an image")
     def remove_image(self, ref: str) -> None:
         try:

@@ -59,6 +59,9 @@ class FakeBackend(Backend):
     def added_bytes(self, image_id, below_id):
         return 0
 
+    def tag_image(self, image_id, ref):
+        self.records[ref] = next(r for r in self.records.values() if r.id == image_id)
+
     def remove_image(self, ref):
         self.records.pop(ref, None)
 
