@@ -93,6 +93,9 @@ def experiment_env(cfg: RunConfig, limits: Limits) -> dict[str, str]:
     budget = limits.time_budget_s
     env = {
         "AUTORESEARCH_TIME_BUDGET": str(int(budget)) if float(budget).is_integer() else str(budget),
+        # The run's uid has no passwd entry (one uid per run): getpass and friends read these.
+        "USER": "runner",
+        "LOGNAME": "runner",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         # Writable caches live on the /tmp tmpfs: the rest of the filesystem is read-only.
@@ -345,9 +348,11 @@ class Engine:
             built = images.BuiltImage(image, found.id, True, 0.0)
         else:
             built = image
+        uid = naming.run_uid({int(r.labels.get(naming.L_UID, "0") or 0) for r in self.sandbox.running()})
         spec = RunSpec(
             image=built.ref,
             command=self.cfg.command,
+            user=f"{uid}:{uid}",
             limits=limits,
             log_path=log_path,
             log_root=self.repo.path if self.repo else None,
@@ -361,6 +366,7 @@ class Engine:
                     naming.L_ITERATION: str(iteration),
                     naming.L_GPUS: ",".join(devices),
                     naming.L_REPO: str(self.repo.path) if self.repo else "",
+                    naming.L_UID: str(uid),
                 },
             ),
             env=experiment_env(self.cfg, limits),

@@ -33,6 +33,7 @@ L_LIMITS = f"{LABEL}.limits"            # JSON of the Limits the experiment ran 
 L_RUNNER_VERSION = f"{LABEL}.runner-version"
 L_GPU_MODEL = f"{LABEL}.gpu-model"
 L_REPO = f"{LABEL}.repo"                # host path of the research repo (runner status reads its ledger)
+L_UID = f"{LABEL}.uid"                  # the host uid a run's processes have (one per run, see run_uid)
 
 OCI_REVISION = "org.opencontainers.image.revision"
 OCI_BASE_DIGEST = "org.opencontainers.image.base.digest"
@@ -121,3 +122,19 @@ def managed_filter(kind: str | None = None, **labels: str) -> dict:
         selected.append(f"{L_KIND}={kind}")
     selected += [f"{k}={v}" for k, v in labels.items()]
     return {"label": selected}
+
+
+# Each run's processes get their own host uid from this reserved range (no host account should
+# use it): per-uid kernel limits (inotify instances, RLIMIT_NPROC accounting, keyrings) are then
+# not shared by parallel workers, other users' runners, or an account that happens to be 10001.
+RUN_UID_BASE = 200_000
+RUN_UID_COUNT = 65_536
+
+
+def run_uid(in_use: set[int]) -> int:
+    """A uid of the reserved range that no running experiment holds."""
+    for _ in range(64):
+        uid = RUN_UID_BASE + secrets.randbelow(RUN_UID_COUNT)
+        if uid not in in_use:
+            return uid
+    raise RuntimeError("no free run uid in the reserved range")  # 64 misses in 65,536: cannot happen in practice

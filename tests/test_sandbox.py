@@ -57,7 +57,9 @@ def test_no_network_only_loopback_no_route_no_resolver(probe):
 
 def test_non_root_without_capabilities(probe):
     _, facts = probe
-    assert facts["uid"] == 10001 and facts["gid"] == 10001
+    from sandbox.naming import RUN_UID_BASE, RUN_UID_COUNT
+
+    assert RUN_UID_BASE <= facts["uid"] < RUN_UID_BASE + RUN_UID_COUNT and facts["gid"] == facts["uid"]
     assert int(facts["cap_eff"], 16) == 0 and int(facts["cap_prm"], 16) == 0
     assert facts["no_new_privs"] == "1"
 
@@ -145,3 +147,13 @@ def test_the_deadline_holds_without_the_runner(docker_client, tmp_path):
         container.remove(force=True)
     assert status["StatusCode"] in (124, 137)  # timeout's TERM, then KILL for what ignores TERM
     assert limits.inner_deadline_s <= took < limits.inner_deadline_s + 10
+
+
+def test_each_run_has_its_own_host_uid(run_train):
+    """Per-uid kernel limits are not shared between runs: each run is its own uid of the reserved range."""
+    from probes import probe_train_py, read_probe
+
+    from sandbox.naming import RUN_UID_BASE, RUN_UID_COUNT
+
+    uids = [read_probe(run_train(probe_train_py()).result.log_path.read_text())["uid"] for _ in range(2)]
+    assert all(RUN_UID_BASE <= u < RUN_UID_BASE + RUN_UID_COUNT for u in uids) and uids[0] != uids[1]

@@ -241,7 +241,7 @@ def test_a_daemon_left_behind_is_gone_when_the_run_ends(attack):
         os._exit(0)
     time.sleep(0.5)
     """))
-    assert run.outcome.status == "ok"  # the fixture then checks no uid-10001 process is left
+    assert run.outcome.status == "ok"  # the fixture then checks no process of the run is left
 
 
 def _rss_growth_mb(fn):
@@ -306,7 +306,7 @@ def test_privileges_cannot_be_gained(attack):
     """))
     r = report(run)
     assert int(r["cap_eff"], 16) == 0 and int(r["cap_bnd"], 16) == 0 and r["no_new_privs"] == "1"
-    assert r["setuid0"] == "PermissionError" and r["mknod"] == "PermissionError" and r["euid"] == 10001
+    assert r["setuid0"] == "PermissionError" and r["mknod"] == "PermissionError" and r["euid"] >= 200_000
     assert r["su_rc"] in (None, 1) or r["su_rc"] != 0
 
 
