@@ -7,11 +7,13 @@ reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import BinaryIO, Callable
 
 import docker
@@ -35,6 +37,8 @@ from .spec import (
 )
 
 POLL_S = 0.2  # watchdog period: memory, VRAM, deadline and stop requests
+SECCOMP_PROFILE = json.dumps(json.loads(Path(__file__).with_name("seccomp").joinpath("default.json").read_text()),
+                             separators=(",", ":"))
 
 # Called with a container id; returns the MiB of VRAM its processes hold (NVML).
 VramProbe = Callable[[str], float]
@@ -90,7 +94,9 @@ def hardened_create_kwargs(spec: RunSpec, image_env: dict[str, str] | None = Non
             for m in spec.mounts
         ],
         cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
+        # The engine's current default seccomp profile, shipped with the runner: older engines'
+        # built-in one still allows io_uring (sandbox/seccomp/README.md).
+        security_opt=["no-new-privileges:true", f"seccomp={SECCOMP_PROFILE}"],
         init=True,  # tini reaps zombies and forwards SIGTERM to the training process
         ipc_mode="private",
         pids_limit=lim.pids_limit,
