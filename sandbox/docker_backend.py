@@ -192,9 +192,20 @@ class DockerSandbox(Backend):
     """The Backend on a local (or DOCKER_HOST) Docker engine."""
 
     def __init__(self, client: docker.DockerClient | None = None, vram_probe: VramProbe | None = None):
+        """
+        Raises:
+            SandboxError: GPUs are to be watched (`vram_probe`) from a runner container that does
+                not share the host's PID namespace: NVML names processes by host PID, and without
+                it the watchdog would see none of them and enforce nothing.
+        """
         self.client = client or connect()
         self.vram_probe = vram_probe
         self.owner = runner_owner(self.client)
+        if vram_probe is not None and self.owner.startswith("container:"):
+            me = self.client.containers.get(self.owner.split(":", 1)[1])
+            if (me.attrs.get("HostConfig") or {}).get("PidMode") != "host":
+                raise SandboxError("the VRAM watchdog maps GPU processes by host PID, which this runner's container "
+                                   "cannot see: run it with --pid host (see the README's docker run)")
 
     # --- images ------------------------------------------------------------------------
 
