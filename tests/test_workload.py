@@ -68,6 +68,8 @@ LOCKED_TRAIN = textwrap.dedent(f'''\
     from kernels import get_kernel
 
     tiny = get_kernel("{KERNEL_REPO}")
+    import os
+    print("TOKEN_VISIBLE", os.path.exists(os.path.expanduser("~/.cache/huggingface/token")))
     print("DEP_VERSION", arfixture_dep.__version__)
     print("KERNEL_RESULT", tiny.triple(14))
     ''') + SUMMARY
@@ -132,6 +134,7 @@ def locked(tmp_path_factory, servers):
     root = tmp_path_factory.mktemp("locked")
     index.add("arfixture-dep", "1.0.0", '__version__ = "1.0.0"\n')
     pyproject = _pyproject("lockfixture", ["arfixture-dep", "kernels==0.12.1", "huggingface-hub==1.5.0"], index_url)
+    (root / "token").write_text("hf_planted_token\n")  # HF_HOME's token file, beside the hub cache
     repo = _locked_repo(root / "repo", pyproject, LOCKED_TRAIN,
                         {"runner.yaml": f"hf_cache: {root / 'hub'}\n"})
     index.add("arfixture-dep", "2.0.0", '__version__ = "2.0.0"\n')  # a plain resolve would take this one
@@ -160,6 +163,7 @@ def test_experiment_sees_the_locked_version_and_loads_the_kernel_offline(locked)
     assert record["status"] == "ok", log[-3000:]
     assert "DEP_VERSION 1.0.0" in log
     assert "KERNEL_RESULT 42" in log
+    assert "TOKEN_VISIBLE False" in log  # the hub cache is mounted, never HF_HOME and its token
 
 
 def test_uncached_hub_repo_is_a_crash_that_names_it(locked):

@@ -340,3 +340,41 @@ def test_nothing_of_the_host_or_other_runs_is_visible(attack):
     assert r["docker_sock"] == [] and r["git"] is False and r["docker_lib"] is False
     assert r["pid1"].endswith("docker-init") and len(r["pids"]) <= 3
     assert not any(m.startswith(("/var/lib/docker", "/root", "/work")) for m in r["mounts"])
+
+
+def test_the_host_file_table_and_core_dumps_are_out_of_reach(attack):
+    run = attack(script("""
+    import resource
+    files = []
+    def grab():
+        while True:
+            files.append(open("/dev/null"))
+    r = {"open": attempt(grab), "count": len(files), "core": list(resource.getrlimit(resource.RLIMIT_CORE)),
+         "raise_core": attempt(lambda: resource.setrlimit(resource.RLIMIT_CORE, (2**30, 2**30)))}
+    print("REPORT " + json.dumps(r))
+    """))
+    r = report(run)
+    assert r["open"] == "OSError" and 900 < r["count"] < 1024  # EMFILE at the nofile ulimit (1024)
+    assert r["core"] == [0, 0] and r["raise_core"] == "ValueError"  # and it cannot be raised
+
+
+def test_proxy_credentials_of_the_client_config_never_enter(attack, tmp_path, monkeypatch):
+    secret = "proxy-user:s3cret-planted"
+    (tmp_path / "docker-config").mkdir()
+    (tmp_path / "docker-config" / "config.json").write_text(json.dumps(
+        {"proxies": {"default": {"httpProxy": f"http://{secret}@127.0.0.1:3128", "httpsProxy": f"http://{secret}@127.0.0.1:3128"}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    run = attack(script("""
+    print("REPORT " + json.dumps({"environ": open("/proc/self/environ", "rb").read().decode(errors="replace")}))
+    """))
+    assert "s3cret-planted" not in report(run)["environ"]
+
+
+def test_the_configured_oci_runtime_is_the_one_used(run_train):
+    """runtime: in runner.yaml reaches the engine (gVisor's runsc, Kata); one it lacks is a
+    harness error naming it, never a silent fallback to runc."""
+    from sandbox.backend import SandboxError
+
+    assert run_train(SUMMARY, runtime="runc").outcome.status == "ok"
+    with pytest.raises(SandboxError, match="no-such-runtime"):
+        run_train(SUMMARY, runtime="no-such-runtime")
