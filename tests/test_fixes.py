@@ -174,21 +174,31 @@ def test_a_tag_sees_only_its_own_rows_though_results_tsv_holds_every_tag(tmp_pat
 
 @pytest.mark.docker
 def test_import_names_the_engines_error_not_a_wrong_file(tmp_path):
-    """An export file whose image the engine refuses: the engine's words, not 'not a file
-    written by runner export' (which is for files of another shape)."""
+    """An export whose image passes the runner's checks but that the engine refuses (its layer
+    is missing): the engine's words, not 'not a file written by runner export' (which is for
+    files of another shape)."""
     import io
     import json
     import tarfile
 
     from conftest import runner_cli
+    from sandbox import naming
 
+    def tar_of(entries):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    config = {"config": {"Labels": {naming.L_KIND: naming.KIND_EXPERIMENT, naming.L_COMMIT: "e" * 40}}}
+    image_tar = tar_of([("manifest.json", json.dumps([{"Config": "c.json", "RepoTags": None,
+                                                        "Layers": ["missing/layer.tar"]}]).encode()),
+                        ("c.json", json.dumps(config).encode())])
     bundle = tmp_path / "exp.tar"
-    with tarfile.open(bundle, "w") as tar:
-        for name, data in (("record.json", json.dumps({"ref": "x", "id": "y", "record": None}).encode()),
-                           ("image.tar", b"this is no image archive")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    bundle.write_bytes(tar_of([("record.json", b'{"record": null}'), ("image.tar", image_tar)]))
     r = runner_cli("import", str(bundle))
     assert r.returncode == 2
     assert r.stderr.startswith("error: Docker engine error loading images") and "runner export" not in r.stderr
