@@ -192,3 +192,24 @@ def test_a_lock_that_cannot_be_installed_is_one_error_naming_the_package(tmp_pat
     assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
     assert "arfixture-gone" in errors[0] and "uv.lock" in errors[0]
 
+
+
+def test_requirements_keep_the_bases_torch_and_add_what_is_missing(tmp_path, servers, data_dir):
+    """A requirements.txt naming torch (most research repos do) must not pull a CUDA torch over
+    the base's: it is satisfied as it is; the rest is installed."""
+    from conftest import make_repo
+
+    index, index_url, _, _ = servers
+    index.add("arfixture-req", "3.0.0", '__version__ = "3.0.0"\n')
+    train = textwrap.dedent('''\
+        import arfixture_req, torch
+        print("REQ", arfixture_req.__version__, "TORCH", torch.__version__)
+        ''') + SUMMARY
+    repo = make_repo(tmp_path / "repo", train, MINI_PREPARE, {
+        "requirements.txt": f"--extra-index-url {index_url}/simple\ntorch\narfixture-req==3.0.0\n"})
+    r = runner_cli("run", "--repo", str(repo), "--data-dir", str(data_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    log = open(record["log"]).read()
+    assert record["status"] == "ok", log[-2000:]
+    assert "REQ 3.0.0 TORCH 2.13.0+cpu" in log
