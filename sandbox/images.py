@@ -287,7 +287,7 @@ def _build(client, files: dict[str, bytes], ref: str, labels: dict, progress: Pr
                 if line.strip():
                     log.append(line)
                     if line.startswith("Step "):
-                        progress(f"  {line}")
+                        progress(f"  {line[:120]}" + (" ..." if len(line) > 120 else ""))
             if "error" in chunk:
                 log += [line for line in _ANSI.sub("", pending).split("\n") if line.strip()]
                 raise ImageBuildError(f"building {ref} failed: {chunk['error'].strip()}\n" + "\n".join(log[-20:]), log)
