@@ -47,9 +47,11 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
     except ConfigError as exc:
         report(False, "runner.yaml", str(exc))
         return False
+    repo_ok = False
     try:
-        ResearchRepo(cfg.repo)
+        research = ResearchRepo(cfg.repo)
         report(True, f"research repo {cfg.repo}")
+        repo_ok = True
     except RepoError as exc:
         report(False, "research repo", str(exc))
     try:
@@ -57,4 +59,21 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
         report(True, f"data cache {cfg.data_dir}")
     except DataError as exc:
         report(False, f"data cache {cfg.data_dir}", str(exc))
+    if backend is not None and devices:
+        echo(f"[ok] GPU access: {backend.gpu_runtime(cfg.gpu_runtime)} (gpu_runtime: {cfg.gpu_runtime})")
+    if repo_ok:
+        from .hub import SOURCES, wanted_refs
+
+        try:
+            refs = wanted_refs({name: research.committed_text(name) for name in SOURCES}, cfg.hf_prefetch)
+        except (RepoError, ConfigError) as exc:
+            report(False, "Hugging Face Hub repos", str(exc))
+            return ok
+        missing = [r.repo_id for r in refs if not r.is_cached(cfg.hf_cache)]
+        if refs and not missing:
+            echo(f"[ok] Hub repos the code names are cached in {cfg.hf_cache}: {', '.join(r.repo_id for r in refs)}")
+        elif refs:
+            # not a failure: code can name repos only one GPU generation loads (autoresearch's FA3)
+            echo(f"[warn] Hub repos not in {cfg.hf_cache}: {', '.join(missing)} -> `runner prepare` fetches them "
+                 "(an experiment that asks for a missing one crashes with reason hub_offline)")
     return ok
