@@ -170,12 +170,15 @@ def run(
         engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
         log = RunnerFiles(research.path).adhoc_run_log(sha)
         result = engine.run_commit(sha, tag, log)
+        if cfg.verify != "off":
+            result = engine.verify(result, tag)
     record = result.to_dict()
     if as_json:
         typer.echo(json.dumps(record, sort_keys=True))
     else:
         val = "-" if record["val_bpb"] is None else f"{record['val_bpb']:.6f}"
-        typer.echo(f"{record['status']} {record['reason']} val_bpb:{val} mem:{record['memory_gb']}GB "
+        verdict = f" verdict:{record['verdict']}" if record["verdict"] else ""
+        typer.echo(f"{record['status']} {record['reason']}{verdict} val_bpb:{val} mem:{record['memory_gb']}GB "
                    f"wall:{record['wall_s']}s overhead:{record['overhead_s']}s image:{record['image']} log:{record['log']}")
         if record["detail"]:
             typer.echo(record["detail"])

@@ -93,6 +93,9 @@ class RunConfig:
     data_dir: Path = field(default_factory=default_data_dir)  # prepared data, mounted read-only
     hf_cache: Path | None = None         # Hugging Face hub cache (HF_HUB_CACHE); null = the host's default hub cache
     hf_prefetch: tuple[str, ...] = ()    # Hub repos `runner prepare` fetches besides those found in the code
+    verify: str = "auto"                 # auto | on | off | sample: keeps need a val_bpb trusted code computed (see README)
+    verify_target: str = "prepare.evaluate_bpb"  # the repo's evaluation function; the model it is given is exported
+    verify_tolerance: float = 0.002      # relative difference self-reported vs verified beyond which a run is forged
     command: tuple[str, ...] = ("python", "train.py")
     env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -193,6 +196,8 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{CONFIG_FILE} is not valid YAML: {exc}".splitlines()[0]) from None
+    if isinstance(data, dict) and isinstance(data.get("verify"), bool):  # YAML reads a bare on/off as a boolean
+        data["verify"] = "on" if data["verify"] else "off"
     cfg = _build(RunConfig, data)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in dataclasses.fields(LimitsConfig)}}
@@ -212,6 +217,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"proposer must be auto, offline or claude, got {cfg.proposer!r}")
     if isinstance(cfg.prefetch, str) and cfg.prefetch != "auto":
         raise ConfigError(f"prefetch must be a number or 'auto', got {cfg.prefetch!r}")
+    if cfg.verify not in ("auto", "on", "off", "sample"):
+        raise ConfigError(f"verify must be auto, on, off or sample, got {cfg.verify!r}")
+    if "." not in cfg.verify_target:
+        raise ConfigError(f"verify_target must be module.function, got {cfg.verify_target!r}")
     if cfg.gpu_runtime not in ("auto", "toolkit", "devices"):
         raise ConfigError(f"gpu_runtime must be auto, toolkit or devices, got {cfg.gpu_runtime!r}")
     if cfg.workers is not None and cfg.workers < 1:

@@ -16,14 +16,17 @@ from pathlib import Path
 from sandbox import images, naming
 from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
-from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec
+from sandbox.spec import EXPORT_DIR, GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
 from .config import DATA_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
 from .data import check_data_dir, data_digest
 from .deps import resolve_dependencies
 from .repo import ResearchRepo, read_time_budget
-from .summary import REASON_HUB_OFFLINE, Outcome, judge, memory_gb
+from .summary import REASON_HUB_OFFLINE, STATUS_OK, Outcome, apply_verification, judge, memory_gb
+
+
+VERIFIER = "/opt/autoresearch-hooks/verify.py"  # in every trainer image (Dockerfile.trainer)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ExperimentRun:
     memory_gb: float
     total_s: float       # commit -> outcome, all of it
     limits: Limits
+    verify_s: float = 0.0  # the verifier's container, when it ran
 
     @property
     def overhead_s(self) -> float:
@@ -65,6 +69,9 @@ class ExperimentRun:
             "reason": self.outcome.reason,
             "detail": self.outcome.detail,
             "val_bpb": self.outcome.val_bpb if self.outcome.status == "ok" else None,
+            "verdict": self.outcome.verdict,
+            "self_reported_val_bpb": self.outcome.self_reported,
+            "verify_s": self.verify_s,
             "memory_gb": self.memory_gb,
             "commit": self.commit,
             "image": self.image.ref,
@@ -85,7 +92,7 @@ class ExperimentRun:
         }
 
 
-def experiment_env(cfg: RunConfig, limits: Limits) -> dict[str, str]:
+def experiment_env(cfg: RunConfig, limits: Limits, export: bool = False) -> dict[str, str]:
     """The whole environment an experiment gets beyond its image's ENV: an allow-list.
 
     Nothing is copied from the runner's own environment, so API keys and tokens never enter.
@@ -109,6 +116,9 @@ def experiment_env(cfg: RunConfig, limits: Limits) -> dict[str, str]:
     elif limits.cpuset:
         env["OMP_NUM_THREADS"] = str(len(_expand_cpuset(limits.cpuset)))
     env["HF_HUB_CACHE"] = HF_MOUNT
+    if export:  # arms the export hook (sandbox/hooks/sitecustomize.py); the runner then collects its files
+        env["AUTORESEARCH_VERIFY_TARGET"] = cfg.verify_target
+        env["AUTORESEARCH_VERIFY_DIR"] = EXPORT_DIR
     env.update(cfg.env)
     return env
 
@@ -321,6 +331,7 @@ class Engine:
         limits: Limits | None = None,
         image: images.BuiltImage | str | None = None,
         slot: Slot | None = None,
+        export: bool | None = None,
     ) -> ExperimentRun:
         """Run `commit` in the sandbox, building its image unless `image` is given.
 
@@ -328,6 +339,8 @@ class Engine:
             image: a BuiltImage already built for `commit`, or the reference of an existing
                 image to run as it is (reruns); None builds it (which reads git).
             slot: the devices and CPUs of one parallel worker; None = this engine's lease.
+            export: arm the export hook and collect the model for `verify` (default: unless
+                verify is off).
 
         Raises:
             DataError: the data cache is not prepared.
@@ -348,14 +361,31 @@ class Engine:
             built = images.BuiltImage(image, found.id, True, 0.0)
         else:
             built = image
+        export = self.cfg.verify != "off" if export is None else export
+        collect_dir = log_path.with_suffix(".verify") if export else None
+        spec = self._spec(built.ref, self.cfg.command, tag, commit, iteration, devices, limits, log_path,
+                          collect_dir=collect_dir, export=export)
+        result = self.sandbox.run(spec, stop)
+        outcome = judge(result)
+        if outcome.reason == REASON_HUB_OFFLINE and self.repo is not None:
+            outcome = dataclasses.replace(outcome, detail=hub.missing_detail(self.hub_refs(commit), self.cfg.hf_cache))
+        return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits)
+
+    def _spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
+              devices: tuple[str, ...], limits: Limits, log_path: Path, mounts: tuple[Mount, ...] = (),
+              collect_dir: Path | None = None, export: bool = False) -> RunSpec:
+        """The RunSpec of one untrusted (or verifying) run: a uid of its own, the allow-listed
+        environment, the caches read-only, no network. `export`: the verification variables in
+        the environment (the hook exports, the verifier reads the target)."""
         uid = naming.run_uid({int(r.labels.get(naming.L_UID, "0") or 0) for r in self.sandbox.running()})
-        spec = RunSpec(
-            image=built.ref,
-            command=self.cfg.command,
+        return RunSpec(
+            image=image_ref,
+            command=command,
             user=f"{uid}:{uid}",
             limits=limits,
             log_path=log_path,
             log_root=self.repo.path if self.repo else None,
+            collect_dir=collect_dir,
             name=naming.container_name("run", tag, commit),
             labels=naming.managed_labels(
                 naming.KIND_RUN,
@@ -369,16 +399,40 @@ class Engine:
                     naming.L_UID: str(uid),
                 },
             ),
-            env=experiment_env(self.cfg, limits),
-            mounts=self.mounts(),
+            env=experiment_env(self.cfg, limits, export=export),
+            mounts=self.mounts() + mounts,
             gpus=devices,
             gpu_access=self.gpu_access(devices),
         )
-        result = self.sandbox.run(spec, stop)
-        outcome = judge(result)
-        if outcome.reason == REASON_HUB_OFFLINE and self.repo is not None:
-            outcome = dataclasses.replace(outcome, detail=hub.missing_detail(self.hub_refs(commit), self.cfg.hf_cache))
-        return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits)
+
+    def verify(self, run: ExperimentRun, tag: str, iteration: int = 0, stop: threading.Event | None = None,
+               slot: Slot | None = None) -> ExperimentRun:
+        """Decide the number that counts: a fresh container of the run's image, where no train.py
+        code runs, evaluates the model the export hook collected with the repo's own evaluation
+        function and probes its causality (sandbox/hooks/verify.py). The run's outcome gets the
+        verdict and the verified val_bpb (see summary.apply_verification).
+
+        Raises:
+            SandboxError: the harness failed.
+        """
+        if run.outcome.status != STATUS_OK:
+            return run
+        t0 = time.monotonic()
+        report = None
+        if run.result.collected:
+            folder = run.result.log_path.with_suffix(".verify")
+            devices = self.gpus.devices if slot is None else slot.devices
+            spec = self._spec(run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices,
+                              run.limits, folder.with_suffix(".verify.log"), mounts=(Mount(folder, "/verify", True),),
+                              export=True)
+            result = self.sandbox.run(spec, stop)
+            report = next((json.loads(line[len("VERIFY "):]) for line in reversed(result.output_tail.splitlines())
+                           if line.startswith("VERIFY {")), None)
+            if report is None:
+                report = {"verdict": "unverified", "why": f"the verifier ended without a verdict "
+                                                          f"({result.reason or 'exit ' + str(result.exit_code)}); read {spec.log_path}"}
+        outcome = apply_verification(run.outcome, report, self.cfg.verify_tolerance)
+        return dataclasses.replace(run, outcome=outcome, verify_s=round(time.monotonic() - t0, 3))
 
     def _trusted_run(self, command: tuple[str, ...], log_path: Path) -> RunResult:
         """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on

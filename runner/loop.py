@@ -10,6 +10,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -30,7 +31,7 @@ from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
-from .summary import STATUS_OK
+from .summary import STATUS_OK, VERDICT_OK, VERDICT_UNVERIFIED
 from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
@@ -94,6 +95,8 @@ class Loop:
         self.lock = threading.RLock()  # git, the ledger, the state: one worker at a time
         self.min_delta = 0.0
         self.started = time.monotonic()
+        # auto verifies like on, unless the baseline shows this repo's evaluation cannot be replayed
+        self.verify_mode = cfg.verify
 
     # --- setup -----------------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class Loop:
                 self.ledger.append_row(e.row)
                 self.ledger.event("row_restored", commit=e.row.commit)
         self.state = RunState.recover(experiments)
+        if self.cfg.verify == "auto" and self.ledger.events("verification_unavailable"):
+            self.verify_mode = "off"
         ceilings = self.ledger.events("vram_ceiling")
         if ceilings and self.cfg.limits.vram_gb is None:
             self.engine.vram_ceiling_gb = ceilings[-1]["gb"]  # the default ceiling outlives the stop
@@ -194,7 +199,10 @@ class Loop:
                 job.image = self.engine.experiment_image(job.commit, self.tag, self.engine.limits(),
                                                          data_digest(self.cfg.data_dir), sources=job.sources)
             run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
-                                         image=job.image if job else None, slot=slot)
+                                         image=job.image if job else None, slot=slot,
+                                         export=self.verify_mode != "off")
+            if self._needs_verification(run):
+                run = self.engine.verify(run, self.tag, iteration, stop=self.stop, slot=slot)
         finally:
             self.reporter.finished(iteration)
         if self.stop.is_set():
@@ -202,11 +210,22 @@ class Loop:
                 self.repo.respawn_git()
         return run
 
+    def _needs_verification(self, run: ExperimentRun) -> bool:
+        """verify on: every result; sample: only a result that could be kept (the others decide nothing)."""
+        if self.verify_mode == "off" or run.outcome.status != STATUS_OK or self.stop.is_set():
+            return False
+        if self.verify_mode == "sample":
+            with self.lock:
+                return run.outcome.val_bpb < self.state.best_val_bpb - self.min_delta
+        return True
+
     def _record(self, iteration: int, run: ExperimentRun, status: RowStatus, description: str,
                 proposal: Proposal | None, parent: str | None = None, verifies: int | None = None) -> Row:
         outcome = run.outcome
         if outcome.status != STATUS_OK:
             description = f"{description} [{outcome.reason}]"
+        elif outcome.verdict not in ("", VERDICT_OK):
+            description = f"{description} [{outcome.verdict}]"
         row = Row(run.commit[:7], outcome.val_bpb, run.memory_gb, status, description)
         record = ExperimentRecord(
             iteration=iteration, commit=run.commit, row=row, outcome=outcome.status, reason=outcome.reason,
@@ -232,6 +251,23 @@ class Loop:
                 f"the baseline crashed ({run.outcome.reason}): the environment or data is broken, not the idea. "
                 + (f"{run.outcome.detail}. " if run.outcome.detail else "")
                 + f"Read {run.result.log_path}; last lines:\n{block(run.result.tail_lines(15))}"
+            )
+        if self.verify_mode == "auto" and run.outcome.verdict == VERDICT_UNVERIFIED:
+            # This repo's evaluation cannot be replayed (another function name, an argument that
+            # is not plain data): the night goes on with the runs' own numbers, and says so.
+            self.verify_mode = "off"
+            self.ledger.event("verification_unavailable", why=run.outcome.detail)
+            # stderr: the [EXP] stream on stdout stays one line per experiment
+            print(f"verification unavailable ({one_line(run.outcome.detail, 200)}): keeps are decided by the runs' "
+                  f"own val_bpb; set verify_target (now {self.cfg.verify_target}) to verify them", file=sys.stderr)
+            run = dataclasses.replace(run, outcome=dataclasses.replace(run.outcome, verdict="", detail="", self_reported=None))
+        elif self.verify_mode != "off" and run.outcome.verdict != VERDICT_OK:
+            # Unverifiable here means unverifiable for every experiment: nothing could ever be kept.
+            self.ledger.event("baseline_failed", commit=commit, reason=run.outcome.verdict, run=run.to_dict())
+            raise LoopError(
+                f"the baseline's val_bpb could not be verified ({run.outcome.verdict}: {one_line(run.outcome.detail, 300)}): "
+                f"set verify_target in runner.yaml to the repo's evaluation function (now {self.cfg.verify_target}), "
+                "or verify: off to trust the runs' own numbers"
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from .ledger import ExperimentRecord, RowStatus
-from .summary import Outcome, OutcomeStatus
+from .summary import VERDICT_OK, Outcome, OutcomeStatus
 
 
 @dataclass
@@ -47,8 +47,10 @@ class Decision:
 
 def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float) -> Decision:
     """Keep only a finite result better than the current best by more than `min_delta`, proposed
-    on that best. If the best moved while it ran, it is a near-miss (a discard to re-apply and
+    on that best, and verified when it was verified at all (a verdict other than ok is a discard). If the best moved while it ran, it is a near-miss (a discard to re-apply and
     verify). A timeout is a discard; anything else that did not end with a result is a crash."""
+    if outcome.status == OutcomeStatus.OK and outcome.verdict not in ("", VERDICT_OK):
+        return Decision(RowStatus.DISCARD)  # unverified, forged or noncausal: recorded, never kept
     improved = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
     if improved:
         if job.parent == state.best_commit:

@@ -13,7 +13,7 @@ Only the last such block counts, only from a process that exited 0 on its own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from sandbox.spec import REASON_EXIT, REASON_TIMEOUT, RunResult
@@ -102,6 +102,8 @@ class Outcome:
     reason: str
     metrics: Metrics | None
     detail: str = ""    # what to do about the reason, where the runner can say (see engine)
+    verdict: str = ""   # "" = not verified; else one of VERDICTS (only "ok" may be kept)
+    self_reported: float | None = None  # the run's own val_bpb, when a verified one replaced it
 
     @property
     def val_bpb(self) -> float:
@@ -134,3 +136,36 @@ def memory_gb(result: RunResult) -> float:
     if result.peak_mem_bytes:
         return round(result.peak_mem_bytes / 1024**3, 1)
     return 0.0
+
+
+VERDICT_OK, VERDICT_UNVERIFIED, VERDICT_FORGED, VERDICT_NONCAUSAL = "ok", "unverified", "forged", "noncausal"
+
+
+def apply_verification(outcome: Outcome, report: dict | None, tolerance: float) -> Outcome:
+    """The outcome once trusted code has evaluated the exported model.
+
+    Args:
+        report: the verifier's VERIFY record, or None when there was nothing to verify (the
+            run bypassed or broke the export hook).
+        tolerance: the largest relative difference between the self-reported and the verified
+            val_bpb that is not a forgery.
+
+    Returns:
+        verdict "ok" with the verified val_bpb as the metric (the self-reported one kept
+        beside it), or "unverified" / "forged" / "noncausal" (never kept).
+    """
+    if outcome.status != STATUS_OK or outcome.metrics is None:
+        return outcome
+    claimed = outcome.metrics.val_bpb
+    if not report or report.get("verdict") == VERDICT_UNVERIFIED or report.get("val_bpb") is None:
+        why = (report or {}).get("why", "no exported model: the evaluation function was bypassed or the export failed")
+        return replace(outcome, verdict=VERDICT_UNVERIFIED, detail=why, self_reported=claimed)
+    verified = float(report["val_bpb"])
+    metrics = replace(outcome.metrics, val_bpb=verified)
+    if report.get("causal") is False:
+        return replace(outcome, metrics=metrics, verdict=VERDICT_NONCAUSAL, self_reported=claimed,
+                       detail="the model's outputs change with inputs after their position")
+    if not math.isfinite(verified) or abs(claimed - verified) > tolerance * max(abs(verified), 1e-9):
+        return replace(outcome, metrics=metrics, verdict=VERDICT_FORGED, self_reported=claimed,
+                       detail=f"self-reported val_bpb {claimed:.6f}, verified {verified:.6f}")
+    return replace(outcome, metrics=metrics, verdict=VERDICT_OK, self_reported=claimed)

@@ -24,9 +24,13 @@ import requests.exceptions
 from . import images, naming
 from .backend import Backend, ImageRecord, RunningRun, SandboxError
 from .cgroups import memory_files
+from .fsafe import open_beneath, relative_to_root
 from .gpu import NVIDIA_LIB_DIR
 from .logcap import CappedLog
 from .spec import (
+    EXPORT_DIR,
+    EXPORT_FILES,
+    EXPORT_MARK,
     REASON_EXIT,
     REASON_INTERRUPTED,
     REASON_OOM,
@@ -316,14 +320,15 @@ class DockerSandbox(Backend):
                 raise SandboxError(f"could not start container {spec.name}: {exc.explanation or exc}") from None
             started = time.monotonic()
 
-            reader = threading.Thread(target=self._pump, args=(stream, log), daemon=True)
+            marked = threading.Event()  # the export hook printed its marker: collect its files
+            reader = threading.Thread(target=self._pump, args=(stream, log, marked), daemon=True)
             reader.start()
             exited = threading.Event()
             exit_status: dict = {}
             waiter = threading.Thread(target=self._wait, args=(container, exit_status, exited), daemon=True)
             waiter.start()
 
-            reason, peak_mem, peak_vram = self._watch(container, spec, started, exited, stop)
+            reason, peak_mem, peak_vram, collected = self._watch(container, spec, started, exited, stop, marked)
             wall_s = time.monotonic() - started
             # The stream can trail the exit by seconds after a flood; the summary is at its end.
             reader.join(timeout=60)
@@ -351,6 +356,7 @@ class DockerSandbox(Backend):
                 image_id=image.id,
                 container_name=spec.name,
                 container_id=container.id,
+                collected=collected,
             )
         except docker.errors.APIError as exc:
             raise SandboxError(f"Docker engine error during {spec.name}: {exc}; log: {spec.log_path}") from None
@@ -363,12 +369,33 @@ class DockerSandbox(Backend):
                     pass
 
     @staticmethod
-    def _pump(stream, log: CappedLog) -> None:
+    def _pump(stream, log: CappedLog, marked: threading.Event) -> None:
+        mark, carry = EXPORT_MARK.encode(), b""
         try:
             for chunk in stream:
                 log.write(chunk)
+                if not marked.is_set():
+                    if mark in carry + chunk:
+                        marked.set()
+                    carry = (carry + chunk)[-len(mark):]
         except Exception:  # the stream ends with the container; a broken pipe is that end too
             pass
+
+    @staticmethod
+    def _collect(container, spec: RunSpec) -> bool:
+        """Copy the export hook's files out of the running container's /out tmpfs (the archive
+        API cannot see tmpfs mounts; an exec in the container can), then tell the hook, which
+        waits at exit, that it may go. Returns whether every file came."""
+        for name in EXPORT_FILES:
+            r = container.exec_run(["cat", f"{EXPORT_DIR}/{name}"], user=spec.user, stdout=True, stderr=False)
+            if r.exit_code != 0:
+                return False
+            root, below = relative_to_root(spec.collect_dir / name, spec.log_root)
+            fd = open_beneath(root, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as f:
+                f.write(r.output)
+        container.exec_run(["touch", f"{EXPORT_DIR}/.collected"], user=spec.user)
+        return True
 
     @staticmethod
     def _wait(container, status: dict, exited: threading.Event) -> None:
@@ -379,12 +406,15 @@ class DockerSandbox(Backend):
         finally:
             exited.set()
 
-    def _watch(self, container, spec: RunSpec, started: float, exited: threading.Event, stop: threading.Event):
-        """Poll until the process exits, the deadline passes, VRAM overflows or `stop` is set.
+    def _watch(self, container, spec: RunSpec, started: float, exited: threading.Event, stop: threading.Event,
+               marked: threading.Event):
+        """Poll until the process exits, the deadline passes, VRAM overflows or `stop` is set;
+        collect the export hook's files when it says they are ready (spec.collect_dir).
 
-        Returns (reason, peak_mem_bytes, peak_vram_mb); reason is "" when the process exited
-        on its own.
+        Returns (reason, peak_mem_bytes, peak_vram_mb, collected); reason is "" when the process
+        exited on its own.
         """
+        collected = tried = False
         lim = spec.limits
         container.reload()
         memory = _CgroupMemory(container.attrs["State"].get("Pid") or 0)
@@ -394,6 +424,12 @@ class DockerSandbox(Backend):
         reason = ""
         while not exited.wait(POLL_S):
             now = time.monotonic()
+            if spec.collect_dir is not None and marked.is_set() and not tried:
+                tried = True
+                try:
+                    collected = self._collect(container, spec)
+                except docker.errors.APIError:
+                    collected = False  # it exited meanwhile: nothing to verify
             used = memory.sample()
             if used is None and now - last_stats > 1.0:
                 last_stats = now
@@ -423,7 +459,7 @@ class DockerSandbox(Backend):
         final = memory.sample()
         if final is not None:
             peak_mem = max(peak_mem or 0, final)
-        return reason, peak_mem, peak_vram
+        return reason, peak_mem, peak_vram, collected
 
     @staticmethod
     def _terminate(container, grace_s: float, exited: threading.Event) -> None:

@@ -34,6 +34,7 @@ from .backend import SandboxError
 
 Progress = Callable[[str], None]
 TRAINER_DOCKERFILE = Path(__file__).with_name("Dockerfile.trainer")
+HOOKS_DIR = Path(__file__).with_name("hooks")  # the verified metric's export hook and verifier
 CPU_BASE_ALIAS = f"{naming.REPO}/base:cpu"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # PyTorch's own index of its CPU builds
 # A -devel image: torch.compile needs its compiler and headers (runtime images have neither).
@@ -360,7 +361,9 @@ def ensure_trainer_image(
     base = _require_base(client, base_ref)
     dockerfile = TRAINER_DOCKERFILE.read_bytes()
     uv = uv_binary().read_bytes()
-    key = _sha256(dockerfile, base.id, hashlib.sha256(uv).hexdigest(), str(RUNNER_UID), *deps.key_parts())
+    hooks = {f"hooks/{p.name}": p.read_bytes() for p in sorted(HOOKS_DIR.glob("*.py"))}
+    key = _sha256(dockerfile, base.id, hashlib.sha256(uv).hexdigest(), str(RUNNER_UID), *deps.key_parts(),
+                  *(name.encode() + b"\0" + data for name, data in hooks.items()))
     ref = naming.trainer_image_ref(key)
     if reused := _reuse(client, ref, key):
         return reused
@@ -368,6 +371,7 @@ def ensure_trainer_image(
     files = {
         "Dockerfile": dockerfile,
         "uv": uv,
+        **hooks,
         "deps/kind": deps.kind.encode(),
         "deps/ca-bundle.crt": ca_bundle.read_bytes() if ca_bundle else b"",
         **{f"deps/{name}": data for name, data in deps.files},

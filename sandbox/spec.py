@@ -14,6 +14,12 @@ GiB = 1024**3
 MiB = 1024**2
 INNER_DEADLINE_MARGIN_S = 15.0  # how much later than the host's deadline a run ends itself
 
+# The export hook of the verified metric (sandbox/hooks/sitecustomize.py spells the same values):
+# its marker line, where it writes in the run's /out tmpfs, and what the runner collects.
+EXPORT_MARK = "AUTORESEARCH_VERIFY_EXPORTED"
+EXPORT_DIR = "/out/verify"
+EXPORT_FILES = ("model.pt2", "call.json", "probe.pt")
+
 # Why a run ended; RunResult.reason carries one of these (or "" for a clean exit).
 REASON_EXIT = "exit_code"        # the process exited non-zero
 REASON_OOM = "oom"               # the kernel OOM-killed it at the container memory ceiling
@@ -103,6 +109,7 @@ class RunSpec:
     user: str = "10001:10001"
     network: bool = False               # True only for trusted code (runner prepare)
     log_root: Path | None = None        # a trusted directory above log_path (the repo): no links below it are followed
+    collect_dir: Path | None = None     # where the export hook's files go (below log_root); None = not collected
     read_only_root: bool = True
 
 
@@ -122,6 +129,7 @@ class RunResult:
     image_id: str
     container_name: str
     container_id: str = ""
+    collected: bool = False     # the export hook's files are in spec.collect_dir
 
     def tail_lines(self, n: int = 50) -> str:
         """The last `n` lines of output, for crash reports."""

@@ -265,3 +265,19 @@ def test_explicit_ceilings_that_do_not_fit_are_refused(tmp_path):
     (tmp_path / "runner.yaml").write_text("limits:\n  nofile: 65536\n")
     with pytest.raises(ConfigError, match="fs.file-max"):
         fit_to_host(load_config(tmp_path), 1, _fake_proc(tmp_path / "p2", 2_000_000, 24 * 1024 * 1024))
+
+
+def test_verification_verdicts_and_that_only_ok_can_be_kept():
+    from runner.summary import apply_verification
+
+    honest = _ok(3.0)
+    assert apply_verification(honest, {"val_bpb": 3.001, "causal": True}, 0.002).verdict == "ok"
+    assert apply_verification(honest, {"val_bpb": 3.001, "causal": True}, 0.002).val_bpb == 3.001
+    forged = apply_verification(_ok(2.4), {"val_bpb": 3.0, "causal": True}, 0.002)
+    assert (forged.verdict, forged.val_bpb, forged.self_reported) == ("forged", 3.0, 2.4)
+    assert apply_verification(honest, {"val_bpb": 3.0, "causal": False}, 0.002).verdict == "noncausal"
+    assert apply_verification(honest, None, 0.002).verdict == "unverified"
+    state = RunState(best_commit="best", best_val_bpb=3.5)
+    for report in ({"val_bpb": 2.0, "causal": True}, None, {"val_bpb": 2.0, "causal": False}):
+        outcome = apply_verification(_ok(2.0 if report else 1.0), report, 0.002)
+        assert decide(state, _Job("best"), outcome, 0.0).status == (RowStatus.KEEP if outcome.verdict == "ok" else RowStatus.DISCARD)

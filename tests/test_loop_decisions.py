@@ -139,3 +139,17 @@ def test_a_results_tsv_of_another_shape_is_one_clear_error(tmp_path, data_dir):
     with pytest.raises(LedgerError, match="does not start with the results.tsv header"):
         loop.run()
     assert (path / "results.tsv").read_text() == "step\tloss\n"  # nothing written to it
+
+
+def test_verify_on_refuses_a_baseline_it_cannot_verify_and_auto_goes_on(tmp_path, data_dir):
+    """This fixture's prepare.py has no evaluate_bpb: nothing is exported. `on` stops at the
+    baseline (nothing could ever be kept); `auto` says so and goes on with the runs' own numbers."""
+    from runner.loop import LoopError
+
+    loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better")], max_experiments=1, verify="on")
+    with pytest.raises(LoopError, match="could not be verified .*unverified.*verify_target"):
+        loop.run()
+    loop, path, _ = make(tmp_path / "auto", data_dir, [(variant(VALUE=1.5), "better")], max_experiments=1)
+    loop.run()
+    assert [e["event"] for e in events(path)].count("verification_unavailable") == 1
+    assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
