@@ -39,6 +39,7 @@ class ReportData:
     training_s: float = 0.0
     wall_s: float = 0.0
     counts: dict = field(default_factory=dict)
+    verdicts: dict = field(default_factory=dict)        # verdict -> experiments (verified runs only)
 
 
 def collect(repo_root: Path, tag: str) -> ReportData:
@@ -66,6 +67,8 @@ def collect(repo_root: Path, tag: str) -> ReportData:
         data.output_tokens += e.usage.get("output_tokens", 0)
         data.training_s += e.training_s
         data.wall_s += e.run.get("wall_s") or 0.0
+        if e.run.get("verdict"):
+            data.verdicts[e.run["verdict"]] = data.verdicts.get(e.run["verdict"], 0) + 1
     data.improvements.sort(key=lambda i: i["delta"], reverse=True)
     tried = [p for p in data.points if p["iteration"] > 0]
     data.counts = {s: sum(p["status"] == s for p in tried) for s in RowStatus}
@@ -154,6 +157,7 @@ def summary_lines(data: ReportData) -> list[str]:
                           f"({data.training_s:.0f}s training / {data.wall_s:.0f}s in containers)"),
         f"tokens: {data.input_tokens:,} in, {data.output_tokens:,} out"
         + ("" if data.cost_usd is None else f", about ${data.cost_usd:.2f} ({data.model})"),
+        "verified: " + (", ".join(f"{n} {v}" for v, n in sorted(data.verdicts.items())) or "none (verify off or unavailable)"),
     ]
     return lines
 
