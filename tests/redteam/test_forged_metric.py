@@ -92,3 +92,17 @@ def test_the_loop_never_keeps_a_forged_number(tinylm, tmp_path):
     assert experiments[1].run["verdict"] == "forged"
     assert experiments[1].run["self_reported_val_bpb"] == pytest.approx(0.5 * rows[1].val_bpb, rel=1e-3)
     assert research.head().sha[:7] == rows[0].commit
+
+
+def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
+    import shutil
+
+    repo, data = tinylm
+    clone = tmp_path / "repo"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    text = (clone / "train.py").read_text()
+    anchor = "model = GPT().to(device)\n"
+    assert anchor in text
+    record = _run(clone, data, text.replace(anchor, anchor + "model = torch.compile(model, dynamic=False)\n"))
+    assert record["status"] == "ok" and record["verdict"] == "ok", record
+    assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=2e-3)
