@@ -122,8 +122,8 @@ def rerun(engine, image: ExperimentImage, n: int, log_dir: Path) -> list:
     runs = []
     for i in range(n):
         log = log_dir / f"rerun-{image.commit[:7]}-{int(time.time())}-{i}.log"
-        runs.append(engine.run_commit(image.commit, image.tag or "rerun", log, limits=rerun_limits(engine, image),
-                                      image=image.ref))
+        run = engine.run_commit(image.commit, image.tag or "rerun", log, limits=rerun_limits(engine, image), image=image.ref)
+        runs.append(engine.verify(run, image.tag or "rerun") if engine.cfg.verify != "off" else run)
     return runs
 
 
@@ -147,7 +147,8 @@ def compare(image: ExperimentImage, record: dict | None, runs: list) -> dict:
         "recorded_source": record.get("source", "ledger") if record else None,
         "new_val_bpb": new,
         "diff": [None if v is None or recorded is None else round(v - recorded, 6) for v in new],
-        "statuses": [r.outcome.status + (f" {r.outcome.reason}" if r.outcome.reason else "") for r in runs],
+        "statuses": [r.outcome.status + (f" {r.outcome.reason}" if r.outcome.reason else "")
+                     + (f" ({r.outcome.verdict})" if r.outcome.verdict else "") for r in runs],
         "logs": [str(r.result.log_path) for r in runs],
     }
 
