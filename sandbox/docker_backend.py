@@ -391,6 +391,7 @@ class DockerSandbox(Backend):
             if r.exit_code != 0:
                 return False
             root, below = relative_to_root(spec.collect_dir / name, spec.log_root)
+            root.mkdir(parents=True, exist_ok=True)
             fd = open_beneath(root, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(fd, "wb") as f:
                 f.write(r.output)
