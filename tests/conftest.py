@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +55,14 @@ def runner_cli(*args: str, cwd: Path | None = None, env: dict | None = None, tim
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_json(repo: Path, data_dir: Path, *extra: str) -> tuple[dict, str]:
+    """`runner run --json` on the repo's HEAD, as a user would: (its record, its run log)."""
+    r = runner_cli("run", "--repo", str(repo), "--data-dir", str(data_dir), "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    return record, Path(record["log"]).read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import textwrap
 
 import git
 import pytest
-from conftest import MINI_PREPARE, SUMMARY, make_repo, runner_cli
+from conftest import MINI_PREPARE, SUMMARY, make_repo, run_json, runner_cli
 from servers import FakeHub, PackageIndex, bridge_address, serving
 
 pytestmark = pytest.mark.docker
@@ -156,10 +156,7 @@ def test_prepare_fetches_the_kernel_named_in_train_py(locked, servers):
 def test_experiment_sees_the_locked_version_and_loads_the_kernel_offline(locked):
     repo, data, _, prep = locked
     assert prep.returncode == 0, prep.stdout + prep.stderr
-    r = runner_cli("run", "--repo", str(repo), "--data-dir", str(data), "--json")
-    assert r.returncode == 0, r.stderr
-    record = json.loads(r.stdout.strip().splitlines()[-1])
-    log = open(record["log"]).read()
+    record, log = run_json(repo, data)
     assert record["status"] == "ok", log[-3000:]
     assert "DEP_VERSION 1.0.0" in log
     assert "KERNEL_RESULT 42" in log
@@ -173,9 +170,7 @@ def test_uncached_hub_repo_is_a_crash_that_names_it(locked):
     g = git.Repo(repo)
     g.index.add(["train.py"])
     g.index.commit("ask for a kernel nobody fetched")
-    r = runner_cli("run", "--repo", str(repo), "--data-dir", str(data), "--json")
-    assert r.returncode == 0, r.stderr
-    record = json.loads(r.stdout.strip().splitlines()[-1])
+    record, _ = run_json(repo, data)
     assert record["status"] == "crash"
     assert record["reason"] == "hub_offline"
     assert "arfix/never-fetched" in record["detail"] and "hf_prefetch" in record["detail"]
@@ -207,9 +202,6 @@ def test_requirements_keep_the_bases_torch_and_add_what_is_missing(tmp_path, ser
         ''') + SUMMARY
     repo = make_repo(tmp_path / "repo", train, MINI_PREPARE, {
         "requirements.txt": f"--extra-index-url {index_url}/simple\ntorch\narfixture-req==3.0.0\n"})
-    r = runner_cli("run", "--repo", str(repo), "--data-dir", str(data_dir), "--json")
-    assert r.returncode == 0, r.stderr
-    record = json.loads(r.stdout.strip().splitlines()[-1])
-    log = open(record["log"]).read()
+    record, log = run_json(repo, data_dir)
     assert record["status"] == "ok", log[-2000:]
     assert "REQ 3.0.0 TORCH 2.13.0+cpu" in log

@@ -3,11 +3,10 @@ trusted code computes from the exported model in a second sandbox, not what trai
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
-from conftest import runner_cli
+from conftest import run_json
 
 pytestmark = pytest.mark.docker
 
@@ -24,9 +23,7 @@ def _run(repo, data, train_py: str | None = None) -> dict:
     if train_py is not None:
         (repo / "train.py").write_text(train_py)
         subprocess.run(["git", "-C", str(repo), "commit", "-qam", "edit"], check=True)
-    r = runner_cli("run", "--repo", str(repo), "--data-dir", str(data), "--budget", "3", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json(repo, data, "--budget", "3")[0]
 
 
 def test_an_honest_run_is_verified(tinylm):
