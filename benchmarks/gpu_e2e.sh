@@ -162,7 +162,8 @@ loop_train = sum(r.get("training_seconds") or 0 for r in exps)
 loop_wall = sum(r.get("total_s") or 0 for r in exps)
 res = {
     "date": time.strftime("%Y-%m-%d"),
-    "sandbox": {k: run.get(k) for k in ("status", "reason", "val_bpb", "wall_s", "overhead_s", "peak_vram_mb", "training_seconds")},
+    "sandbox": {k: run.get(k) for k in ("status", "reason", "val_bpb", "wall_s", "overhead_s", "peak_vram_mb", "training_seconds",
+                                         "verdict", "self_reported_val_bpb", "verify_s")},
     "sandbox_compile_s": field(run_log, "compile_s"),
     "sandbox_steps": field(run_log, "num_steps"),
     "bare": {"val_bpb": field(bare_log, "val_bpb"), "wall_s": round(b1 - b0, 2), "compile_s": field(bare_log, "compile_s"),
