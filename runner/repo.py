@@ -122,11 +122,6 @@ class ResearchRepo:
             changed = sorted(self.changed_files())
             raise RepoError(f"work tree has uncommitted changes ({', '.join(changed[:5])}): commit or stash them first")
 
-    def read(self, name: str, rev: str | None = None) -> str:
-        if rev is None:
-            return (self.path / name).read_text()
-        return self.git.git.show(f"{rev}:{name}")
-
     def committed_text(self, name: str, rev: str = "HEAD") -> str:
         """The committed content of `name` at `rev`: from the blob, never the work tree (whose
         file could be a link to any host file); "" when it is not tracked there.
@@ -216,7 +211,7 @@ class ResearchRepo:
             paths = []
             for name, rev in (("ours", ours), ("base", base), ("theirs", theirs)):
                 path = Path(tmp) / name
-                path.write_text(self.read(EDITABLE, rev))
+                path.write_text(self.committed_text(EDITABLE, rev))
                 paths.append(str(path))
             try:
                 return self.git.git.merge_file("-p", *paths, strip_newline_from_stdout=False)
