@@ -316,9 +316,9 @@ class Engine:
             mounts.append(Mount(Path(self.cfg.hf_cache), HF_MOUNT, read_only=not writable))
         return tuple(mounts)
 
-    def hub_refs(self, rev: str | None = None) -> list[hub.HubRef]:
-        """The Hub repos train.py and prepare.py (at `rev`, default the work tree) name, plus hf_prefetch."""
-        sources = {name: self.repo.committed_text(name, rev or "HEAD") for name in hub.SOURCES}
+    def hub_refs(self, rev: str = "HEAD") -> list[hub.HubRef]:
+        """The Hub repos train.py and prepare.py (as committed at `rev`) name, plus hf_prefetch."""
+        sources = {name: self.repo.committed_text(name, rev) for name in hub.SOURCES}
         return hub.wanted_refs(sources, self.cfg.hf_prefetch)
 
     def run_commit(

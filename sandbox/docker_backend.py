@@ -6,6 +6,7 @@ reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -215,7 +216,9 @@ class DockerSandbox(Backend):
 
     @_engine_errors("resolving the base image")
     def resolve_base(self, requested: str, want_gpu: bool) -> ImageRecord:
-        return _record(self.client.images.get(images.resolve_base_image(self.client, requested, want_gpu)))
+        ref = images.resolve_base_image(self.client, requested, want_gpu)
+        # the name it was found by, which trainer builds use in FROM (a CUDA image has no runner name)
+        return dataclasses.replace(_record(self.client.images.get(ref)), ref=ref)
 
     @_engine_errors("building the trainer image")
     def ensure_trainer(self, base: ImageRecord, deps, ca_bundle, progress) -> images.BuiltImage:

@@ -324,12 +324,16 @@ class Dependencies:
     kind: str = "none"
     files: tuple[tuple[str, bytes], ...] = ()
 
+    @property
+    def source(self) -> str:
+        """The file that names the dependencies (uv.lock for a lock): what errors point at."""
+        return self.files[-1][0] if self.files else ""
+
     def key_parts(self) -> list[bytes]:
         return [self.kind.encode()] + [name.encode() + b"\0" + data for name, data in self.files]
 
 
 DEPS_KINDS = ("lock", "pyproject", "requirements", "none")
-_DEPS_FILE = {"lock": "uv.lock", "pyproject": "pyproject.toml", "requirements": "requirements.txt"}
 
 
 def uv_binary() -> Path:
@@ -384,7 +388,7 @@ def ensure_trainer_image(
     except ImageBuildError as exc:
         if deps.kind == "none" or not exc.log:
             raise
-        raise ImageBuildError(dependency_failure(_DEPS_FILE[deps.kind], exc.log)) from None
+        raise ImageBuildError(dependency_failure(deps.source, exc.log)) from None
 
 
 _PINNED = re.compile(r"`?([A-Za-z0-9][\w.-]*)==v?([0-9][^\s`,]*[^\s`,.])")
