@@ -292,6 +292,10 @@ class Engine:
 
     # --- runs ------------------------------------------------------------------------
 
+    def _devices(self, slot: Slot | None) -> tuple[str, ...]:
+        """The GPUs a run gets: its worker's slot, or this engine's whole lease."""
+        return self.gpus.devices if slot is None else slot.devices
+
     def gpu_access(self, devices: tuple[str, ...]) -> GpuAccess:
         """How `devices` reach a container: the engine's toolkit, or device nodes + driver libraries.
 
@@ -349,7 +353,7 @@ class Engine:
         t0 = time.monotonic()
         check_data_dir(self.cfg.data_dir)
         limits = limits or self.limits()
-        devices = self.gpus.devices if slot is None else slot.devices
+        devices = self._devices(slot)
         if slot is not None and slot.cpuset:
             limits = dataclasses.replace(limits, cpuset=slot.cpuset)
         if image is None:
@@ -421,7 +425,7 @@ class Engine:
         report = None
         if run.result.collected:
             folder = run.result.log_path.with_suffix(".verify")
-            devices = self.gpus.devices if slot is None else slot.devices
+            devices = self._devices(slot)
             spec = self._spec(run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices,
                               run.limits, folder.with_suffix(".verify.log"), mounts=(Mount(folder, "/verify", True),),
                               export=True)
