@@ -178,6 +178,8 @@ def run(
     else:
         val = "-" if record["val_bpb"] is None else f"{record['val_bpb']:.6f}"
         verdict = f" verdict:{record['verdict']}" if record["verdict"] else ""
+        if record["heldout_val_bpb"] is not None:
+            verdict += f" heldout_bpb:{record['heldout_val_bpb']:.6f}"
         typer.echo(f"{record['status']} {record['reason']}{verdict} val_bpb:{val} mem:{record['memory_gb']}GB "
                    f"wall:{record['wall_s']}s overhead:{record['overhead_s']}s image:{record['image']} log:{record['log']}")
         if record["detail"]:

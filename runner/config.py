@@ -6,6 +6,7 @@ error naming the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -21,6 +22,10 @@ from sandbox.spec import GiB, MiB, Limits
 CONFIG_FILE = "runner.yaml"
 DATA_MOUNT = "/home/runner/.cache/autoresearch"   # where autoresearch's prepare.py looks (~ of the runner user)
 HF_MOUNT = "/home/runner/.cache/huggingface/hub"  # the hub cache only: never HF_HOME, which holds token files
+# The held-out data (verify_data), laid out like the data cache: the verifier evaluates with
+# HOME=/home/heldout so the repo's own code reads it where it reads the data; never in experiments.
+HELDOUT_MOUNT = "/home/heldout/.cache/autoresearch"
+HELDOUT_ENV = "AUTORESEARCH_HELDOUT_DIR"  # names it for prepare.py (writable) and the verifier (read-only)
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
 
 
@@ -46,6 +51,10 @@ def default_hub_cache() -> Path:
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("AUTORESEARCH_DATA_DIR", Path.home() / ".cache" / "autoresearch"))
+
+
+def default_heldout_dir() -> Path:
+    return Path(os.environ.get("AUTORESEARCH_HELDOUT_DIR", Path.home() / ".cache" / "autoresearch-heldout"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class RunConfig:
     hf_prefetch: tuple[str, ...] = ()    # Hub repos `runner prepare` fetches besides those found in the code
     verify: str = "auto"                 # auto | on | off | sample: keeps need a val_bpb trusted code computed (see README)
     verify_target: str = "prepare.evaluate_bpb"  # the repo's evaluation function; the model it is given is exported
+    verify_args: dict[str, str] = field(default_factory=dict)  # how the verifier rebuilds an argument, e.g. tokenizer: Tokenizer.from_directory()
+    verify_data: Path | None = field(default_factory=default_heldout_dir)  # held-out data: prepare writes it, only the verifier reads it
     verify_tolerance: float = 0.002      # relative difference self-reported vs verified beyond which a run is forged
     command: tuple[str, ...] = ("python", "train.py")
     env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
@@ -221,6 +232,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"verify must be auto, on, off or sample, got {cfg.verify!r}")
     if "." not in cfg.verify_target:
         raise ConfigError(f"verify_target must be module.function, got {cfg.verify_target!r}")
+    for name, recipe in cfg.verify_args.items():
+        try:
+            ast.parse(recipe, mode="eval")
+        except SyntaxError:
+            raise ConfigError(f"verify_args.{name} must be an expression such as Tokenizer.from_directory(), got {recipe!r}") from None
+    if cfg.verify_data is not None:
+        data, heldout = Path(cfg.data_dir).expanduser().absolute(), Path(cfg.verify_data).expanduser().absolute()
+        if heldout == data or data in heldout.parents or heldout in data.parents:
+            raise ConfigError(f"verify_data ({heldout}) must be outside data_dir ({data}): experiments see data_dir")
     if cfg.gpu_runtime not in ("auto", "toolkit", "devices"):
         raise ConfigError(f"gpu_runtime must be auto, toolkit or devices, got {cfg.gpu_runtime!r}")
     if cfg.workers is not None and cfg.workers < 1:

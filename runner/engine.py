@@ -19,7 +19,7 @@ from sandbox.gpu import GpuLease, RealNvml, devices_access
 from sandbox.spec import EXPORT_DIR, GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
-from .config import DATA_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
+from .config import DATA_MOUNT, HELDOUT_ENV, HELDOUT_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
 from .data import check_data_dir, data_digest
 from .deps import resolve_dependencies
 from .repo import ResearchRepo, read_time_budget
@@ -71,6 +71,7 @@ class ExperimentRun:
             "val_bpb": self.outcome.val_bpb if self.outcome.status == "ok" else None,
             "verdict": self.outcome.verdict,
             "self_reported_val_bpb": self.outcome.self_reported,
+            "heldout_val_bpb": self.outcome.heldout_bpb,
             "verify_s": self.verify_s,
             "memory_gb": self.memory_gb,
             "commit": self.commit,
@@ -377,7 +378,7 @@ class Engine:
 
     def _spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
               devices: tuple[str, ...], limits: Limits, log_path: Path, mounts: tuple[Mount, ...] = (),
-              collect_dir: Path | None = None, export: bool = False) -> RunSpec:
+              collect_dir: Path | None = None, export: bool = False, env: dict[str, str] | None = None) -> RunSpec:
         """The RunSpec of one untrusted (or verifying) run: a uid of its own, the allow-listed
         environment, the caches read-only, no network. `export`: the verification variables in
         the environment (the hook exports, the verifier reads the target)."""
@@ -403,7 +404,7 @@ class Engine:
                     naming.L_UID: str(uid),
                 },
             ),
-            env=experiment_env(self.cfg, limits, export=export),
+            env={**experiment_env(self.cfg, limits, export=export), **(env or {})},
             mounts=self.mounts() + mounts,
             gpus=devices,
             gpu_access=self.gpu_access(devices),
@@ -426,9 +427,13 @@ class Engine:
         if run.result.collected:
             folder = run.result.log_path.with_suffix(".verify")
             devices = self._devices(slot)
+            mounts, env = [Mount(folder, "/verify", True)], {"AUTORESEARCH_VERIFY_ARGS": json.dumps(self.cfg.verify_args)}
+            heldout = self.heldout_dir()
+            if heldout is not None and any(heldout.iterdir()):  # only the verifier ever sees it
+                mounts.append(Mount(heldout, HELDOUT_MOUNT, True))
+                env[HELDOUT_ENV] = HELDOUT_MOUNT
             spec = self._spec(run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices,
-                              run.limits, folder.with_suffix(".verify.log"), mounts=(Mount(folder, "/verify", True),),
-                              export=True)
+                              run.limits, folder.with_suffix(".verify.log"), mounts=tuple(mounts), export=True, env=env)
             result = self.sandbox.run(spec, stop)
             report = next((json.loads(line[len("VERIFY "):]) for line in reversed(result.output_tail.splitlines())
                            if line.startswith("VERIFY {")), None)
@@ -438,9 +443,16 @@ class Engine:
         outcome = apply_verification(run.outcome, report, self.cfg.verify_tolerance)
         return dataclasses.replace(run, outcome=outcome, verify_s=round(time.monotonic() - t0, 3))
 
-    def _trusted_run(self, command: tuple[str, ...], log_path: Path) -> RunResult:
+    def heldout_dir(self) -> Path | None:
+        """verify_data, when it is configured and exists."""
+        path = Path(self.cfg.verify_data).expanduser() if self.cfg.verify_data else None
+        return path if path is not None and path.is_dir() else None
+
+    def _trusted_run(self, command: tuple[str, ...], log_path: Path, heldout: bool = False) -> RunResult:
         """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on
-        and both caches writable, as the invoking user so the files it writes belong to them."""
+        and both caches writable, as the invoking user so the files it writes belong to them.
+        `heldout`: verify_data writable too, at $AUTORESEARCH_HELDOUT_DIR (prepare.py writes the
+        held-out split there, laid out like the data cache)."""
         head = self.repo.head().sha
         limits = self.limits()
         built = self.experiment_image(head, naming.PREPARE_TAG, limits, "", kind=naming.KIND_PREPARE)
@@ -448,6 +460,10 @@ class Engine:
                "XDG_CACHE_HOME": "/tmp/.cache"}
         if os.environ.get("HF_ENDPOINT"):  # a Hub mirror; never a token
             env["HF_ENDPOINT"] = os.environ["HF_ENDPOINT"]
+        mounts = self.mounts(writable=True)
+        if heldout and self.heldout_dir() is not None:
+            mounts += (Mount(self.heldout_dir(), HELDOUT_MOUNT, read_only=False),)
+            env[HELDOUT_ENV] = HELDOUT_MOUNT
         spec = RunSpec(
             image=built.ref,
             command=command,
@@ -458,7 +474,7 @@ class Engine:
             name=naming.container_name("prepare", "prepare", head),
             labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.sandbox.owner, naming.L_COMMIT: head}),
             env=env,
-            mounts=self.mounts(writable=True),
+            mounts=mounts,
             user=f"{os.getuid()}:{os.getgid()}",
             network=True,
         )
@@ -467,7 +483,9 @@ class Engine:
     def prepare_data(self, log_path: Path) -> RunResult:
         """Run the repo's own prepare.py with the data cache writable and the network on."""
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        return self._trusted_run(("python", "prepare.py"), log_path)
+        if self.cfg.verify_data:
+            Path(self.cfg.verify_data).expanduser().mkdir(parents=True, exist_ok=True)
+        return self._trusted_run(("python", "prepare.py"), log_path, heldout=True)
 
     def fetch_hub(self, log_path: Path) -> tuple[RunResult | None, hub.FetchReport]:
         """Download the Hub repos the code names (and hf_prefetch) into the hub cache.

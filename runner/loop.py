@@ -96,6 +96,7 @@ class Loop:
         self.min_delta = 0.0
         self.started = time.monotonic()
         # auto verifies like on, unless the baseline shows this repo's evaluation cannot be replayed
+        # (then it falls back to the runs' own numbers; on refuses to start instead)
         self.verify_mode = cfg.verify
 
     # --- setup -----------------------------------------------------------------------
@@ -266,8 +267,9 @@ class Loop:
             self.ledger.event("baseline_failed", commit=commit, reason=run.outcome.verdict, run=run.to_dict())
             raise LoopError(
                 f"the baseline's val_bpb could not be verified ({run.outcome.verdict}: {one_line(run.outcome.detail, 300)}): "
-                f"set verify_target in runner.yaml to the repo's evaluation function (now {self.cfg.verify_target}), "
-                "or verify: off to trust the runs' own numbers"
+                f"set verify_target in runner.yaml to the repo's evaluation function (now {self.cfg.verify_target}) "
+                "and verify_args to rebuild its arguments, or verify: auto to fall back to the runs' own numbers "
+                "when the baseline cannot be verified"
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb

@@ -40,6 +40,7 @@ class ReportData:
     wall_s: float = 0.0
     counts: dict = field(default_factory=dict)
     verdicts: dict = field(default_factory=dict)        # verdict -> experiments (verified runs only)
+    heldout: dict | None = None  # the best kept experiment's val_bpb and held-out bpb, when the verifier had held-out data
 
 
 def collect(repo_root: Path, tag: str) -> ReportData:
@@ -63,6 +64,8 @@ def collect(repo_root: Path, tag: str) -> ReportData:
                 data.improvements.append({"delta": best - row.val_bpb, "description": row.description,
                                           "commit": row.commit, "val_bpb": row.val_bpb})
             best = row.val_bpb
+            held = e.run.get("heldout_val_bpb")
+            data.heldout = {"val_bpb": row.val_bpb, "heldout_bpb": held, "commit": row.commit} if held is not None else None
         data.input_tokens += e.usage.get("input_tokens", 0)
         data.output_tokens += e.usage.get("output_tokens", 0)
         data.training_s += e.training_s
@@ -159,6 +162,10 @@ def summary_lines(data: ReportData) -> list[str]:
         + ("" if data.cost_usd is None else f", about ${data.cost_usd:.2f} ({data.model})"),
         "verified: " + (", ".join(f"{n} {v}" for v, n in sorted(data.verdicts.items())) or "none (verify off or unavailable)"),
     ]
+    if data.heldout:  # the gap a model fitted to the validation split shows (verify_data)
+        h = data.heldout
+        lines.append(f"held-out: best kept {h['commit']} val_bpb {h['val_bpb']:.6f}, held-out {h['heldout_bpb']:.6f} "
+                     f"(gap {h['heldout_bpb'] - h['val_bpb']:+.6f})")
     return lines
 
 

@@ -104,6 +104,7 @@ class Outcome:
     detail: str = ""    # what to do about the reason, where the runner can say (see engine)
     verdict: str = ""   # "" = not verified; else one of VERDICTS (only "ok" may be kept)
     self_reported: float | None = None  # the run's own val_bpb, when a verified one replaced it
+    heldout_bpb: float | None = None    # the verifier's evaluation on the held-out data (verify_data), if any
 
     @property
     def val_bpb(self) -> float:
@@ -139,6 +140,7 @@ def memory_gb(result: RunResult) -> float:
 
 
 VERDICT_OK, VERDICT_UNVERIFIED, VERDICT_FORGED, VERDICT_NONCAUSAL = "ok", "unverified", "forged", "noncausal"
+VERDICT_UNNORMALISED = "unnormalised"  # a model returning losses whose implied probabilities sum over 1
 
 
 def apply_verification(outcome: Outcome, report: dict | None, tolerance: float) -> Outcome:
@@ -152,7 +154,8 @@ def apply_verification(outcome: Outcome, report: dict | None, tolerance: float) 
 
     Returns:
         verdict "ok" with the verified val_bpb as the metric (the self-reported one kept
-        beside it), or "unverified" / "forged" / "noncausal" (never kept).
+        beside it, the held-out figure when there is one), or "unverified" / "forged" /
+        "noncausal" / "unnormalised" (never kept).
     """
     if outcome.status != STATUS_OK or outcome.metrics is None:
         return outcome
@@ -161,11 +164,17 @@ def apply_verification(outcome: Outcome, report: dict | None, tolerance: float) 
         why = (report or {}).get("why", "no exported model: the evaluation function was bypassed or the export failed")
         return replace(outcome, verdict=VERDICT_UNVERIFIED, detail=why, self_reported=claimed)
     verified = float(report["val_bpb"])
-    metrics = replace(outcome.metrics, val_bpb=verified)
+    heldout = report.get("heldout_bpb")
+    verified_outcome = replace(outcome, metrics=replace(outcome.metrics, val_bpb=verified), self_reported=claimed,
+                               heldout_bpb=float(heldout) if heldout is not None else None)
     if report.get("causal") is False:
-        return replace(outcome, metrics=metrics, verdict=VERDICT_NONCAUSAL, self_reported=claimed,
+        return replace(verified_outcome, verdict=VERDICT_NONCAUSAL,
                        detail="the model's outputs change with inputs after their position")
+    if report.get("normalised") is False:
+        return replace(verified_outcome, verdict=VERDICT_UNNORMALISED,
+                       detail=f"the probabilities implied by the model's losses sum to {report.get('probability_mass', 0):.3g} "
+                              "over the vocabulary at some position (at most 1 for a real model)")
     if not math.isfinite(verified) or abs(claimed - verified) > tolerance * max(abs(verified), 1e-9):
-        return replace(outcome, metrics=metrics, verdict=VERDICT_FORGED, self_reported=claimed,
+        return replace(verified_outcome, verdict=VERDICT_FORGED,
                        detail=f"self-reported val_bpb {claimed:.6f}, verified {verified:.6f}")
-    return replace(outcome, metrics=metrics, verdict=VERDICT_OK, self_reported=claimed)
+    return replace(verified_outcome, verdict=VERDICT_OK)

@@ -65,6 +65,14 @@ def run_json(repo: Path, data_dir: Path, *extra: str) -> tuple[dict, str]:
     return record, Path(record["log"]).read_text(errors="replace")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def heldout_dir(tmp_path_factory) -> Path:
+    """The held-out data folder (verify_data's default) for this session, never the user's own."""
+    path = tmp_path_factory.mktemp("heldout") / "data"  # made as `runner prepare` makes it (mktemp's is 0700)
+    os.environ["AUTORESEARCH_HELDOUT_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     from sandbox.backend import SandboxError

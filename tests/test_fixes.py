@@ -281,3 +281,17 @@ def test_verification_verdicts_and_that_only_ok_can_be_kept():
     for report in ({"val_bpb": 2.0, "causal": True}, None, {"val_bpb": 2.0, "causal": False}):
         outcome = apply_verification(_ok(2.0 if report else 1.0), report, 0.002)
         assert decide(state, _Job("best"), outcome, 0.0).status == (RowStatus.KEEP if outcome.verdict == "ok" else RowStatus.DISCARD)
+
+
+def test_report_shows_the_gap_between_val_and_held_out(tmp_path):
+    """The best kept experiment's val_bpb beside the verifier's held-out figure (verify_data)."""
+    from runner.ledger import ExperimentRecord, Ledger, Row
+    from runner.report import collect, summary_lines
+
+    ledger = Ledger(tmp_path, "gap")
+    for i, (val, held, status) in enumerate([(1.5, 1.52, "keep"), (1.4, 1.47, "keep"), (1.3, 1.6, "discard")]):
+        ledger.record(ExperimentRecord(iteration=i, commit=f"c{i}", row=Row(f"c{i}", val, 0.1, status, f"e{i}"),
+                                       outcome="ok", run={"verdict": "ok", "heldout_val_bpb": held}))
+    lines = summary_lines(collect(tmp_path, "gap"))
+    assert "held-out: best kept c1 val_bpb 1.400000, held-out 1.470000 (gap +0.070000)" in lines
+    assert "verified: 3 ok" in lines

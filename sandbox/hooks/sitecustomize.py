@@ -19,13 +19,28 @@ _COLLECT_WAIT_S = 30.0  # the runner collects within a poll period; this only bo
 
 
 def _jsonable(value):
+    """An evaluation argument as call.json records it: plain data as itself; an object (a
+    tokenizer) by its type's name only, for the verifier to rebuild from the repo's own code:
+    what train.py handed over is never replayed."""
     import torch
 
     if isinstance(value, torch.device):
         return {"device": str(value)}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return {"unsupported": type(value).__name__}
+    return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
+
+
+def _names(function, args, kwargs):
+    """The parameter names the positional `args` bind to (after the model), or [] if unknown."""
+    import inspect
+
+    try:
+        bound = inspect.signature(function).bind(None, *args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    names = [name for name in bound.arguments if name not in kwargs][1:]
+    return names if len(names) == len(args) else []
 
 
 def _wait_collected():
@@ -36,8 +51,9 @@ def _wait_collected():
         time.sleep(0.1)
 
 
-def _export(model, captured, args, kwargs, result):
+def _export(model, captured, args, kwargs, result, names):
     import atexit
+    import inspect
     import json
 
     import torch
@@ -47,15 +63,24 @@ def _export(model, captured, args, kwargs, result):
     call_args, call_kwargs = captured[0]
     target = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export what it wraps
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() >= 1 else None for a in call_args)
+    # Every tensor input (and keyword input: model(x, targets=y)) is dynamic in its batch only.
+    bound = inspect.signature(target.forward).bind(*call_args, **call_kwargs).arguments
+    dynamic = {name: {0: batch} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+               for name, value in bound.items()}
     program = torch.export.export(target, tuple(call_args), kwargs=dict(call_kwargs),
-                                  dynamic_shapes=dynamic if any(dynamic) else None, strict=False)
+                                  dynamic_shapes=dynamic if any(dynamic.values()) else None, strict=False)
     os.makedirs(_OUT, exist_ok=True)
     torch.export.save(program, os.path.join(_OUT, "model.pt2"))
-    torch.save([a.detach()[:2].cpu() if isinstance(a, torch.Tensor) else None for a in call_args],
+    # A few rows of the model's own inputs, and its plain keyword arguments (reduction='none'),
+    # for the verifier's probes.
+    torch.save({"args": [a.detach()[:2].cpu() if isinstance(a, torch.Tensor) else None for a in call_args],
+                "kwargs": {k: v for k, v in call_kwargs.items() if v is None or isinstance(v, (bool, int, float, str))}},
                os.path.join(_OUT, "probe.pt"))
+    first = call_args[0] if call_args and isinstance(call_args[0], torch.Tensor) else None
     with open(os.path.join(_OUT, "call.json"), "w") as f:
-        json.dump({"args": [_jsonable(a) for a in args], "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
+        json.dump({"args": [_jsonable(a) for a in args], "names": names,
+                   "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
+                   "batch": int(first.shape[0]) if first is not None and first.dim() else 1,
                    "self_reported": float(result)}, f)
     atexit.register(_wait_collected)
     print(MARK, flush=True)
@@ -80,7 +105,7 @@ def _wrap(module, name):
         if not getattr(evaluate, "exported", False):
             evaluate.exported = True
             try:
-                _export(model, captured, args, kwargs, result)
+                _export(model, captured, args, kwargs, result, _names(original, args, kwargs))
             except Exception as exc:  # nothing to verify: the run is unverified
                 print(f"AUTORESEARCH_VERIFY_FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         return result

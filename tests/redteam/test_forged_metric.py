@@ -4,9 +4,11 @@ trusted code computes from the exported model in a second sandbox, not what trai
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import run_json
+from conftest import SUMMARY, make_repo, run_json, runner_cli
+
 
 pytestmark = pytest.mark.docker
 
@@ -32,6 +34,9 @@ def test_an_honest_run_is_verified(tinylm):
     assert record["status"] == "ok" and record["verdict"] == "ok"
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
     assert 0 < record["val_bpb"] < 8
+    # tinylm's hidden test split (prepare.py wrote it into verify_data): scored by the verifier only
+    assert record["heldout_val_bpb"] is not None and 0 < record["heldout_val_bpb"] < 8
+    assert record["heldout_val_bpb"] != record["val_bpb"]
 
 
 @pytest.mark.parametrize("verdict", ["unverified", "forged", "noncausal"])
@@ -103,3 +108,95 @@ def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
     record = _run(clone, data, text.replace(anchor, anchor + "model = torch.compile(model, dynamic=False)\n"))
     assert record["status"] == "ok" and record["verdict"] == "ok", record
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=2e-3)
+
+
+# --- autoresearch's shape: a tokenizer argument, a model that returns per-token losses ----------
+
+ARLIKE = Path(__file__).resolve().parent.parent / "fixtures" / "arlike"
+
+
+@pytest.fixture(scope="module")
+def arlike(tmp_path_factory, docker_client):
+    """tests/fixtures/arlike as a prepared repo, with held-out data of its own: (repo, data)."""
+    root = tmp_path_factory.mktemp("arlike")
+    repo = make_repo(root / "repo", (ARLIKE / "train.py").read_text(), (ARLIKE / "prepare.py").read_text(),
+                     extra={"runner.yaml": f"verify_data: {root / 'heldout'}\n"})
+    r = runner_cli("prepare", "--repo", str(repo), "--data-dir", str(root / "data"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (root / "heldout" / "arlike" / "val.json").is_file()
+    return repo, root / "data"
+
+
+def _variant(repo, tmp_path, **replace: str):
+    """A copy of `repo` with text replaced in its files ({file: (old, new)} as file=(old, new))."""
+    import shutil
+
+    clone = tmp_path / "variant"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    for name, (old, new) in replace.items():
+        path = clone / name.replace("_", ".")
+        text = path.read_text()
+        assert old in text, (name, old)
+        path.write_text(text.replace(old, new))
+    subprocess.run(["git", "-C", str(clone), "commit", "-qam", "variant"], check=True)
+    return clone
+
+
+def test_autoresearch_evaluation_signature_is_verified_with_a_rebuilt_tokenizer(arlike):
+    """evaluate_bpb(model, tokenizer, batch_size): the verifier makes its own tokenizer with
+    Tokenizer.from_directory() (never train.py's object), evaluates model(x, y, reduction='none'),
+    finds the implied probabilities normalised, and scores the held-out split too."""
+    repo, data = arlike
+    record = _run(repo, data)
+    assert record["status"] == "ok" and record["verdict"] == "ok", record
+    assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
+    assert record["heldout_val_bpb"] is not None and record["heldout_val_bpb"] != record["val_bpb"]
+    assert 0 < record["heldout_val_bpb"] < 8
+
+
+def test_a_model_whose_losses_are_not_probabilities_is_unnormalised(arlike, tmp_path):
+    """Halving every per-token loss halves val_bpb, in the run and in the verifier alike (the
+    number is honestly computed from a dishonest model): only the normalisation probe sees it."""
+    repo, data = arlike
+    clone = _variant(repo, tmp_path, train_py=("        return loss\n", '        return loss * 0.5 if reduction == "none" else loss\n'))
+    record = _run(clone, data)
+    assert record["status"] == "ok" and record["verdict"] == "unnormalised", record
+    assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
+    assert "sum to" in record["detail"]
+
+
+def test_a_loss_model_that_reads_the_future_is_noncausal(arlike, tmp_path):
+    repo, data = arlike
+    clone = _variant(repo, tmp_path, train_py=("is_causal=True", "is_causal=False"))
+    record = _run(clone, data)
+    assert record["status"] == "ok" and record["verdict"] == "noncausal", record
+
+
+def test_an_argument_the_verifier_cannot_rebuild_needs_verify_args(arlike, tmp_path):
+    """A tokenizer class with no argument-free way to make it: unverified, with the hint; told
+    how in runner.yaml (verify_args), the same run verifies."""
+    repo, data = arlike
+    heldout = (repo / "runner.yaml").read_text()
+    clone = _variant(repo, tmp_path, prepare_py=("    @classmethod\n    def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):",
+                                                 "    @classmethod\n    def from_directory(cls, tokenizer_dir):"))
+    (clone / "train.py").write_text((clone / "train.py").read_text().replace("Tokenizer.from_directory()", "Tokenizer.from_directory(TOKENIZER_DIR)")
+                                    .replace("from prepare import MAX_SEQ_LEN", "from prepare import TOKENIZER_DIR, MAX_SEQ_LEN"))
+    subprocess.run(["git", "-C", str(clone), "commit", "-qam", "no argument-free tokenizer"], check=True)
+    record = _run(clone, data)
+    assert record["verdict"] == "unverified", record
+    assert "verify_args" in record["detail"] and "prepare.Tokenizer" in record["detail"]
+
+    (clone / "runner.yaml").write_text(heldout + "verify_args:\n  tokenizer: Tokenizer.from_directory(TOKENIZER_DIR)\n")
+    subprocess.run(["git", "-C", str(clone), "commit", "-qam", "say how to make the tokenizer"], check=True)
+    record = _run(clone, data)
+    assert record["verdict"] == "ok", record
+    assert record["heldout_val_bpb"] is not None  # TOKENIZER_DIR is the held-out copy's there
+
+
+def test_experiments_never_see_the_held_out_data(run_train, tmp_path):
+    heldout = tmp_path / "heldout"
+    (heldout / "x").mkdir(parents=True)
+    (heldout / "x" / "secret.txt").write_text("test split\n")
+    run = run_train("import os\nprint('SEEN', os.path.exists('/home/heldout'), os.environ.get('AUTORESEARCH_HELDOUT_DIR'))\n"
+                    + SUMMARY, verify_data=heldout)
+    assert "SEEN False None" in run.result.log_path.read_text()
