@@ -51,7 +51,22 @@ def _wait_collected():
         time.sleep(0.1)
 
 
-def _export(model, captured, args, kwargs, result, names):
+def _autocast_state():
+    """The autocast the evaluation runs under (autoresearch evaluates inside a bf16 autocast):
+    torch.export does not record an ambient autocast, so the verifier replays it."""
+    import torch
+
+    state = []
+    for device in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(device):
+                state.append({"device": device, "dtype": str(torch.get_autocast_dtype(device)).replace("torch.", "")})
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    return state
+
+
+def _export(model, captured, args, kwargs, result, names, autocast):
     import atexit
     import inspect
     import json
@@ -80,7 +95,7 @@ def _export(model, captured, args, kwargs, result, names):
     with open(os.path.join(_OUT, "call.json"), "w") as f:
         json.dump({"args": [_jsonable(a) for a in args], "names": names,
                    "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
-                   "batch": int(first.shape[0]) if first is not None and first.dim() else 1,
+                   "batch": int(first.shape[0]) if first is not None and first.dim() else 1, "autocast": autocast,
                    "self_reported": float(result)}, f)
     atexit.register(_wait_collected)
     print(MARK, flush=True)
@@ -94,6 +109,7 @@ def _wrap(module, name):
     def evaluate(model, *args, **kwargs):
         captured = []
         handle = None
+        autocast = _autocast_state()
         if hasattr(model, "register_forward_pre_hook"):
             handle = model.register_forward_pre_hook(
                 lambda mod, a, kw: captured.append((a, kw)) if not captured else None, with_kwargs=True)
@@ -105,7 +121,7 @@ def _wrap(module, name):
         if not getattr(evaluate, "exported", False):
             evaluate.exported = True
             try:
-                _export(model, captured, args, kwargs, result, _names(original, args, kwargs))
+                _export(model, captured, args, kwargs, result, _names(original, args, kwargs), autocast)
             except Exception as exc:  # nothing to verify: the run is unverified
                 print(f"AUTORESEARCH_VERIFY_FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         return result

@@ -198,6 +198,20 @@ def _normalised(program, inputs, kwargs, vocab: int, batch: int):
     return bool(largest <= 1 + MASS_TOLERANCE), largest
 
 
+def _autocast(call: dict):
+    """The run's autocast around its evaluation, replayed (only these devices and dtypes)."""
+    import contextlib
+
+    import torch
+
+    stack = contextlib.ExitStack()
+    for entry in call.get("autocast") or []:
+        device, dtype = entry.get("device"), entry.get("dtype")
+        if device in ("cuda", "cpu") and dtype in ("bfloat16", "float16", "float32"):
+            stack.enter_context(torch.autocast(device_type=device, dtype=getattr(torch, dtype)))
+    return stack
+
+
 def _load(folder: str):
     import torch
 
@@ -213,7 +227,8 @@ def evaluate(folder: str):
     module, function = _evaluation()
     args, kwargs = _arguments(call, module)
     model = _exported(program)
-    return float(function(model, *args, **kwargs)), model, call, program
+    with _autocast(call):
+        return float(function(model, *args, **kwargs)), model, call, program
 
 
 def _heldout(folder: str) -> tuple[float | None, str | None]:
@@ -249,9 +264,10 @@ def main(folder: str) -> dict:
     probe = torch.load(os.path.join(folder, "probe.pt"), weights_only=True)
     device = next((b.device for b in program.buffers()), None) or next((p.device for p in program.parameters()), torch.device("cpu"))
     inputs = [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe["args"]]
-    out["causal"] = _causal(program, inputs, probe["kwargs"])
-    out["normalised"], out["probability_mass"] = _normalised(program, inputs, probe["kwargs"], model.largest_id + 1,
-                                                             int(call.get("batch") or 1))
+    with _autocast(call):
+        out["causal"] = _causal(program, inputs, probe["kwargs"])
+        out["normalised"], out["probability_mass"] = _normalised(program, inputs, probe["kwargs"], model.largest_id + 1,
+                                                                 int(call.get("batch") or 1))
     out["heldout_bpb"], out["heldout_error"] = _heldout(folder)
     return out
 
