@@ -200,19 +200,28 @@ def start(
     gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2"),
     workers: Optional[int] = typer.Option(None, help="Parallel experiments (default: one per GPU; CPU hosts: 1, each worker gets a cpuset)."),
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+    cluster: Optional[str] = typer.Option(None, help="Run experiments on a Ray cluster: ray://HOST:PORT (see README)."),
 ) -> None:
     """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
     from sandbox.naming import check_tag
 
-    from .engine import Engine, cpuset_cpus, fit_to_host, make_slots
+    from .engine import Engine, Slot, cpuset_cpus, fit_to_host, make_slots
     from .loop import Loop
     from .progress import LiveReporter, Reporter
     from .proposers import make_proposer
 
     delta = None if min_delta is None else (min_delta if min_delta == "auto" else _float(min_delta, "--min-delta"))
     cfg = _config(repo, tag=check_tag(tag), max_experiments=max_experiments, budget_s=budget, proposer=proposer,
-                  min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir)
+                  min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir, cluster=cluster)
     research = _open_repo(cfg.repo)
+    if cfg.cluster:  # the nodes lease their own GPUs; this host only builds images and decides
+        engine = Engine(cfg, research, progress=typer.echo)
+        slots = [Slot(f"cluster worker {i}") for i in range(len(engine.sandbox.workers))]
+        typer.echo(f"cluster {cfg.cluster}: {len(slots)} worker(s) on " +
+                   ", ".join(sorted({f"{n['host']} ({n['ip']})" for n in engine.sandbox.nodes()})))
+        reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
+        Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter).run(resume=resume, slots=slots)
+        return
     with _leased(cfg.gpus) as lease:
         slots = make_slots(lease.devices, cfg.workers, cpuset_cpus(cfg.limits.cpuset))
         cfg, fitted = fit_to_host(cfg, len(slots))

@@ -95,6 +95,10 @@ class RunConfig:
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
     prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
     backend: str = "docker"              # where experiments run (sandbox.backend.BACKENDS)
+    cluster: str | None = None           # a Ray cluster (ray://HOST:PORT or HOST:PORT): experiments run on its nodes
+    registry: str | None = None          # HOST:PORT of a registry that moves images to cluster nodes; null = Ray's object store
+    cluster_worker_gpus: float | None = None  # GPUs per cluster worker; null = 1 on a cluster with GPUs, else 0
+    cluster_worker_cpus: float = 1.0     # CPUs Ray reserves per cluster worker
     runtime: str | None = None           # the engine's OCI runtime for experiments (runsc = gVisor, kata-runtime); null = default
     base_image: str = "auto"             # auto | an image reference
     dependencies: str = "auto"           # auto | none | a file: uv.lock, pyproject.toml or requirements (runner/deps.py)
@@ -243,6 +247,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"verify_data ({heldout}) must be outside data_dir ({data}): experiments see data_dir")
     if cfg.gpu_runtime not in ("auto", "toolkit", "devices"):
         raise ConfigError(f"gpu_runtime must be auto, toolkit or devices, got {cfg.gpu_runtime!r}")
+    if cfg.cluster is not None and not re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", cfg.cluster):
+        raise ConfigError(f"cluster must be ray://HOST:PORT or HOST:PORT, got {cfg.cluster!r}")
+    if cfg.registry is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", cfg.registry):
+        raise ConfigError(f"registry must be HOST:PORT, got {cfg.registry!r}")
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
     if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":

@@ -77,6 +77,7 @@ class ExperimentRun:
             "commit": self.commit,
             "image": self.image.ref,
             "image_id": self.result.image_id,
+            "node": self.result.node,
             "image_reused": self.image.reused,
             "exit_code": self.result.exit_code,
             "wall_s": self.result.wall_s,
@@ -237,18 +238,28 @@ class Engine:
         self.cfg = cfg
         self.repo = repo
         self.gpus = gpus or GpuLease.none()
-        self.sandbox = sandbox or open_backend(cfg.backend, vram_probe=self.gpus.vram_probe())
+        self.sandbox = sandbox or self._open_backend()
         self.progress = progress
         self._trainer: images.BuiltImage | None = None
         self._base_id = ""  # set with the trainer
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
         self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
 
+    def _open_backend(self) -> Backend:
+        if not self.cfg.cluster:
+            return open_backend(self.cfg.backend, vram_probe=self.gpus.vram_probe())
+        # Runs go to the cluster's nodes, each checking it holds the data this host prepared.
+        return open_backend("ray", address=self.cfg.cluster, workers=self.cfg.workers, worker_gpus=self.cfg.cluster_worker_gpus,
+                            worker_cpus=self.cfg.cluster_worker_cpus, registry=self.cfg.registry,
+                            gpu_runtime=self.cfg.gpu_runtime, data_target=DATA_MOUNT, data_check=data_digest)
+
     # --- images ----------------------------------------------------------------------
 
     def trainer(self) -> images.BuiltImage:
         if self._trainer is None:
-            base = self.sandbox.resolve_base(self.cfg.base_image, want_gpu=bool(self.gpus.devices))
+            # a cluster's nodes may have the GPUs this host lacks
+            want_gpu = bool(self.gpus.devices) or bool(getattr(self.sandbox, "worker_gpus", 0))
+            base = self.sandbox.resolve_base(self.cfg.base_image, want_gpu=want_gpu)
             deps = resolve_dependencies(self.repo.committed_text, self.cfg.dependencies)
             self._trainer = self.sandbox.ensure_trainer(base, deps, self.cfg.ca_bundle, self.progress)
             self._base_id = base.id

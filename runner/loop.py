@@ -20,7 +20,7 @@ from typing import Callable
 
 from sandbox.backend import SandboxError
 from sandbox.images import BuiltImage
-from sandbox.spec import REASON_INTERRUPTED
+from sandbox.spec import REASON_INTERRUPTED, REASON_LOST
 
 from .config import RunConfig
 from .data import check_data_dir, data_digest
@@ -202,6 +202,14 @@ class Loop:
             run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
                                          image=job.image if job else None, slot=slot,
                                          export=self.verify_mode != "off")
+            if run.result.reason == REASON_LOST and not self.stop.is_set():
+                # Its node died (a cluster): recorded as an event, tried once more on a live
+                # node; the experiment is counted once, by the result of that try.
+                with self.lock:
+                    self.ledger.event("lost", iteration=iteration, commit=commit, run=run.to_dict())
+                print(f"experiment {iteration} ({commit[:7]}) lost with its node: running it once more", file=sys.stderr)
+                run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
+                                             image=run.image, slot=slot, export=self.verify_mode != "off")
             if self._needs_verification(run):
                 run = self.engine.verify(run, self.tag, iteration, stop=self.stop, slot=slot)
         finally:

@@ -166,7 +166,7 @@ def held_gpus(backend: Backend) -> set[str]:
 
 # Backends by name (runner.yaml `backend:`): a module:class path, imported when chosen, so a
 # host without one backend's client library can still use another.
-BACKENDS = {"docker": "sandbox.docker_backend:DockerSandbox"}
+BACKENDS = {"docker": "sandbox.docker_backend:DockerSandbox", "ray": "sandbox.ray_backend:RayBackend"}
 
 
 def open_backend(name: str = "docker", **kwargs) -> Backend:

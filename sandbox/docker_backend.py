@@ -25,7 +25,7 @@ import requests.exceptions
 from . import images, naming
 from .backend import Backend, ImageRecord, RunningRun, SandboxError
 from .cgroups import memory_files
-from .fsafe import open_beneath, relative_to_root
+from .fsafe import write_beneath
 from .gpu import NVIDIA_LIB_DIR
 from .logcap import CappedLog
 from .spec import (
@@ -393,11 +393,7 @@ class DockerSandbox(Backend):
             r = container.exec_run(["cat", f"{EXPORT_DIR}/{name}"], user=spec.user, stdout=True, stderr=False)
             if r.exit_code != 0:
                 return False
-            root, below = relative_to_root(spec.collect_dir / name, spec.log_root)
-            root.mkdir(parents=True, exist_ok=True)
-            fd = open_beneath(root, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            with os.fdopen(fd, "wb") as f:
-                f.write(r.output)
+            write_beneath(spec.collect_dir / name, spec.log_root, r.output)
         container.exec_run(["touch", f"{EXPORT_DIR}/.collected"], user=spec.user)
         return True
 

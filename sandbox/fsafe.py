@@ -64,3 +64,11 @@ def relative_to_root(path: Path, root: Path | None) -> tuple[Path, PurePath]:
         except ValueError:
             pass
     return path.parent, PurePath(path.name)
+
+
+def write_beneath(path: Path, root: Path | None, data: bytes) -> None:
+    """Write `data` to `path`, no link below `root` followed (the repo is untrusted ground)."""
+    base, below = relative_to_root(path, root)
+    base.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(open_beneath(base, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+        f.write(data)

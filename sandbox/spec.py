@@ -26,6 +26,7 @@ REASON_OOM = "oom"               # the kernel OOM-killed it at the container mem
 REASON_TIMEOUT = "timeout"       # the host deadline passed
 REASON_VRAM = "vram"             # the NVML watchdog saw it above the VRAM ceiling
 REASON_INTERRUPTED = "interrupted"  # the runner was asked to stop (Ctrl-C, SIGTERM)
+REASON_LOST = "lost"             # the node running it died (cluster backends): retried once elsewhere
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class RunResult:
     container_name: str
     container_id: str = ""
     collected: bool = False     # the export hook's files are in spec.collect_dir
+    node: str = ""              # where it ran, on a cluster backend ("" = this host)
 
     def tail_lines(self, n: int = 50) -> str:
         """The last `n` lines of output, for crash reports."""

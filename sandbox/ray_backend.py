@@ -1,0 +1,318 @@
+"""Experiments on a Ray cluster: the loop stays where it was started (ledger, git, proposer,
+keep decisions, image builds on this host's engine); each run goes to a node.
+
+One Ray actor per parallel worker holds the resources of one slot (`worker_gpus` GPUs,
+`worker_cpus` CPUs): Ray places the actors, accounts for the GPUs, and notices a node that dies.
+On its node the actor runs this project's own DockerSandbox against that node's local engine,
+with the node's GPU leases and NVML watchdog, so every host gives the same guarantees. A run
+whose node dies mid-run comes back with reason `lost` (the loop retries it once; Ray restarts
+the actor on a live node).
+
+Images move by content. With a registry, an image is pushed once and each node pulls it by
+digest (layers it holds are not fetched again). Without one, the image's save archive minus
+the layers the node's engine already holds (sandbox/transfer.py) travels through Ray's object
+store. Before a run, the node checks that its data cache has the digest the image was built
+for: every node must hold the same prepared data at the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import queue
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from . import naming
+from .backend import RunningRun, SandboxError
+from .docker_backend import DockerSandbox
+from .fsafe import write_beneath
+from .spec import EXPORT_FILES, REASON_LOST, GpuAccess, Mount, RunResult, RunSpec
+from .transfer import LayerNames, without_layers
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SandboxError("a cluster needs Ray: pip install 'autoresearch-runner[cluster]' on this host and every node") from None
+    return ray
+
+
+class NodeWorker:
+    """The Ray actor of one slot, on its node: the node's engine, its GPUs, its data."""
+
+    def __init__(self, gpu_runtime: str, data_target: str, data_check):
+        ray = _ray()
+        from . import gpu
+        from .docker_backend import connect
+
+        self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
+        # Other runners on this host see these GPUs as taken, and the watchdog samples them.
+        self.lease = gpu.acquire(",".join(self.gpu_ids)) if self.gpu_ids else gpu.GpuLease.none()
+        self.sandbox = DockerSandbox(connect(), vram_probe=self.lease.vram_probe() if self.gpu_ids else None)
+        self.access = GpuAccess()
+        if self.gpu_ids:
+            runtime = self.sandbox.gpu_runtime(gpu_runtime)
+            self.access = GpuAccess("toolkit") if runtime == "toolkit" else gpu.devices_access(
+                self.lease.devices, self.lease.nvml or gpu.RealNvml())
+        self.data_target, self.data_check = data_target, data_check
+        self.root = Path(tempfile.mkdtemp(prefix="autoresearch-node-"))
+        self.stops: dict[str, threading.Event] = {}
+        self.node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                     "host": socket.gethostname(), "engine": self.sandbox.version()}
+
+    def where(self) -> dict:
+        return self.node
+
+    def has_image(self, image_id: str) -> bool:
+        return self.sandbox.image(image_id) is not None
+
+    def layers(self) -> list[str]:
+        """The diff IDs of every layer this node's engine holds."""
+        return sorted({layer for image in self.sandbox.client.images.list(all=True)
+                       for layer in (image.attrs.get("RootFS") or {}).get("Layers") or []})
+
+    def load(self, chunks: list, image_id: str) -> None:
+        ray = _ray()
+        for message in self.sandbox.client.api.load_image(ray.get(ref) for ref in chunks):
+            if isinstance(message, dict) and message.get("error"):
+                raise SandboxError(f"node {self.node['ip']}: loading {image_id[:19]} failed: {message['error']}")
+        self._expect(image_id)
+
+    def pull(self, reference: str, image_id: str, names: list[str]) -> None:
+        image = self.sandbox.client.images.pull(reference)
+        for name in names:
+            repo, _, tag = name.rpartition(":")
+            image.tag(repo, tag)
+        self._expect(image_id)
+
+    def _expect(self, image_id: str) -> None:
+        if not self.has_image(image_id):
+            raise SandboxError(f"node {self.node['ip']}: image {image_id[:19]} is not there after the transfer")
+
+    def running(self, labels: dict) -> list[RunningRun]:
+        return self.sandbox.running(**labels)
+
+    def cleanup(self, tag, owner) -> list[str]:
+        return self.sandbox.cleanup(tag=tag, owner=owner)
+
+    def stop(self, key: str) -> None:
+        if key in self.stops:
+            self.stops[key].set()
+
+    def run(self, spec: RunSpec, files: dict[str, bytes], key: str, data_digest: str):
+        """Run `spec` here. `files`: tar archives for the mounts whose source is on the runner's
+        host (the verifier's exported model), by target. Returns (RunResult, log bytes, {name:
+        bytes} of the collected export files)."""
+        work = Path(tempfile.mkdtemp(dir=self.root))
+        self.stops[key] = stop = threading.Event()
+        try:
+            self._check_data(spec, data_digest)
+            mounts = []
+            for m in spec.mounts:
+                if m.target in files:
+                    local = work / f"mount{len(mounts)}"
+                    local.mkdir()
+                    with tarfile.open(fileobj=io.BytesIO(files[m.target])) as tar:
+                        tar.extractall(local, filter="data")
+                    m = Mount(local, m.target, m.read_only)
+                mounts.append(m)
+            labels = {**spec.labels, naming.L_GPUS: ",".join(self.lease.devices)}
+            here = dataclasses.replace(spec, log_path=work / "run.log", log_root=work, mounts=tuple(mounts),
+                                       collect_dir=work / "collect" if spec.collect_dir else None,
+                                       gpus=self.lease.devices, gpu_access=self.access, labels=labels)
+            result = self.sandbox.run(here, stop)
+            log = here.log_path.read_bytes() if here.log_path.exists() else b""
+            collected = {name: (here.collect_dir / name).read_bytes() for name in EXPORT_FILES
+                         if result.collected and (here.collect_dir / name).is_file()}
+            return dataclasses.replace(result, node=self.node["ip"]), log, collected
+        finally:
+            self.stops.pop(key, None)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _check_data(self, spec: RunSpec, expected: str) -> None:
+        data = next((m.source for m in spec.mounts if m.target == self.data_target), None)
+        if not expected or data is None or self.data_check is None:
+            return
+        try:
+            found = self.data_check(data)
+        except (OSError, ValueError) as exc:
+            found = f"unreadable ({exc})"
+        if found != expected:
+            raise SandboxError(f"node {self.node['ip']} ({self.node['host']}) holds other data in {data} "
+                               f"(digest {found[:12]}, the image was built for {expected[:12]}): "
+                               f"run `runner prepare --cluster` so every node has the same data")
+
+
+class RayBackend(DockerSandbox):
+    """The Backend on a Ray cluster: images are built and kept on this host's engine (inherited
+    from DockerSandbox); runs, what is running and cleanup happen on the nodes' engines."""
+
+    def __init__(self, address: str, workers: int | None = None, worker_gpus: float | None = None,
+                 worker_cpus: float = 1.0, registry: str | None = None, gpu_runtime: str = "auto",
+                 data_target: str = "", data_check=None, client=None, vram_probe=None):
+        super().__init__(client)
+        ray = _ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except Exception as exc:  # ConnectionError, gRPC errors: one line, what to do
+                raise SandboxError(f"no Ray cluster answers at {address} ({type(exc).__name__}): start it with "
+                                   "`ray start --head` and pass its address") from None
+        self.address, self.registry = address, registry
+        total_gpus = ray.cluster_resources().get("GPU", 0)
+        self.worker_gpus = (1.0 if total_gpus else 0.0) if worker_gpus is None else worker_gpus
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        count = workers or (int(total_gpus // self.worker_gpus) if self.worker_gpus else len(nodes))
+        actor = ray.remote(NodeWorker).options(num_cpus=worker_cpus, num_gpus=self.worker_gpus,
+                                               max_restarts=-1, max_task_retries=0, max_concurrency=8)
+        self.workers = [actor.remote(gpu_runtime, data_target, data_check) for _ in range(max(1, count))]
+        try:
+            ray.get([w.where.remote() for w in self.workers], timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise SandboxError(f"the cluster at {address} cannot place {count} worker(s) of {self.worker_gpus:g} GPU(s) and "
+                               f"{worker_cpus:g} CPU(s): set workers, cluster_worker_gpus or cluster_worker_cpus") from None
+        self._free: queue.Queue = queue.Queue()
+        for w in self.workers:
+            self._free.put(w)
+        self._names = LayerNames()
+        self._pushed: dict[str, str] = {}     # image id -> registry reference by digest
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.shipped_bytes = 0               # what went through the object store, all runs
+
+    # --- runs --------------------------------------------------------------------------
+
+    def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
+        ray = _ray()
+        worker = self._free.get()
+        t0 = time.monotonic()
+        try:
+            node = ray.get(worker.where.remote())
+            image_id = self._ship(worker, node, spec.image)
+            spec = dataclasses.replace(spec, image=image_id)  # by content on the node
+            files = {m.target: _tar_folder(m.source) for m in spec.mounts if _below(m.source, spec.log_root)}
+            key = uuid.uuid4().hex
+            ref = worker.run.remote(spec, files, key, self._data_digest(spec.image))
+            while not ray.wait([ref], timeout=0.5)[0]:
+                if stop is not None and stop.is_set():
+                    worker.stop.remote(key)
+            result, log, collected = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+            return self._lost(spec, t0, exc)
+        except ray.exceptions.RayTaskError as exc:  # the node's harness failed (its data, its engine)
+            cause = getattr(exc, "cause", None)
+            raise SandboxError(str(cause) if isinstance(cause, SandboxError) else str(exc).strip().splitlines()[-1]) from None
+        finally:
+            self._free.put(worker)
+        write_beneath(spec.log_path, spec.log_root, log)
+        for name, data in collected.items():
+            write_beneath(spec.collect_dir / name, spec.log_root, data)
+        return dataclasses.replace(result, log_path=spec.log_path)
+
+    def _lost(self, spec: RunSpec, t0: float, exc: BaseException) -> RunResult:
+        line = f"[runner] the node running this experiment was lost: {type(exc).__name__}\n"
+        write_beneath(spec.log_path, spec.log_root, line.encode())
+        return RunResult(exit_code=None, reason=REASON_LOST, wall_s=round(time.monotonic() - t0, 3),
+                         log_path=spec.log_path, output_tail=line, log_bytes=len(line), log_truncated=False,
+                         peak_mem_bytes=None, peak_vram_mb=None, image_id="", container_name=spec.name)
+
+    def _data_digest(self, image_ref: str) -> str:
+        record = self.image(image_ref)
+        return (record.labels.get(naming.L_DATA, "") if record else "") or ""
+
+    # --- images ------------------------------------------------------------------------
+
+    def _ship(self, worker, node: dict, image_ref: str) -> str:
+        """Make `image_ref` (on this host's engine) present on `node`'s engine, by content;
+        returns its id."""
+        ray = _ray()
+        image = self.client.images.get(image_ref)
+        with self._lock:
+            lock = self._node_locks.setdefault(node["node_id"], threading.Lock())
+        with lock:
+            if ray.get(worker.has_image.remote(image.id)):
+                return image.id
+            if self.registry:
+                ray.get(worker.pull.remote(self._push(image), image.id, list(image.tags)))
+                return image.id
+            have = set(ray.get(worker.layers.remote()))
+            refs, size = [], 0
+            for chunk in without_layers(image.save(chunk_size=1 << 20, named=bool(image.tags)), have, self._names):
+                if chunk:
+                    refs.append(ray.put(chunk))
+                    size += len(chunk)
+            ray.get(worker.load.remote(refs, image.id))
+            with self._lock:
+                self.shipped_bytes += size
+        return image.id
+
+    def _push(self, image) -> str:
+        """Push once; returns `registry/name@sha256:...`, what nodes pull."""
+        if image.id in self._pushed:
+            return self._pushed[image.id]
+        name = (image.tags[0].rpartition(":")[0] if image.tags else "autoresearch-runner/image")
+        repo, tag = f"{self.registry}/{name}", image.id.split(":")[1][:20]
+        image.tag(repo, tag)
+        digest = None
+        for message in self.client.images.push(repo, tag=tag, stream=True, decode=True):
+            if message.get("error"):
+                raise SandboxError(f"pushing {repo}:{tag} to {self.registry} failed: {message['error']}")
+            digest = (message.get("aux") or {}).get("Digest") or digest
+        if not digest:
+            raise SandboxError(f"pushing {repo}:{tag} to {self.registry} gave no digest")
+        self._pushed[image.id] = f"{repo}@{digest}"
+        return self._pushed[image.id]
+
+    # --- what runs where ---------------------------------------------------------------
+
+    def running(self, **labels: str) -> list[RunningRun]:
+        ray = _ray()
+        found = {}
+        for batch in ray.get([w.running.remote(labels) for w in self.workers]) + [super().running(**labels)]:
+            for r in batch:
+                found[(r.labels.get(naming.L_OWNER), r.labels.get(naming.L_UID), r.started_at)] = r
+        return list(found.values())
+
+    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
+        ray = _ray()
+        removed = super().cleanup(tag, only_dead_owners, owner)
+        if owner:  # a runner forced to stop removes its own containers on every node
+            for names in ray.get([w.cleanup.remote(tag, owner) for w in self.workers]):
+                removed += names
+        return removed
+
+    def nodes(self) -> list[dict]:
+        """Where the workers are now (node id, address, host name, engine version)."""
+        ray = _ray()
+        return ray.get([w.where.remote() for w in self.workers])
+
+
+def _below(path: Path, root: Path | None) -> bool:
+    if root is None:
+        return False
+    try:
+        Path(path).relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _tar_folder(folder: Path) -> bytes:
+    """The regular files of `folder` (no links followed) as a tar archive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file(follow_symlinks=False):
+                tar.add(entry.path, arcname=entry.name, recursive=False)
+    return buffer.getvalue()

@@ -1,0 +1,156 @@
+"""A real Ray cluster on this machine, for the cluster tests: a head and a second node, each
+with a Docker engine of its own (the head uses the tests' daemon; the second node a second
+dockerd with its own socket, data root and exec root, and no bridge), so images really move
+between engines. Everything binds 127.0.0.1 or a unix socket and is stopped by the PIDs
+started here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Loopback only: every Ray process gets tests/ray_loopback on its PYTHONPATH (see there).
+_LOOPBACK = str(Path(__file__).with_name("ray_loopback"))
+_RAY = str(Path(sys.executable).with_name("ray"))
+# Quick failure detection: a killed raylet is declared dead in seconds, not half a minute.
+_RAY_ENV = {"PYTHONPATH": _LOOPBACK, "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+                "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen, grace: float = 20) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def second_engine(root: Path):
+    """A second dockerd; yields its DOCKER_HOST. It runs in a network namespace of its own
+    (`unshare --net`): a daemon without a bridge deletes the host's docker0 at start, which
+    would take the first daemon's bridge with it. Its socket is a file, reachable as usual."""
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / "docker.sock"
+    log = open(root / "dockerd.log", "wb")
+    process = subprocess.Popen(
+        ["unshare", "--net", "dockerd", "--host", f"unix://{sock}", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+         "--pidfile", str(root / "docker.pid"), "--bridge", "none", "--iptables=false", "--ip-masq=false",
+         "--containerd-namespace", f"ar-{root.name}", "--containerd-plugins-namespace", f"ar-{root.name}-p"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import docker
+
+        for _ in range(120):
+            try:
+                docker.DockerClient(base_url=f"unix://{sock}").ping()
+                break
+            except Exception:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the second dockerd exited: {(root / 'dockerd.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the second dockerd did not answer in 60 s")
+        yield f"unix://{sock}"
+    finally:
+        _stop(process, 30)
+        log.close()
+        shutil.rmtree(root / "exec", ignore_errors=True)
+
+
+class RayCluster:
+    """`ray start --block` processes: the head (this machine's engine) and one node per extra
+    engine. `client_address` is what `runner start --cluster` takes."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port, self.client_port = free_port(), free_port()
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    def _start(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")
+        p = subprocess.Popen([_RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                              "--object-store-memory=2000000000", *args],
+                             env={**os.environ, **_RAY_ENV, **env}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.processes.append(p)
+        return p
+
+    def start_head(self, docker_host: str | None = None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {"DOCKER_HOST": docker_host} if docker_host else {}
+        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={self.client_port}",
+                     "--include-dashboard=false", f"--temp-dir={self.root / 'tmp'}",
+                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"], env, "head")
+        self.wait_nodes(1)
+
+    def add_node(self, docker_host: str, name: str = "node2") -> subprocess.Popen:
+        p = self._start([f"--address=127.0.0.1:{self.port}", f"--dashboard-agent-listen-port={free_port()}",
+                         f"--metrics-export-port={free_port()}"], {"DOCKER_HOST": docker_host}, name)
+        self.wait_nodes(len(self.processes))
+        return p
+
+    def alive_nodes(self) -> int:
+        r = subprocess.run([_RAY, "status", f"--address=127.0.0.1:{self.port}"],
+                           capture_output=True, text=True, env={**os.environ, **_RAY_ENV})
+        if r.returncode != 0:
+            return 0
+        active = r.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+        return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive_nodes() < n:
+            if time.monotonic() > deadline:
+                logs = "\n".join((self.root / f).read_text()[-1500:] for f in os.listdir(self.root) if f.endswith(".log"))
+                raise RuntimeError(f"the Ray cluster has fewer than {n} nodes after {timeout:.0f} s:\n{logs}")
+            time.sleep(1)
+
+    def kill_raylet(self, process: subprocess.Popen) -> int:
+        """SIGKILL the raylet that `process` (a `ray start --block` of ours) started; its PID."""
+        raylet = next(pid for pid in _descendants(process.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet")
+        os.kill(raylet, signal.SIGKILL)
+        return raylet
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            _stop(p)
+
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
