@@ -117,11 +117,13 @@ def init_example(directory: Path = typer.Argument(..., help="Where to create the
 
 @app.command("prepare")
 @cli_command
-def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host.")) -> None:
-    """Run the repo's own prepare.py once, in the trainer image, with the data cache writable."""
+def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+            cluster: Optional[str] = typer.Option(None, help="Prepare on every node of this Ray cluster (ray://HOST:PORT).")) -> None:
+    """Run the repo's own prepare.py once, in the trainer image, with the data cache writable
+    (with --cluster: once on each node)."""
     from .engine import Engine
 
-    cfg = _config(repo, data_dir=data_dir)
+    cfg = _config(repo, data_dir=data_dir, cluster=cluster)
     research = _open_repo(cfg.repo)
     engine = Engine(cfg, research, progress=typer.echo)
     files = RunnerFiles(research.path)

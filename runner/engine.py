@@ -78,6 +78,7 @@ class ExperimentRun:
             "image": self.image.ref,
             "image_id": self.result.image_id,
             "node": self.result.node,
+            "image_transfer_bytes": self.result.transfer_bytes,
             "image_reused": self.image.reused,
             "exit_code": self.result.exit_code,
             "wall_s": self.result.wall_s,
@@ -489,7 +490,9 @@ class Engine:
             user=f"{os.getuid()}:{os.getgid()}",
             network=True,
         )
-        return self.sandbox.run(spec)
+        # On a cluster every node prepares its own caches; the first failure (else the first run) tells.
+        results = self.sandbox.run_on_every_node(spec)
+        return next((r for r in results if r.reason or r.exit_code), results[0])
 
     def prepare_data(self, log_path: Path) -> RunResult:
         """Run the repo's own prepare.py with the data cache writable and the network on."""

@@ -90,6 +90,11 @@ class Backend(Sandbox):
 
     owner: str  # the label value that marks containers this process starts
 
+    def run_on_every_node(self, spec: RunSpec) -> list[RunResult]:
+        """Run `spec` once on every host this backend runs experiments on (trusted steps such
+        as prepare.py, which every host's data cache needs); one host here."""
+        return [self.run(spec)]
+
     @abc.abstractmethod
     def gpu_runtime(self, requested: str) -> str:
         """`toolkit` or `devices` for a gpu_runtime setting (auto | toolkit | devices)."""

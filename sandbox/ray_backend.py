@@ -38,6 +38,12 @@ from .spec import EXPORT_FILES, REASON_LOST, GpuAccess, Mount, RunResult, RunSpe
 from .transfer import LayerNames, without_layers
 
 PLACEMENT_TIMEOUT_S = 120.0
+RESTART_PATIENCE_S = 300.0  # an actor whose node died is restarted by Ray on a live node meanwhile
+
+
+def _gone(ray) -> tuple[type[BaseException], ...]:
+    """What Ray raises for an actor whose node died or that is restarting elsewhere."""
+    return (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 
 
 def _ray():
@@ -73,6 +79,10 @@ class NodeWorker:
 
     def where(self) -> dict:
         return self.node
+
+    def name(self) -> str:
+        """How records name this node: its host and the start of its Ray node id."""
+        return f"{self.node['host']}/{self.node['node_id'][:8]}"
 
     def has_image(self, image_id: str) -> bool:
         return self.sandbox.image(image_id) is not None
@@ -120,6 +130,8 @@ class NodeWorker:
             self._check_data(spec, data_digest)
             mounts = []
             for m in spec.mounts:
+                if not m.read_only and m.target not in files:
+                    Path(m.source).mkdir(parents=True, exist_ok=True)  # prepare's caches, on this node
                 if m.target in files:
                     local = work / f"mount{len(mounts)}"
                     local.mkdir()
@@ -135,7 +147,7 @@ class NodeWorker:
             log = here.log_path.read_bytes() if here.log_path.exists() else b""
             collected = {name: (here.collect_dir / name).read_bytes() for name in EXPORT_FILES
                          if result.collected and (here.collect_dir / name).is_file()}
-            return dataclasses.replace(result, node=self.node["ip"]), log, collected
+            return dataclasses.replace(result, node=self.name()), log, collected
         finally:
             self.stops.pop(key, None)
             shutil.rmtree(work, ignore_errors=True)
@@ -170,6 +182,7 @@ class RayBackend(DockerSandbox):
                 raise SandboxError(f"no Ray cluster answers at {address} ({type(exc).__name__}): start it with "
                                    "`ray start --head` and pass its address") from None
         self.address, self.registry = address, registry
+        self.data_target, self.data_check = data_target, data_check
         total_gpus = ray.cluster_resources().get("GPU", 0)
         self.worker_gpus = (1.0 if total_gpus else 0.0) if worker_gpus is None else worker_gpus
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -194,58 +207,77 @@ class RayBackend(DockerSandbox):
     # --- runs --------------------------------------------------------------------------
 
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
-        ray = _ray()
         worker = self._free.get()
-        t0 = time.monotonic()
         try:
-            node = ray.get(worker.where.remote())
-            image_id = self._ship(worker, node, spec.image)
+            return self._run_with(worker, spec, stop)
+        finally:
+            self._free.put(worker)
+
+    def run_on_every_node(self, spec: RunSpec) -> list[RunResult]:
+        """`spec` once on each node the workers are on, one after the other; each node's log
+        beside spec.log_path, named after the node."""
+        by_node = {}
+        for worker, where in self._each("where"):
+            by_node.setdefault(where["node_id"], (worker, where))
+        results = []
+        for worker, where in by_node.values():
+            name = f"{where['host']}-{where['node_id'][:8]}"
+            log = spec.log_path.with_name(f"{spec.log_path.stem}.{name}{spec.log_path.suffix}")
+            results.append(self._run_with(worker, dataclasses.replace(spec, log_path=log), None))
+        return results
+
+    def _run_with(self, worker, spec: RunSpec, stop: threading.Event | None) -> RunResult:
+        ray = _ray()
+        t0, node = time.monotonic(), None
+        try:
+            node = self._where(worker)
+            image_id, moved = self._ship(worker, node, spec.image)
             spec = dataclasses.replace(spec, image=image_id)  # by content on the node
             files = {m.target: _tar_folder(m.source) for m in spec.mounts if _below(m.source, spec.log_root)}
             key = uuid.uuid4().hex
-            ref = worker.run.remote(spec, files, key, self._data_digest(spec.image))
+            ref = worker.run.remote(spec, files, key, self._data_digest(spec))
             while not ray.wait([ref], timeout=0.5)[0]:
                 if stop is not None and stop.is_set():
                     worker.stop.remote(key)
             result, log, collected = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-            return self._lost(spec, t0, exc)
+        except _gone(ray) as exc:
+            return self._lost(spec, t0, exc, node)
         except ray.exceptions.RayTaskError as exc:  # the node's harness failed (its data, its engine)
             cause = getattr(exc, "cause", None)
             raise SandboxError(str(cause) if isinstance(cause, SandboxError) else str(exc).strip().splitlines()[-1]) from None
-        finally:
-            self._free.put(worker)
         write_beneath(spec.log_path, spec.log_root, log)
         for name, data in collected.items():
             write_beneath(spec.collect_dir / name, spec.log_root, data)
-        return dataclasses.replace(result, log_path=spec.log_path)
+        return dataclasses.replace(result, log_path=spec.log_path, transfer_bytes=moved)
 
-    def _lost(self, spec: RunSpec, t0: float, exc: BaseException) -> RunResult:
+    def _lost(self, spec: RunSpec, t0: float, exc: BaseException, node: dict | None) -> RunResult:
         line = f"[runner] the node running this experiment was lost: {type(exc).__name__}\n"
         write_beneath(spec.log_path, spec.log_root, line.encode())
         return RunResult(exit_code=None, reason=REASON_LOST, wall_s=round(time.monotonic() - t0, 3),
                          log_path=spec.log_path, output_tail=line, log_bytes=len(line), log_truncated=False,
-                         peak_mem_bytes=None, peak_vram_mb=None, image_id="", container_name=spec.name)
+                         peak_mem_bytes=None, peak_vram_mb=None, image_id="", container_name=spec.name,
+                         node=f"{node['host']}/{node['node_id'][:8]}" if node else "")
 
-    def _data_digest(self, image_ref: str) -> str:
-        record = self.image(image_ref)
-        return (record.labels.get(naming.L_DATA, "") if record else "") or ""
+    def _data_digest(self, spec: RunSpec) -> str:
+        """The digest of the data this host has at the data mount's path: every node must match it."""
+        data = next((m.source for m in spec.mounts if m.target == self.data_target), None)
+        return self.data_check(data) if data is not None and self.data_check is not None else ""
 
     # --- images ------------------------------------------------------------------------
 
-    def _ship(self, worker, node: dict, image_ref: str) -> str:
+    def _ship(self, worker, node: dict, image_ref: str) -> tuple[str, int]:
         """Make `image_ref` (on this host's engine) present on `node`'s engine, by content;
-        returns its id."""
+        returns its id and the bytes that went through the object store for it."""
         ray = _ray()
         image = self.client.images.get(image_ref)
         with self._lock:
             lock = self._node_locks.setdefault(node["node_id"], threading.Lock())
         with lock:
             if ray.get(worker.has_image.remote(image.id)):
-                return image.id
+                return image.id, 0
             if self.registry:
                 ray.get(worker.pull.remote(self._push(image), image.id, list(image.tags)))
-                return image.id
+                return image.id, 0
             have = set(ray.get(worker.layers.remote()))
             refs, size = [], 0
             for chunk in without_layers(image.save(chunk_size=1 << 20, named=bool(image.tags)), have, self._names):
@@ -255,7 +287,7 @@ class RayBackend(DockerSandbox):
             ray.get(worker.load.remote(refs, image.id))
             with self._lock:
                 self.shipped_bytes += size
-        return image.id
+        return image.id, size
 
     def _push(self, image) -> str:
         """Push once; returns `registry/name@sha256:...`, what nodes pull."""
@@ -276,26 +308,48 @@ class RayBackend(DockerSandbox):
 
     # --- what runs where ---------------------------------------------------------------
 
-    def running(self, **labels: str) -> list[RunningRun]:
+    def _where(self, worker) -> dict:
+        """Where `worker` is, waiting while Ray restarts it after its node died."""
         ray = _ray()
+        deadline = time.monotonic() + RESTART_PATIENCE_S
+        while True:
+            try:
+                return ray.get(worker.where.remote(), timeout=RESTART_PATIENCE_S)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def _each(self, method: str, *args) -> list[tuple]:
+        """(worker, answer) of every worker that answers `method`; one whose node is gone (or
+        that is being restarted) is left out."""
+        ray = _ray()
+        refs = [(w, getattr(w, method).remote(*args)) for w in self.workers]
+        answers = []
+        for worker, ref in refs:
+            try:
+                answers.append((worker, ray.get(ref, timeout=60)))
+            except _gone(ray) + (ray.exceptions.GetTimeoutError,):
+                continue
+        return answers
+
+    def running(self, **labels: str) -> list[RunningRun]:
         found = {}
-        for batch in ray.get([w.running.remote(labels) for w in self.workers]) + [super().running(**labels)]:
+        for batch in [runs for _, runs in self._each("running", labels)] + [super().running(**labels)]:
             for r in batch:
                 found[(r.labels.get(naming.L_OWNER), r.labels.get(naming.L_UID), r.started_at)] = r
         return list(found.values())
 
     def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
-        ray = _ray()
         removed = super().cleanup(tag, only_dead_owners, owner)
         if owner:  # a runner forced to stop removes its own containers on every node
-            for names in ray.get([w.cleanup.remote(tag, owner) for w in self.workers]):
+            for _, names in self._each("cleanup", tag, owner):
                 removed += names
         return removed
 
     def nodes(self) -> list[dict]:
         """Where the workers are now (node id, address, host name, engine version)."""
-        ray = _ray()
-        return ray.get([w.where.remote() for w in self.workers])
+        return [where for _, where in self._each("where")]
 
 
 def _below(path: Path, root: Path | None) -> bool:

@@ -132,6 +132,7 @@ class RunResult:
     container_id: str = ""
     collected: bool = False     # the export hook's files are in spec.collect_dir
     node: str = ""              # where it ran, on a cluster backend ("" = this host)
+    transfer_bytes: int = 0     # image bytes moved to that node for this run (cluster backends)
 
     def tail_lines(self, n: int = 50) -> str:
         """The last `n` lines of output, for crash reports."""

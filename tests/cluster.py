@@ -20,6 +20,7 @@ from pathlib import Path
 # Loopback only: every Ray process gets tests/ray_loopback on its PYTHONPATH (see there).
 _LOOPBACK = str(Path(__file__).with_name("ray_loopback"))
 _RAY = str(Path(sys.executable).with_name("ray"))
+DRIVER_ENV = {"PYTHONPATH": _LOOPBACK}  # for a runner process that joins the cluster
 # Quick failure detection: a killed raylet is declared dead in seconds, not half a minute.
 _RAY_ENV = {"PYTHONPATH": _LOOPBACK, "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                 "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -76,20 +77,21 @@ def second_engine(root: Path):
 
 class RayCluster:
     """`ray start --block` processes: the head (this machine's engine) and one node per extra
-    engine. `client_address` is what `runner start --cluster` takes."""
+    engine."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.port, self.client_port = free_port(), free_port()
+        self.port = free_port()
         self.processes: list[subprocess.Popen] = []
 
     @property
-    def client_address(self) -> str:
-        return f"ray://127.0.0.1:{self.client_port}"
+    def address(self) -> str:
+        """The GCS address: what `runner start --cluster` takes from a process on a node."""
+        return f"127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
+    def _start(self, args: list[str], env: dict, name: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "wb")
-        p = subprocess.Popen([_RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+        p = subprocess.Popen([*prefix, _RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                               "--object-store-memory=2000000000", *args],
                              env={**os.environ, **_RAY_ENV, **env}, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -99,14 +101,20 @@ class RayCluster:
     def start_head(self, docker_host: str | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {"DOCKER_HOST": docker_host} if docker_host else {}
-        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={self.client_port}",
+        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
                      "--include-dashboard=false", f"--temp-dir={self.root / 'tmp'}",
                      f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"], env, "head")
         self.wait_nodes(1)
 
-    def add_node(self, docker_host: str, name: str = "node2") -> subprocess.Popen:
+    def add_node(self, docker_host: str, name: str = "node2", overlay: tuple[Path, Path] | None = None) -> subprocess.Popen:
+        """A node whose runs go to `docker_host`. `overlay` (source, target): in the node's own
+        mount namespace, `target` shows `source` (a host whose data differs)."""
+        prefix = ()
+        if overlay:
+            prefix = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(overlay[0]), str(overlay[1]))
         p = self._start([f"--address=127.0.0.1:{self.port}", f"--dashboard-agent-listen-port={free_port()}",
-                         f"--metrics-export-port={free_port()}"], {"DOCKER_HOST": docker_host}, name)
+                         f"--metrics-export-port={free_port()}"], {"DOCKER_HOST": docker_host}, name, prefix)
         self.wait_nodes(len(self.processes))
         return p
 

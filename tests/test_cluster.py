@@ -1,0 +1,129 @@
+"""One research loop across a real Ray cluster on this machine (tests/cluster.py): a head on the
+tests' Docker engine and a second node with an engine of its own, so images really move
+between engines. The second node sees other data at one path (its own mount namespace), for the
+data check. The last test kills the second node's raylet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+import pytest
+from cluster import DRIVER_ENV, RayCluster, second_engine
+from conftest import runner_cli
+
+from runner.ledger import Ledger
+from sandbox import naming
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def cluster(tinylm):
+    """(RayCluster, the second node's process, its DOCKER_HOST, a data dir the second node sees
+    differently)."""
+    _, data = tinylm
+    root = Path(tempfile.mkdtemp(prefix="ar-cluster-", dir="/tmp"))  # Ray's socket paths must stay short
+    skewed, other = root / "skewed-data", root / "other-data"
+    shutil.copytree(data, skewed)
+    shutil.copytree(data, other)
+    (other / "tinylm" / "val.bin").write_bytes(b"not the same validation split\n" * 100)
+    (other / "tinylm" / "manifest.json").write_text('{"another": "prepare"}')
+    try:
+        with second_engine(root / "engine") as host2:
+            ray = RayCluster(root / "ray")
+            try:
+                ray.start_head()
+                node2 = ray.add_node(host2, overlay=(other, skewed))
+                yield ray, node2, host2, skewed
+            finally:
+                ray.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _clone(tinylm, path: Path) -> Path:
+    repo, _ = tinylm
+    shutil.copytree(repo, path, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    return path
+
+
+def _start(repo: Path, data: Path, address: str, tag: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "runner", "start", "--tag", tag, "--repo", str(repo), "--data-dir", str(data),
+            "--cluster", address, "--proposer", "offline", "--workers", "2", *extra]
+
+
+def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path):
+    ray, _, host2, _ = cluster
+    _, data = tinylm
+    repo = _clone(tinylm, tmp_path / "repo")
+    r = runner_cli(*_start(repo, data, ray.address, "spread", "--budget", "3", "--max-experiments", "4")[3:],
+                   env=DRIVER_ENV, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cluster 127.0.0.1" in r.stdout and "2 worker(s)" in r.stdout
+
+    experiments = Ledger(repo, "spread").experiments()
+    assert [e.iteration for e in experiments] == [0, 1, 2, 3, 4]
+    assert all(e.run["verdict"] == "ok" for e in experiments if e.outcome == "ok")  # verified on the nodes too
+    nodes = {e.run["node"] for e in experiments}
+    assert len(nodes) == 2, nodes  # both nodes ran experiments
+    rows = (repo / "results.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 5 and len({row.split("\t")[0] for row in rows}) == 5
+
+    # The experiment images are on the second engine by content (the same ids), and once the
+    # trainer and sources layers are there an experiment adds only its own few KiB.
+    engine2 = docker.DockerClient(base_url=host2)
+    there = {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=spread"})}
+    assert any(e.run["image_id"] in there for e in experiments)
+    moved = sorted(e.run["image_transfer_bytes"] for e in experiments if e.run["image_transfer_bytes"])
+    assert moved and moved[0] < 1 << 20, moved
+
+
+def test_a_node_with_other_data_is_one_clear_error(cluster, tinylm, tmp_path):
+    """The second node sees other files at the data path: a run there stops the loop with one
+    line naming the node, and nothing is recorded as an experiment result of it."""
+    ray, _, _, skewed = cluster
+    repo = _clone(tinylm, tmp_path / "repo")
+    r = runner_cli(*_start(repo, skewed, ray.address, "skew", "--budget", "2", "--max-experiments", "4")[3:],
+                   env=DRIVER_ENV, timeout=1200)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "holds other data in " + str(skewed) in r.stderr and "runner prepare --cluster" in r.stderr
+    assert "node 127.0.0.1" in r.stderr
+
+
+def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tinylm, tmp_path):
+    ray, node2, host2, _ = cluster
+    _, data = tinylm
+    repo = _clone(tinylm, tmp_path / "repo")
+    loop = subprocess.Popen(_start(repo, data, ray.address, "lost", "--budget", "10", "--max-experiments", "3"),
+                            env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        engine2 = docker.DockerClient(base_url=host2)
+        deadline = time.monotonic() + 900
+        while not engine2.containers.list(filters={"label": f"{naming.L_TAG}=lost"}):
+            assert loop.poll() is None and time.monotonic() < deadline, "no run reached the second node"
+            time.sleep(0.5)
+        ray.kill_raylet(node2)
+        out, err = loop.communicate(timeout=1200)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+    assert loop.returncode == 0, out + err
+    assert "lost with its node: running it once more" in err
+
+    ledger = Ledger(repo, "lost")
+    lost = ledger.events("lost")
+    assert len(lost) == 1 and lost[0]["run"]["reason"] == "lost"
+    experiments = ledger.experiments()
+    assert [e.iteration for e in experiments] == [0, 1, 2, 3]  # counted once
+    retried = next(e for e in experiments if e.iteration == lost[0]["iteration"])
+    assert retried.outcome == "ok" and retried.run["node"] != lost[0]["run"]["node"]
+    rows = (repo / "results.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 4
