@@ -3,6 +3,11 @@
 # (reused when present), and run the whole suite against the Docker daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The cluster tests start Debian's docker-registry themselves (on 127.0.0.1); RUNLEVEL=1 keeps
+# the package from starting its own service on install.
+if ! command -v docker-registry >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q docker-registry) >/dev/null
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 .venv/bin/runner base-image build

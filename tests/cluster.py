@@ -1,7 +1,7 @@
 """A real Ray cluster on this machine, for the cluster tests: a head and a second node, each
 with a Docker engine of its own (the head uses the tests' daemon; the second node a second
-dockerd with its own socket, data root and exec root, and no bridge), so images really move
-between engines. Everything binds 127.0.0.1 or a unix socket and is stopped by the PIDs
+dockerd with its own socket, data root, exec root and bridge), so images really move between
+engines; and a registry. Everything binds 127.0.0.1 or a unix socket and is stopped by the PIDs
 started here.
 """
 
@@ -44,15 +44,21 @@ def _stop(process: subprocess.Popen, grace: float = 20) -> None:
 
 @contextmanager
 def second_engine(root: Path):
-    """A second dockerd; yields its DOCKER_HOST. It runs in a network namespace of its own
-    (`unshare --net`): a daemon without a bridge deletes the host's docker0 at start, which
-    would take the first daemon's bridge with it. Its socket is a file, reachable as usual."""
+    """A second dockerd; yields its DOCKER_HOST. It gets a bridge of its own (made here, removed
+    after): a daemon told `--bridge none` deletes the host's docker0 at start, which would take
+    the first daemon's network with it. It shares the host's loopback, so it pulls from a
+    registry on 127.0.0.1."""
+    import random
+
     root.mkdir(parents=True, exist_ok=True)
     sock = root / "docker.sock"
+    bridge = f"arbr{os.getpid() % 100000}"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", f"172.31.{random.randrange(2, 250)}.1/24", "dev", bridge], check=True)
     log = open(root / "dockerd.log", "wb")
     process = subprocess.Popen(
-        ["unshare", "--net", "dockerd", "--host", f"unix://{sock}", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
-         "--pidfile", str(root / "docker.pid"), "--bridge", "none", "--iptables=false", "--ip-masq=false",
+        ["dockerd", "--host", f"unix://{sock}", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+         "--pidfile", str(root / "docker.pid"), "--bridge", bridge, "--iptables=false", "--ip-masq=false",
          "--containerd-namespace", f"ar-{root.name}", "--containerd-plugins-namespace", f"ar-{root.name}-p"],
         stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -72,7 +78,30 @@ def second_engine(root: Path):
     finally:
         _stop(process, 30)
         log.close()
+        subprocess.run(["ip", "link", "delete", bridge], check=False)
         shutil.rmtree(root / "exec", ignore_errors=True)
+
+
+@contextmanager
+def registry(root: Path):
+    """Debian's docker-registry on 127.0.0.1 (storage under `root`); yields HOST:PORT."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = root / "config.yml"
+    config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+                      f"http:\n  addr: 127.0.0.1:{port}\n")
+    log = open(root / "registry.log", "wb")
+    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(60):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.25)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(process)
+        log.close()
 
 
 class RayCluster:
