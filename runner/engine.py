@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from sandbox import images, naming
 from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
-from sandbox.spec import EXPORT_DIR, GpuAccess, Limits, Mount, RunResult, RunSpec
+from sandbox.spec import EXPORT_DIR, REASON_LOST, GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
 from .config import DATA_MOUNT, HELDOUT_ENV, HELDOUT_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
@@ -447,6 +448,10 @@ class Engine:
             spec = self._spec(run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices,
                               run.limits, folder.with_suffix(".verify.log"), mounts=tuple(mounts), export=True, env=env)
             result = self.sandbox.run(spec, stop)
+            if result.reason == REASON_LOST and not (stop and stop.is_set()):
+                # its node died (a cluster): the verdict must not be "unverifiable", verify again elsewhere
+                print(f"the verifier of {run.commit[:7]} lost its node: verifying once more", file=sys.stderr)
+                result = self.sandbox.run(spec, stop)
             report = next((json.loads(line[len("VERIFY "):]) for line in reversed(result.output_tail.splitlines())
                            if line.startswith("VERIFY {")), None)
             if report is None:

@@ -63,6 +63,11 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     ray, _, host2, _ = cluster
     _, data = tinylm
     repo = _clone(tinylm, tmp_path / "repo")
+    r = runner_cli("prepare", "--repo", str(repo), "--data-dir", str(data), "--cluster", ray.address, env=DRIVER_ENV,
+                   timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list((repo / ".autoresearch").glob("prepare.*.log"))) == 2  # prepare.py ran on each node
+
     r = runner_cli(*_start(repo, data, ray.address, "spread", "--budget", "3", "--max-experiments", "4")[3:],
                    env=DRIVER_ENV, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -130,8 +135,12 @@ def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tiny
     try:
         engine2 = docker.DockerClient(base_url=host2)
         deadline = time.monotonic() + 900
-        while not engine2.containers.list(filters={"label": f"{naming.L_TAG}=lost"}):
-            assert loop.poll() is None and time.monotonic() < deadline, "no run reached the second node"
+        def training_there():  # an experiment training on the second node (not a verifier)
+            return [c for c in engine2.containers.list(filters={"label": f"{naming.L_TAG}=lost"})
+                    if "train.py" in (c.attrs["Config"]["Cmd"] or [])]
+
+        while not training_there():
+            assert loop.poll() is None and time.monotonic() < deadline, "no experiment reached the second node"
             time.sleep(0.5)
         ray.kill_raylet(node2)
         out, err = loop.communicate(timeout=1200)
