@@ -21,9 +21,9 @@ def test_example_config_documents_every_key_and_loads(tmp_path):
     assert set(example["limits"]) == {f.name for f in dataclasses.fields(LimitsConfig)}
     (tmp_path / "runner.yaml").write_text((REPO_ROOT / "runner.example.yaml").read_text())
     cfg = load_config(tmp_path)
-    # what the host decides: the data cache, the hub cache, the CA bundle of its proxy
+    # what the host decides: the data caches, the hub cache, the CA bundle of its proxy
     assert cfg == dataclasses.replace(RunConfig(), repo=tmp_path.resolve(), data_dir=cfg.data_dir,
-                                      hf_cache=cfg.hf_cache, ca_bundle=cfg.ca_bundle)
+                                      hf_cache=cfg.hf_cache, ca_bundle=cfg.ca_bundle, verify_data=cfg.verify_data)
 
 
 def test_config_errors_name_the_key_on_the_command_line(tmp_path, data_dir):
