@@ -195,6 +195,9 @@ class RayBackend(DockerSandbox):
         except ray.exceptions.GetTimeoutError:
             raise SandboxError(f"the cluster at {address} cannot place {count} worker(s) of {self.worker_gpus:g} GPU(s) and "
                                f"{worker_cpus:g} CPU(s): set workers, cluster_worker_gpus or cluster_worker_cpus") from None
+        except ray.exceptions.RayActorError as exc:  # its __init__ failed on the node: no engine there, no NVML
+            why = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
+            raise SandboxError(f"a cluster worker could not start on its node: {why}") from None
         self._free: queue.Queue = queue.Queue()
         for w in self.workers:
             self._free.put(w)
