@@ -38,6 +38,7 @@ from .spec import EXPORT_FILES, REASON_LOST, GpuAccess, Mount, RunResult, RunSpe
 from .transfer import LayerNames, without_layers
 
 PLACEMENT_TIMEOUT_S = 120.0
+CONNECT_ATTEMPTS = 4
 RESTART_PATIENCE_S = 300.0  # an actor whose node died is restarted by Ray on a live node meanwhile
 
 
@@ -175,12 +176,16 @@ class RayBackend(DockerSandbox):
                  data_target: str = "", data_check=None, client=None, vram_probe=None):
         super().__init__(client)
         ray = _ray()
-        if not ray.is_initialized():
+        for attempt in range(CONNECT_ATTEMPTS):
+            if ray.is_initialized():
+                break
             try:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except Exception as exc:  # ConnectionError, gRPC errors: one line, what to do
-                raise SandboxError(f"no Ray cluster answers at {address} ({type(exc).__name__}): start it with "
-                                   "`ray start --head` and pass its address") from None
+                if attempt + 1 == CONNECT_ATTEMPTS:
+                    raise SandboxError(f"no Ray cluster answers at {address} ({type(exc).__name__}): start it with "
+                                       "`ray start --head` and pass its address") from None
+                time.sleep(5)  # a head just started takes seconds to open its Ray Client port
         self.address, self.registry = address, registry
         self.data_target, self.data_check = data_target, data_check
         total_gpus = ray.cluster_resources().get("GPU", 0)

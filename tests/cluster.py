@@ -110,13 +110,18 @@ class RayCluster:
 
     def __init__(self, root: Path):
         self.root = root
-        self.port = free_port()
+        self.port, self.client_port = free_port(), free_port()
         self.processes: list[subprocess.Popen] = []
 
     @property
     def address(self) -> str:
-        """The GCS address: what `runner start --cluster` takes from a process on a node."""
+        """The GCS address: a runner given it joins the cluster as a driver (it must be on a node)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        """The Ray Client address (ray://): a runner given it needs only to reach the head."""
+        return f"ray://127.0.0.1:{self.client_port}"
 
     def _start(self, args: list[str], env: dict, name: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "wb")
@@ -130,10 +135,26 @@ class RayCluster:
     def start_head(self, docker_host: str | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {"DOCKER_HOST": docker_host} if docker_host else {}
-        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
+        self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={self.client_port}",
                      "--include-dashboard=false", f"--temp-dir={self.root / 'tmp'}",
                      f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"], env, "head")
         self.wait_nodes(1)
+        self._wait_client()
+
+    def _wait_client(self, timeout: float = 60) -> None:
+        """The Ray Client proxy comes up after the node: a client that arrives first is refused."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ray.init(self.client_address, logging_level="ERROR")
+                ray.shutdown()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def add_node(self, docker_host: str, name: str = "node2", overlay: tuple[Path, Path] | None = None) -> subprocess.Popen:
         """A node whose runs go to `docker_host`. `overlay` (source, target): in the node's own

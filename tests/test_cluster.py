@@ -63,15 +63,16 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     ray, _, host2, _ = cluster
     _, data = tinylm
     repo = _clone(tinylm, tmp_path / "repo")
-    r = runner_cli("prepare", "--repo", str(repo), "--data-dir", str(data), "--cluster", ray.address, env=DRIVER_ENV,
+    # through the Ray Client (ray://), as from a laptop; the other tests join as a driver
+    r = runner_cli("prepare", "--repo", str(repo), "--data-dir", str(data), "--cluster", ray.client_address,
                    timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(list((repo / ".autoresearch").glob("prepare.*.log"))) == 2  # prepare.py ran on each node
 
-    r = runner_cli(*_start(repo, data, ray.address, "spread", "--budget", "3", "--max-experiments", "4")[3:],
-                   env=DRIVER_ENV, timeout=1200)
+    r = runner_cli(*_start(repo, data, ray.client_address, "spread", "--budget", "3", "--max-experiments", "4")[3:],
+                   timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "cluster 127.0.0.1" in r.stdout and "2 worker(s)" in r.stdout
+    assert "cluster ray://127.0.0.1" in r.stdout and "2 worker(s)" in r.stdout
 
     experiments = Ledger(repo, "spread").experiments()
     # each once, in order (a near-miss re-applied on a new best is one more experiment)
