@@ -49,6 +49,7 @@ class ExperimentRun:
     total_s: float       # commit -> outcome, all of it
     limits: Limits
     verify_s: float = 0.0  # the verifier's container, when it ran
+    lost: RunResult | None = None  # a first try whose node died (cluster backends); `result` is the second
 
     @property
     def overhead_s(self) -> float:
@@ -381,13 +382,12 @@ class Engine:
             built = image
         export = self.cfg.verify != "off" if export is None else export
         collect_dir = log_path.with_suffix(".verify") if export else None
-        spec = self._spec(built.ref, self.cfg.command, tag, commit, iteration, devices, limits, log_path,
-                          collect_dir=collect_dir, export=export)
-        result = self.sandbox.run(spec, stop)
+        result, lost = self._run(lambda: self._spec(built.ref, self.cfg.command, tag, commit, iteration, devices, limits,
+                                                       log_path, collect_dir=collect_dir, export=export), stop)
         outcome = judge(result)
         if outcome.reason == REASON_HUB_OFFLINE and self.repo is not None:
             outcome = dataclasses.replace(outcome, detail=hub.missing_detail(self.hub_refs(commit), self.cfg.hf_cache))
-        return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits)
+        return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits, lost=lost)
 
     def _spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
               devices: tuple[str, ...], limits: Limits, log_path: Path, mounts: tuple[Mount, ...] = (),
@@ -440,30 +440,40 @@ class Engine:
         if run.result.collected:
             folder = run.result.log_path.with_suffix(".verify")
             devices = self._devices(slot)
-            mounts, env = [Mount(folder, "/verify", True)], {"AUTORESEARCH_VERIFY_ARGS": json.dumps(self.cfg.verify_args)}
-            heldout = self.heldout_dir()
-            if heldout is not None and any(heldout.iterdir()):  # only the verifier ever sees it
-                mounts.append(Mount(heldout, HELDOUT_MOUNT, True))
-                env[HELDOUT_ENV] = HELDOUT_MOUNT
-            spec = self._spec(run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices,
-                              run.limits, folder.with_suffix(".verify.log"), mounts=tuple(mounts), export=True, env=env)
-            result = self.sandbox.run(spec, stop)
-            if result.reason == REASON_LOST and not (stop and stop.is_set()):
-                # its node died (a cluster): the verdict must not be "unverifiable", verify again elsewhere
-                print(f"the verifier of {run.commit[:7]} lost its node: verifying once more", file=sys.stderr)
-                result = self.sandbox.run(spec, stop)
+            heldout, env = self._heldout(writable=False)
+            env["AUTORESEARCH_VERIFY_ARGS"] = json.dumps(self.cfg.verify_args)
+            log = folder.with_suffix(".verify.log")
+            # a verifier lost with its node is run again: its verdict must not be "unverifiable"
+            result, _ = self._run(lambda: self._spec(
+                run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices, run.limits,
+                log, mounts=(Mount(folder, "/verify", True), *heldout), export=True, env=env), stop)
             report = next((json.loads(line[len("VERIFY "):]) for line in reversed(result.output_tail.splitlines())
                            if line.startswith("VERIFY {")), None)
             if report is None:
                 report = {"verdict": "unverified", "why": f"the verifier ended without a verdict "
-                                                          f"({result.reason or 'exit ' + str(result.exit_code)}); read {spec.log_path}"}
+                                                          f"({result.reason or 'exit ' + str(result.exit_code)}); read {log}"}
         outcome = apply_verification(run.outcome, report, self.cfg.verify_tolerance)
         return dataclasses.replace(run, outcome=outcome, verify_s=round(time.monotonic() - t0, 3))
 
-    def heldout_dir(self) -> Path | None:
-        """verify_data, when it is configured and exists."""
+    def _heldout(self, writable: bool) -> tuple[tuple[Mount, ...], dict[str, str]]:
+        """verify_data as a mount and the variable that names it: writable for prepare (which
+        fills it), read-only for the verifier and only once it holds something. Experiments
+        never get it."""
         path = Path(self.cfg.verify_data).expanduser() if self.cfg.verify_data else None
-        return path if path is not None and path.is_dir() else None
+        if path is None or not path.is_dir() or (not writable and not any(path.iterdir())):
+            return (), {}
+        return (Mount(path, HELDOUT_MOUNT, read_only=not writable),), {HELDOUT_ENV: HELDOUT_MOUNT}
+
+    def _run(self, make_spec, stop: threading.Event | None) -> tuple[RunResult, RunResult | None]:
+        """sandbox.run of `make_spec()`, once more (a fresh spec: its own name and uid) when the
+        node running it died (a cluster backend; Ray restarts the worker on a live node).
+        Returns (the result, the lost run or None)."""
+        spec = make_spec()
+        result = self.sandbox.run(spec, stop)
+        if result.reason != REASON_LOST or (stop is not None and stop.is_set()):
+            return result, None
+        print(f"{spec.name} lost with its node: running it once more", file=sys.stderr)
+        return self.sandbox.run(make_spec(), stop), result
 
     def _trusted_run(self, command: tuple[str, ...], log_path: Path, heldout: bool = False) -> RunResult:
         """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on
@@ -477,10 +487,8 @@ class Engine:
                "XDG_CACHE_HOME": "/tmp/.cache"}
         if os.environ.get("HF_ENDPOINT"):  # a Hub mirror; never a token
             env["HF_ENDPOINT"] = os.environ["HF_ENDPOINT"]
-        mounts = self.mounts(writable=True)
-        if heldout and self.heldout_dir() is not None:
-            mounts += (Mount(self.heldout_dir(), HELDOUT_MOUNT, read_only=False),)
-            env[HELDOUT_ENV] = HELDOUT_MOUNT
+        heldout_mounts, heldout_env = self._heldout(writable=True) if heldout else ((), {})
+        env.update(heldout_env)
         spec = RunSpec(
             image=built.ref,
             command=command,
@@ -491,7 +499,7 @@ class Engine:
             name=naming.container_name("prepare", "prepare", head),
             labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.sandbox.owner, naming.L_COMMIT: head}),
             env=env,
-            mounts=mounts,
+            mounts=self.mounts(writable=True) + heldout_mounts,
             user=f"{os.getuid()}:{os.getgid()}",
             network=True,
         )

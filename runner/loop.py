@@ -20,7 +20,7 @@ from typing import Callable
 
 from sandbox.backend import SandboxError
 from sandbox.images import BuiltImage
-from sandbox.spec import REASON_INTERRUPTED, REASON_LOST
+from sandbox.spec import REASON_INTERRUPTED
 
 from .config import RunConfig
 from .data import check_data_dir, data_digest
@@ -31,7 +31,7 @@ from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
-from .summary import STATUS_OK, VERDICT_OK, VERDICT_UNVERIFIED
+from .summary import STATUS_OK, VERDICT_OK, VERDICT_UNVERIFIED, judge
 from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
@@ -202,14 +202,12 @@ class Loop:
             run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
                                          image=job.image if job else None, slot=slot,
                                          export=self.verify_mode != "off")
-            if run.result.reason == REASON_LOST and not self.stop.is_set():
-                # Its node died (a cluster): recorded as an event, tried once more on a live
-                # node; the experiment is counted once, by the result of that try.
+            if run.lost is not None:
+                # Its node died (a cluster) and the engine ran it once more on a live node: an
+                # event records the loss; the experiment is counted once, by that second try.
                 with self.lock:
-                    self.ledger.event("lost", iteration=iteration, commit=commit, run=run.to_dict())
-                print(f"experiment {iteration} ({commit[:7]}) lost with its node: running it once more", file=sys.stderr)
-                run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
-                                             image=run.image, slot=slot, export=self.verify_mode != "off")
+                    self.ledger.event("lost", iteration=iteration, commit=commit,
+                                      run=dataclasses.replace(run, result=run.lost, outcome=judge(run.lost)).to_dict())
             if self._needs_verification(run):
                 run = self.engine.verify(run, self.tag, iteration, stop=self.stop, slot=slot)
         finally:
