@@ -81,9 +81,6 @@ class NodeWorker:
     def where(self) -> dict:
         return self.node
 
-    def name(self) -> str:
-        """How records name this node: its host and the start of its Ray node id."""
-        return f"{self.node['host']}/{self.node['node_id'][:8]}"
 
     def has_image(self, image_id: str) -> bool:
         return self.sandbox.image(image_id) is not None
@@ -148,13 +145,13 @@ class NodeWorker:
             log = here.log_path.read_bytes() if here.log_path.exists() else b""
             collected = {name: (here.collect_dir / name).read_bytes() for name in EXPORT_FILES
                          if result.collected and (here.collect_dir / name).is_file()}
-            return dataclasses.replace(result, node=self.name()), log, collected
+            return dataclasses.replace(result, node=_node_name(self.node)), log, collected
         finally:
             self.stops.pop(key, None)
             shutil.rmtree(work, ignore_errors=True)
 
     def _check_data(self, spec: RunSpec, expected: str) -> None:
-        data = next((m.source for m in spec.mounts if m.target == self.data_target), None)
+        data = _source_of(spec, self.data_target)
         if not expected or data is None or self.data_check is None:
             return
         try:
@@ -210,7 +207,6 @@ class RayBackend(DockerSandbox):
         self._pushed: dict[str, str] = {}     # image id -> registry reference by digest
         self._node_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self.shipped_bytes = 0               # what went through the object store, all runs
 
     # --- runs --------------------------------------------------------------------------
 
@@ -264,11 +260,11 @@ class RayBackend(DockerSandbox):
         return RunResult(exit_code=None, reason=REASON_LOST, wall_s=round(time.monotonic() - t0, 3),
                          log_path=spec.log_path, output_tail=line, log_bytes=len(line), log_truncated=False,
                          peak_mem_bytes=None, peak_vram_mb=None, image_id="", container_name=spec.name,
-                         node=f"{node['host']}/{node['node_id'][:8]}" if node else "")
+                         node=_node_name(node) if node else "")
 
     def _data_digest(self, spec: RunSpec) -> str:
         """The digest of the data this host has at the data mount's path: every node must match it."""
-        data = next((m.source for m in spec.mounts if m.target == self.data_target), None)
+        data = _source_of(spec, self.data_target)
         return self.data_check(data) if data is not None and self.data_check is not None else ""
 
     # --- images ------------------------------------------------------------------------
@@ -293,8 +289,6 @@ class RayBackend(DockerSandbox):
                     refs.append(ray.put(chunk))
                     size += len(chunk)
             ray.get(worker.load.remote(refs, image.id))
-            with self._lock:
-                self.shipped_bytes += size
         return image.id, size
 
     def _push(self, image) -> str:
@@ -358,6 +352,16 @@ class RayBackend(DockerSandbox):
     def nodes(self) -> list[dict]:
         """Where the workers are now (node id, address, host name, engine version)."""
         return [where for _, where in self._each("where")]
+
+
+def _node_name(node: dict) -> str:
+    """How run records name a node: its host and the start of its Ray node id."""
+    return f"{node['host']}/{node['node_id'][:8]}"
+
+
+def _source_of(spec: RunSpec, target: str) -> Path | None:
+    """The host path mounted at `target` (the data cache), if any."""
+    return next((m.source for m in spec.mounts if m.target == target), None)
 
 
 def _below(path: Path, root: Path | None) -> bool:
