@@ -1,6 +1,6 @@
 """What verifying a result costs: the same tinylm commit through `runner run` with verify off
 and on, side by side in one invocation. Prints the wall time of each, the verifier's own
-container time and the ratio.
+container time, the ratio, and the verifier's phases (load, evaluation, held-out, probes).
 
     python benchmarks/verify_cost.py [--reps 2] [--budget 5]
 
@@ -35,7 +35,7 @@ def main() -> None:
             if r.returncode:
                 sys.exit(r.stderr)
         times: dict[str, list[float]] = {"off": [], "on": []}
-        verify_s, verdicts = [], []
+        verify_s, verdicts, phases = [], [], []
         for rep in range(args.reps):
             for mode in ("off", "on"):
                 (repo / "runner.yaml").write_text(f'verify: "{mode}"\n')
@@ -50,6 +50,7 @@ def main() -> None:
                 if mode == "on":
                     verify_s.append(record["verify_s"])
                     verdicts.append(record["verdict"])
+                    phases.append(record.get("verify_phases") or {})
                 print(f"rep {rep + 1} verify {mode}: {times[mode][-1]:.2f}s"
                       + (f" (verifier {record['verify_s']:.2f}s, verdict {record['verdict']})" if mode == "on" else ""))
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
@@ -57,6 +58,9 @@ def main() -> None:
     print(f"  runner run, verify off   {off:6.2f} s")
     print(f"  runner run, verify on    {on:6.2f} s   ratio {on / off:.3f}")
     print(f"  the verifier's container {statistics.median(verify_s):6.2f} s per experiment; verdicts {verdicts}")
+    names = [name for name in (phases[0] if phases else {})]
+    if names:  # inside the verifier, as it reported (start = python and torch start-up)
+        print("  inside it: " + ", ".join(f"{n} {statistics.median(p.get(n, 0.0) for p in phases):.2f} s" for n in names))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,10 @@ class RunConfig:
     verify_target: str = "prepare.evaluate_bpb"  # the repo's evaluation function; the model it is given is exported
     verify_args: dict[str, str] = field(default_factory=dict)  # how the verifier rebuilds an argument, e.g. tokenizer: Tokenizer.from_directory()
     verify_data: Path | None = field(default_factory=default_heldout_dir)  # held-out data: prepare writes it, only the verifier reads it
+    heldout: dict[str, str] = field(default_factory=dict)  # files `runner prepare` puts into verify_data: {path: source[#sha256=HEX]} (runner/heldout.py)
     verify_tolerance: float = 0.002      # relative difference self-reported vs verified beyond which a run is forged
+    verify_ops: tuple[str, ...] = ()     # custom operator namespaces (the repo's own kernels) the verifier may run
+    heldout_tolerance: float = 0.02      # bpb: how much less a keep may gain on held-out data than on val (overfit)
     command: tuple[str, ...] = ("python", "train.py")
     env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -241,6 +244,11 @@ def validate(cfg: RunConfig) -> None:
             ast.parse(recipe, mode="eval")
         except SyntaxError:
             raise ConfigError(f"verify_args.{name} must be an expression such as Tokenizer.from_directory(), got {recipe!r}") from None
+    for namespace in cfg.verify_ops:
+        if not re.fullmatch(r"[A-Za-z_]\w*", namespace) or namespace in ("aten", "prims", "higher_order"):
+            raise ConfigError(f"verify_ops lists operator namespaces such as flash_attn_3, got {namespace!r}")
+    if not cfg.heldout_tolerance >= 0:
+        raise ConfigError(f"heldout_tolerance must be a number of bpb >= 0, got {cfg.heldout_tolerance!r}")
     if cfg.verify_data is not None:
         data, heldout = Path(cfg.data_dir).expanduser().absolute(), Path(cfg.verify_data).expanduser().absolute()
         if heldout == data or data in heldout.parents or heldout in data.parents:
@@ -266,6 +274,12 @@ def validate(cfg: RunConfig) -> None:
 
     for entry in cfg.hf_prefetch:
         parse_prefetch(entry)
+    from .heldout import parse as parse_heldout
+
+    for target, source in cfg.heldout.items():
+        parse_heldout(target, source)
+    if cfg.heldout and cfg.verify_data is None:
+        raise ConfigError("heldout: names files for verify_data, which is null")
     for name in cfg.env:
         if _SECRET_NAME.search(name):
             raise ConfigError(f"env: '{name}' looks like a secret; experiments never receive secrets")

@@ -24,10 +24,8 @@ from .config import DATA_MOUNT, HELDOUT_ENV, HELDOUT_MOUNT, HF_MOUNT, ConfigErro
 from .data import check_data_dir, data_digest
 from .deps import resolve_dependencies
 from .repo import ResearchRepo, read_time_budget
-from .summary import REASON_HUB_OFFLINE, STATUS_OK, Outcome, apply_verification, judge, memory_gb
-
-
-VERIFIER = "/opt/autoresearch-hooks/verify.py"  # in every trainer image (Dockerfile.trainer)
+from .summary import REASON_HUB_OFFLINE, Outcome, judge, memory_gb
+from .verifier import Verifier
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class ExperimentRun:
     total_s: float       # commit -> outcome, all of it
     limits: Limits
     verify_s: float = 0.0  # the verifier's container, when it ran
+    verify_phases: dict | None = None  # where the verifier's own time went, as it reported it
     lost: RunResult | None = None  # a first try whose node died (cluster backends); `result` is the second
 
     @property
@@ -75,6 +74,7 @@ class ExperimentRun:
             "self_reported_val_bpb": self.outcome.self_reported,
             "heldout_val_bpb": self.outcome.heldout_bpb,
             "verify_s": self.verify_s,
+            "verify_phases": self.verify_phases,
             "memory_gb": self.memory_gb,
             "commit": self.commit,
             "image": self.image.ref,
@@ -247,6 +247,7 @@ class Engine:
         self._base_id = ""  # set with the trainer
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
         self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
+        self.verifier = Verifier(self)
 
     def _open_backend(self) -> Backend:
         if not self.cfg.cluster:
@@ -307,7 +308,7 @@ class Engine:
 
     # --- runs ------------------------------------------------------------------------
 
-    def _devices(self, slot: Slot | None) -> tuple[str, ...]:
+    def devices(self, slot: Slot | None) -> tuple[str, ...]:
         """The GPUs a run gets: its worker's slot, or this engine's whole lease."""
         return self.gpus.devices if slot is None else slot.devices
 
@@ -368,7 +369,7 @@ class Engine:
         t0 = time.monotonic()
         check_data_dir(self.cfg.data_dir)
         limits = limits or self.limits()
-        devices = self._devices(slot)
+        devices = self.devices(slot)
         if slot is not None and slot.cpuset:
             limits = dataclasses.replace(limits, cpuset=slot.cpuset)
         if image is None:
@@ -382,14 +383,14 @@ class Engine:
             built = image
         export = self.cfg.verify != "off" if export is None else export
         collect_dir = log_path.with_suffix(".verify") if export else None
-        result, lost = self._run(lambda: self._spec(built.ref, self.cfg.command, tag, commit, iteration, devices, limits,
+        result, lost = self.run_spec(lambda: self.spec(built.ref, self.cfg.command, tag, commit, iteration, devices, limits,
                                                        log_path, collect_dir=collect_dir, export=export), stop)
         outcome = judge(result)
         if outcome.reason == REASON_HUB_OFFLINE and self.repo is not None:
             outcome = dataclasses.replace(outcome, detail=hub.missing_detail(self.hub_refs(commit), self.cfg.hf_cache))
         return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits, lost=lost)
 
-    def _spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
+    def spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
               devices: tuple[str, ...], limits: Limits, log_path: Path, mounts: tuple[Mount, ...] = (),
               collect_dir: Path | None = None, export: bool = False, env: dict[str, str] | None = None) -> RunSpec:
         """The RunSpec of one untrusted (or verifying) run: a uid of its own, the allow-listed
@@ -425,35 +426,12 @@ class Engine:
 
     def verify(self, run: ExperimentRun, tag: str, iteration: int = 0, stop: threading.Event | None = None,
                slot: Slot | None = None) -> ExperimentRun:
-        """Decide the number that counts: a fresh container of the run's image, where no train.py
-        code runs, evaluates the model the export hook collected with the repo's own evaluation
-        function and probes its causality (sandbox/hooks/verify.py). The run's outcome gets the
-        verdict and the verified val_bpb (see summary.apply_verification).
+        """`run` with the verdict of trusted code on its exported model (runner/verifier.py).
 
         Raises:
             SandboxError: the harness failed.
         """
-        if run.outcome.status != STATUS_OK:
-            return run
-        t0 = time.monotonic()
-        report = None
-        if run.result.collected:
-            folder = run.result.log_path.with_suffix(".verify")
-            devices = self._devices(slot)
-            heldout, env = self._heldout(writable=False)
-            env["AUTORESEARCH_VERIFY_ARGS"] = json.dumps(self.cfg.verify_args)
-            log = folder.with_suffix(".verify.log")
-            # a verifier lost with its node is run again: its verdict must not be "unverifiable"
-            result, _ = self._run(lambda: self._spec(
-                run.image.ref, ("python", "-I", VERIFIER, "/verify"), tag, run.commit, iteration, devices, run.limits,
-                log, mounts=(Mount(folder, "/verify", True), *heldout), export=True, env=env), stop)
-            report = next((json.loads(line[len("VERIFY "):]) for line in reversed(result.output_tail.splitlines())
-                           if line.startswith("VERIFY {")), None)
-            if report is None:
-                report = {"verdict": "unverified", "why": f"the verifier ended without a verdict "
-                                                          f"({result.reason or 'exit ' + str(result.exit_code)}); read {log}"}
-        outcome = apply_verification(run.outcome, report, self.cfg.verify_tolerance)
-        return dataclasses.replace(run, outcome=outcome, verify_s=round(time.monotonic() - t0, 3))
+        return self.verifier.verify(run, tag, iteration, stop, slot)
 
     def _heldout(self, writable: bool) -> tuple[tuple[Mount, ...], dict[str, str]]:
         """verify_data as a mount and the variable that names it: writable for prepare (which
@@ -464,7 +442,7 @@ class Engine:
             return (), {}
         return (Mount(path, HELDOUT_MOUNT, read_only=not writable),), {HELDOUT_ENV: HELDOUT_MOUNT}
 
-    def _run(self, make_spec, stop: threading.Event | None) -> tuple[RunResult, RunResult | None]:
+    def run_spec(self, make_spec, stop: threading.Event | None) -> tuple[RunResult, RunResult | None]:
         """sandbox.run of `make_spec()`, once more (a fresh spec: its own name and uid) when the
         node running it died (a cluster backend; Ray restarts the worker on a live node).
         Returns (the result, the lost run or None)."""
@@ -508,11 +486,21 @@ class Engine:
         return next((r for r in results if r.reason or r.exit_code), results[0])
 
     def prepare_data(self, log_path: Path) -> RunResult:
-        """Run the repo's own prepare.py with the data cache writable and the network on."""
+        """Run the repo's own prepare.py with the data cache writable and the network on, then,
+        when it succeeded, put runner.yaml's `heldout:` files into verify_data (on this host).
+
+        Raises:
+            HeldoutError: a held-out file could not be made (runner/heldout.py).
+        """
+        from . import heldout
+
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
         if self.cfg.verify_data:
             Path(self.cfg.verify_data).expanduser().mkdir(parents=True, exist_ok=True)
-        return self._trusted_run(("python", "prepare.py"), log_path, heldout=True)
+        result = self._trusted_run(("python", "prepare.py"), log_path, heldout=True)
+        if result.exit_code == 0 and not result.reason:
+            heldout.fill(self.cfg, self.progress)  # after prepare.py: a tokenizer it made is copied
+        return result
 
     def fetch_hub(self, log_path: Path) -> tuple[RunResult | None, hub.FetchReport]:
         """Download the Hub repos the code names (and hf_prefetch) into the hub cache.

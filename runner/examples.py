@@ -10,7 +10,10 @@ import git
 
 from .repo import RepoError
 
-FILES = ("prepare.py", "train.py", "program.md", "README.md", "data/cpython-3.11-stdlib.txt.xz", "data/LICENSE-PSF.txt")
+# Copied into the repo. The held-out text (examples/heldout/) never is: runner.yaml names it in
+# the package, and `runner prepare` writes it where only the verifier reads it.
+FILES = ("prepare.py", "train.py", "program.md", "README.md", "runner.yaml", "data/cpython-3.11-stdlib.txt.xz",
+         "data/LICENSE-PSF.txt")
 
 
 def example_source(name: str = "tinylm") -> Path:

@@ -31,7 +31,7 @@ from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
-from .summary import STATUS_OK, VERDICT_OK, VERDICT_UNVERIFIED, judge
+from .summary import STATUS_OK, VERDICT_OK, VERDICT_OVERFIT, VERDICT_REFUSED, VERDICT_UNVERIFIED, judge
 from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
@@ -259,7 +259,7 @@ class Loop:
                 + (f"{run.outcome.detail}. " if run.outcome.detail else "")
                 + f"Read {run.result.log_path}; last lines:\n{block(run.result.tail_lines(15))}"
             )
-        if self.verify_mode == "auto" and run.outcome.verdict == VERDICT_UNVERIFIED:
+        if self.verify_mode == "auto" and run.outcome.verdict in (VERDICT_UNVERIFIED, VERDICT_REFUSED):
             # This repo's evaluation cannot be replayed (another function name, an argument that
             # is not plain data): the night goes on with the runs' own numbers, and says so.
             self.verify_mode = "off"
@@ -279,6 +279,7 @@ class Loop:
             )
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
+        self.state.best_heldout_bpb = run.outcome.heldout_bpb
         if run.result.peak_vram_mb and self.cfg.limits.vram_gb is None:
             # Default VRAM ceiling: twice what the baseline needed, as NVML measured it.
             self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
@@ -390,14 +391,18 @@ class Loop:
         if run.result.reason == REASON_INTERRUPTED:
             self.ledger.event("interrupted", iteration=job.iteration, commit=job.commit, run=run.to_dict())
             return None
+        decision = decide(self.state, job, run.outcome, self.min_delta, self.cfg.heldout_tolerance)
+        if decision.overfit:
+            run = dataclasses.replace(run, outcome=dataclasses.replace(run.outcome, verdict=VERDICT_OVERFIT,
+                                                                       detail=decision.overfit))
         outcome = run.outcome
-        decision = decide(self.state, job, outcome, self.min_delta)
         extra = {"parent": job.parent, "verifies": job.verifies}
         val = outcome.val_bpb if outcome.status == STATUS_OK else None
         if decision.status == KEEP:
             self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra)
             self.proposer.observe(job.proposal, KEEP, val)
             self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
+            self.state.best_heldout_bpb = outcome.heldout_bpb
             self.state.since_keep = 0
             self.repo.reset_hard(job.commit)  # the branch advances to the keep
             return None

@@ -17,6 +17,7 @@ class RunState:
     training_s: float = 0.0           # training seconds of the runs of this session (the duty cycle's)
     best_commit: str | None = None
     best_val_bpb: float = math.inf
+    best_heldout_bpb: float | None = None  # the best's score on the held-out data, when the verifier had some
     since_keep: int = 0
 
     @classmethod
@@ -27,6 +28,7 @@ class RunState:
             state.iteration = max(state.iteration, e.iteration)
             if e.status == RowStatus.KEEP:
                 state.best_commit, state.best_val_bpb = e.commit, e.row.val_bpb
+                state.best_heldout_bpb = e.run.get("heldout_val_bpb") if isinstance(e.run, dict) else None
                 state.since_keep = 0
             else:
                 state.since_keep += 1
@@ -43,16 +45,40 @@ class Decision:
     status: RowStatus
     near_miss: bool = False   # better than the best, but the best moved: re-apply on the new best
     fix: bool = False         # ask the proposer to fix this crash, once
+    overfit: str = ""         # why the val gain does not hold on the held-out data (a discard)
 
 
-def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float) -> Decision:
+def overfit(state: RunState, outcome: Outcome, min_delta: float, tolerance: float) -> str:
+    """Why `outcome` would be an overfit keep, or "" when it is not (or nothing tells).
+
+    The held-out data is read by no experiment, so what a run gains there is real; what it gains
+    on val alone may be memorised. The rule: the held-out gain must be at least half the val
+    gain, less the noise (the larger of min_delta and `tolerance`). A result that memorises val
+    gains nothing held-out and is refused whatever its val; an honest gain shows on both.
+    """
+    if outcome.heldout_bpb is None or state.best_heldout_bpb is None:
+        return ""
+    val_gain = state.best_val_bpb - outcome.val_bpb
+    heldout_gain = state.best_heldout_bpb - outcome.heldout_bpb
+    if heldout_gain >= val_gain / 2 - max(min_delta, tolerance):
+        return ""
+    return (f"val_bpb improved by {val_gain:.6f} but held-out bpb by {heldout_gain:+.6f} "
+            f"({outcome.heldout_bpb:.6f} against the best's {state.best_heldout_bpb:.6f})")
+
+
+def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, heldout_tolerance: float = 0.0) -> Decision:
     """Keep only a finite result better than the current best by more than `min_delta`, proposed
-    on that best, and verified when it was verified at all (a verdict other than ok is a discard). If the best moved while it ran, it is a near-miss (a discard to re-apply and
-    verify). A timeout is a discard; anything else that did not end with a result is a crash."""
+    on that best, verified when it was verified at all (a verdict other than ok is a discard),
+    and not an overfit on val (see `overfit`; a discard). If the best moved while it ran, it is
+    a near-miss (a discard to re-apply and verify). A timeout is a discard; anything else that
+    did not end with a result is a crash."""
     if outcome.status == OutcomeStatus.OK and outcome.verdict not in ("", VERDICT_OK):
         return Decision(RowStatus.DISCARD)  # unverified, forged or noncausal: recorded, never kept
     improved = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
     if improved:
+        why = overfit(state, outcome, min_delta, heldout_tolerance)
+        if why:
+            return Decision(RowStatus.DISCARD, overfit=why)
         if job.parent == state.best_commit:
             return Decision(RowStatus.KEEP)
         return Decision(RowStatus.DISCARD, near_miss=True)

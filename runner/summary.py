@@ -16,7 +16,10 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from sandbox.hooks.verify_protocol import Verdict, VerifyReport
 from sandbox.spec import REASON_EXIT, REASON_TIMEOUT, RunResult
+
+from .text import one_line
 
 class OutcomeStatus(StrEnum):
     """How a finished run came out (results.tsv's row status is ledger.RowStatus, decided from it)."""
@@ -102,7 +105,7 @@ class Outcome:
     reason: str
     metrics: Metrics | None
     detail: str = ""    # what to do about the reason, where the runner can say (see engine)
-    verdict: str = ""   # "" = not verified; else one of VERDICTS (only "ok" may be kept)
+    verdict: str = ""   # "" = not verified; else a Verdict (only Verdict.OK may be kept)
     self_reported: float | None = None  # the run's own val_bpb, when a verified one replaced it
     heldout_bpb: float | None = None    # the verifier's evaluation on the held-out data (verify_data), if any
 
@@ -139,42 +142,40 @@ def memory_gb(result: RunResult) -> float:
     return 0.0
 
 
-VERDICT_OK, VERDICT_UNVERIFIED, VERDICT_FORGED, VERDICT_NONCAUSAL = "ok", "unverified", "forged", "noncausal"
-VERDICT_UNNORMALISED = "unnormalised"  # a model returning losses whose implied probabilities sum over 1
+VERDICT_OK, VERDICT_UNVERIFIED, VERDICT_FORGED, VERDICT_NONCAUSAL = Verdict.OK, Verdict.UNVERIFIED, Verdict.FORGED, Verdict.NONCAUSAL
+VERDICT_UNNORMALISED, VERDICT_REFUSED, VERDICT_OVERFIT = Verdict.UNNORMALISED, Verdict.REFUSED, Verdict.OVERFIT
+DETAIL_MAX_CHARS = 300  # a verdict's detail, as stored and printed
 
 
-def apply_verification(outcome: Outcome, report: dict | None, tolerance: float) -> Outcome:
+def apply_verification(outcome: Outcome, report: VerifyReport | None, tolerance: float) -> Outcome:
     """The outcome once trusted code has evaluated the exported model.
 
     Args:
-        report: the verifier's VERIFY record, or None when there was nothing to verify (the
-            run bypassed or broke the export hook).
+        report: the verifier's report (already checked to carry this verification's secret),
+            or None when there was nothing to verify (the run bypassed or broke the export hook).
         tolerance: the largest relative difference between the self-reported and the verified
             val_bpb that is not a forgery.
 
     Returns:
-        verdict "ok" with the verified val_bpb as the metric (the self-reported one kept
-        beside it, the held-out figure when there is one), or "unverified" / "forged" /
-        "noncausal" / "unnormalised" (never kept).
+        verdict ok with the verified val_bpb as the metric (the self-reported one kept beside it,
+        the held-out figure when there is one); else the verifier's verdict (unverified,
+        refused, noncausal, unnormalised) or forged, with a detail fit to print. Only ok is kept.
     """
     if outcome.status != STATUS_OK or outcome.metrics is None:
         return outcome
     claimed = outcome.metrics.val_bpb
-    if not report or report.get("verdict") == VERDICT_UNVERIFIED or report.get("val_bpb") is None:
-        why = (report or {}).get("why", "no exported model: the evaluation function was bypassed or the export failed")
-        return replace(outcome, verdict=VERDICT_UNVERIFIED, detail=why, self_reported=claimed)
-    verified = float(report["val_bpb"])
-    heldout = report.get("heldout_bpb")
+    if report is None:
+        report = VerifyReport.unverified("no exported model: the evaluation function was bypassed or the export failed")
+    detail = one_line(report.why, DETAIL_MAX_CHARS)
+    if report.val_bpb is None:
+        verdict = report.verdict if report.verdict != Verdict.OK else Verdict.UNVERIFIED
+        return replace(outcome, verdict=verdict, detail=detail or "the verifier gave no number", self_reported=claimed)
+    verified = float(report.val_bpb)
     verified_outcome = replace(outcome, metrics=replace(outcome.metrics, val_bpb=verified), self_reported=claimed,
-                               heldout_bpb=float(heldout) if heldout is not None else None)
-    if report.get("causal") is False:
-        return replace(verified_outcome, verdict=VERDICT_NONCAUSAL,
-                       detail="the model's outputs change with inputs after their position")
-    if report.get("normalised") is False:
-        return replace(verified_outcome, verdict=VERDICT_UNNORMALISED,
-                       detail=f"the probabilities implied by the model's losses sum to {report.get('probability_mass', 0):.3g} "
-                              "over the vocabulary at some position (at most 1 for a real model)")
+                               heldout_bpb=report.heldout_bpb, detail=detail)
+    if report.verdict != Verdict.OK:
+        return replace(verified_outcome, verdict=report.verdict)
     if not math.isfinite(verified) or abs(claimed - verified) > tolerance * max(abs(verified), 1e-9):
-        return replace(verified_outcome, verdict=VERDICT_FORGED,
+        return replace(verified_outcome, verdict=Verdict.FORGED,
                        detail=f"self-reported val_bpb {claimed:.6f}, verified {verified:.6f}")
-    return replace(verified_outcome, verdict=VERDICT_OK)
+    return replace(verified_outcome, verdict=Verdict.OK)

@@ -14,6 +14,8 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -25,8 +27,9 @@ import requests.exceptions
 from . import images, naming
 from .backend import Backend, ImageRecord, RunningRun, SandboxError
 from .cgroups import memory_files
-from .fsafe import write_beneath
+from .collect import COLLECT_TIMEOUT_S, TAR_OVERHEAD_BYTES, Refused, receive_regular_files, tar_command
 from .gpu import NVIDIA_LIB_DIR
+from .hooks.verify_protocol import COLLECTED_FILE
 from .logcap import CappedLog
 from .spec import (
     EXPORT_DIR,
@@ -384,17 +387,43 @@ class DockerSandbox(Backend):
         except Exception:  # the stream ends with the container; a broken pipe is that end too
             pass
 
-    @staticmethod
-    def _collect(container, spec: RunSpec) -> bool:
+    def _collect(self, container, spec: RunSpec) -> bool:
         """Copy the export hook's files out of the running container's /out tmpfs (the archive
         API cannot see tmpfs mounts; an exec in the container can), then tell the hook, which
-        waits at exit, that it may go. Returns whether every file came."""
-        for name in EXPORT_FILES:
-            r = container.exec_run(["cat", f"{EXPORT_DIR}/{name}"], user=spec.user, stdout=True, stderr=False)
-            if r.exit_code != 0:
-                return False
-            write_beneath(spec.collect_dir / name, spec.log_root, r.output)
-        container.exec_run(["touch", f"{EXPORT_DIR}/.collected"], user=spec.user)
+        waits at exit, that it may go. Returns whether every file came, each a regular file:
+        the stream is hostile, capped at what /out holds and cut at COLLECT_TIMEOUT_S
+        (sandbox.collect).
+
+        Raises:
+            UnsafePathError: a link on the way to spec.collect_dir.
+        """
+        api = self.client.api
+        try:
+            exec_id = api.exec_create(container.id, tar_command(EXPORT_DIR, EXPORT_FILES), stdout=True, stderr=False,
+                                      user=spec.user)["Id"]
+            stream = api.exec_start(exec_id, stream=True)
+        except docker.errors.APIError:
+            return False  # it exited meanwhile: nothing to verify
+        # A tar stopped from inside, or a trickle, would block the read for ever: closing the
+        # stream from a timer ends it, and the read below sees an early end.
+        cut = threading.Timer(COLLECT_TIMEOUT_S, stream.close)
+        cut.daemon = True
+        cut.start()
+        try:
+            receive_regular_files(stream, EXPORT_FILES, spec.collect_dir, spec.log_root,
+                                  spec.limits.out_size_bytes + TAR_OVERHEAD_BYTES)
+        except Refused:
+            return False
+        finally:
+            cut.cancel()
+            try:
+                stream.close()  # abandons the exec: a tar still sending gets a broken pipe
+            except OSError:
+                pass  # the timer closed it first
+        try:
+            container.exec_run(["touch", f"{EXPORT_DIR}/{COLLECTED_FILE}"], user=spec.user)
+        except docker.errors.APIError:
+            pass  # it exited meanwhile: the files came all the same
         return True
 
     @staticmethod
@@ -414,7 +443,8 @@ class DockerSandbox(Backend):
         Returns (reason, peak_mem_bytes, peak_vram_mb, collected); reason is "" when the process
         exited on its own.
         """
-        collected = tried = False
+        collected = False
+        collecting: Future | None = None
         lim = spec.limits
         container.reload()
         memory = _CgroupMemory(container.attrs["State"].get("Pid") or 0)
@@ -424,12 +454,11 @@ class DockerSandbox(Backend):
         reason = ""
         while not exited.wait(POLL_S):
             now = time.monotonic()
-            if spec.collect_dir is not None and marked.is_set() and not tried:
-                tried = True
-                try:
-                    collected = self._collect(container, spec)
-                except docker.errors.APIError:
-                    collected = False  # it exited meanwhile: nothing to verify
+            if spec.collect_dir is not None and marked.is_set() and collecting is None:
+                # In a thread of its own: a hostile stream must not hold up the watchdogs below.
+                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect")
+                collecting = pool.submit(self._collect, container, spec)
+                pool.shutdown(wait=False)
             used = memory.sample()
             if used is None and now - last_stats > 1.0:
                 last_stats = now
@@ -456,6 +485,12 @@ class DockerSandbox(Backend):
                 self._terminate(container, lim.kill_grace_s, exited)
                 break
         exited.wait(lim.kill_grace_s + 5)
+        if collecting is not None:
+            try:
+                # The run has ended, which ends the stream; the collection's own cut bounds it anyway.
+                collected = collecting.result(timeout=COLLECT_TIMEOUT_S + 5)
+            except FuturesTimeout:
+                collected = False  # a stream the SDK could not cut: removing the container ends it
         final = memory.sample()
         if final is not None:
             peak_mem = max(peak_mem or 0, final)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePath
+from typing import BinaryIO
 
 
 class UnsafePathError(OSError):
@@ -66,9 +67,19 @@ def relative_to_root(path: Path, root: Path | None) -> tuple[Path, PurePath]:
     return path.parent, PurePath(path.name)
 
 
-def write_beneath(path: Path, root: Path | None, data: bytes) -> None:
-    """Write `data` to `path`, no link below `root` followed (the repo is untrusted ground)."""
+def open_write_beneath(path: Path, root: Path | None) -> BinaryIO:
+    """`path` opened for writing (created, or truncated), no link below `root` followed (the repo
+    is untrusted ground): for output streamed in pieces.
+
+    Raises:
+        UnsafePathError: as open_beneath.
+    """
     base, below = relative_to_root(path, root)
     base.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(open_beneath(base, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+    return os.fdopen(open_beneath(base, below, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
+
+
+def write_beneath(path: Path, root: Path | None, data: bytes) -> None:
+    """Write `data` to `path`, no link below `root` followed (the repo is untrusted ground)."""
+    with open_write_beneath(path, root) as f:
         f.write(data)

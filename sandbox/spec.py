@@ -14,11 +14,9 @@ GiB = 1024**3
 MiB = 1024**2
 INNER_DEADLINE_MARGIN_S = 15.0  # how much later than the host's deadline a run ends itself
 
-# The export hook of the verified metric (sandbox/hooks/sitecustomize.py spells the same values):
-# its marker line, where it writes in the run's /out tmpfs, and what the runner collects.
-EXPORT_MARK = "AUTORESEARCH_VERIFY_EXPORTED"
-EXPORT_DIR = "/out/verify"
-EXPORT_FILES = ("model.pt2", "call.json", "probe.pt")
+# The export hook of the verified metric: its marker line, where it writes in the run's /out
+# tmpfs, and what the runner collects (one definition, shared with the hook and the verifier).
+from .hooks.verify_protocol import EXPORT_DIR, EXPORT_FILES, EXPORT_MARK  # noqa: E402,F401
 
 # Why a run ended; RunResult.reason carries one of these (or "" for a clean exit).
 REASON_EXIT = "exit_code"        # the process exited non-zero

@@ -82,9 +82,12 @@ def test_held_out_data_inside_the_data_cache_is_refused(tmp_path):
 
 
 def test_losses_that_are_not_probabilities_are_unnormalised():
+    from sandbox.hooks.verify_protocol import Verdict, VerifyReport
+
     outcome = Outcome(STATUS_OK, "", Metrics(val_bpb=0.5))
-    report = {"val_bpb": 0.5, "causal": True, "normalised": False, "probability_mass": 4.2, "heldout_bpb": 0.6}
+    report = VerifyReport(Verdict.UNNORMALISED, why="the probabilities sum to 4.2", val_bpb=0.5, heldout_bpb=0.6,
+                          probability_mass=4.2)
     judged = apply_verification(outcome, report, 0.002)
     assert judged.verdict == "unnormalised" and "4.2" in judged.detail and judged.heldout_bpb == 0.6
-    honest = apply_verification(outcome, dict(report, normalised=True), 0.002)
+    honest = apply_verification(outcome, VerifyReport(Verdict.OK, val_bpb=0.5, heldout_bpb=0.6), 0.002)
     assert honest.verdict == "ok" and honest.heldout_bpb == 0.6

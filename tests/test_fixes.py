@@ -269,16 +269,23 @@ def test_explicit_ceilings_that_do_not_fit_are_refused(tmp_path):
 
 def test_verification_verdicts_and_that_only_ok_can_be_kept():
     from runner.summary import apply_verification
+    from sandbox.hooks.verify_protocol import Verdict, VerifyReport
+
+    def ok(val):
+        return VerifyReport(Verdict.OK, val_bpb=val)
 
     honest = _ok(3.0)
-    assert apply_verification(honest, {"val_bpb": 3.001, "causal": True}, 0.002).verdict == "ok"
-    assert apply_verification(honest, {"val_bpb": 3.001, "causal": True}, 0.002).val_bpb == 3.001
-    forged = apply_verification(_ok(2.4), {"val_bpb": 3.0, "causal": True}, 0.002)
+    assert apply_verification(honest, ok(3.001), 0.002).verdict == "ok"
+    assert apply_verification(honest, ok(3.001), 0.002).val_bpb == 3.001
+    forged = apply_verification(_ok(2.4), ok(3.0), 0.002)
     assert (forged.verdict, forged.val_bpb, forged.self_reported) == ("forged", 3.0, 2.4)
-    assert apply_verification(honest, {"val_bpb": 3.0, "causal": False}, 0.002).verdict == "noncausal"
+    noncausal = VerifyReport(Verdict.NONCAUSAL, why="outputs changed", val_bpb=3.0)
+    assert apply_verification(honest, noncausal, 0.002).verdict == "noncausal"
     assert apply_verification(honest, None, 0.002).verdict == "unverified"
+    refused = apply_verification(honest, VerifyReport(Verdict.REFUSED, why="the graph calls aten._print"), 0.002)
+    assert refused.verdict == "refused" and refused.val_bpb == 3.0 and "aten._print" in refused.detail
     state = RunState(best_commit="best", best_val_bpb=3.5)
-    for report in ({"val_bpb": 2.0, "causal": True}, None, {"val_bpb": 2.0, "causal": False}):
+    for report in (ok(2.0), None, VerifyReport(Verdict.NONCAUSAL, val_bpb=2.0)):
         outcome = apply_verification(_ok(2.0 if report else 1.0), report, 0.002)
         assert decide(state, _Job("best"), outcome, 0.0).status == (RowStatus.KEEP if outcome.verdict == "ok" else RowStatus.DISCARD)
 

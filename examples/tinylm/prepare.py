@@ -3,7 +3,9 @@ tinylm data preparation and evaluation. FIXED: the agent must not edit this file
 
 Builds a byte-level language-modelling dataset from a vendored corpus (the top-level
 modules of the CPython 3.11 standard library, PSF licence in data/LICENSE-PSF.txt),
-offline and deterministically: the same bytes on every host, pinned by sha256.
+offline and deterministically: the same bytes on every host, pinned by sha256. The held-out
+text the verifier scores is not here: it ships with the runner, which writes it where only
+the verifier reads it (runner.yaml, `heldout:`).
 
     python prepare.py          # builds ~/.cache/autoresearch/tinylm (idempotent)
 
@@ -25,9 +27,8 @@ MAX_SEQ_LEN = 256          # bytes; the longest context train.py may use
 EVAL_TOKENS = 65536        # bytes of the validation split scored by evaluate_bpb
 EVAL_BATCH_SIZE = 16       # sequences per evaluation forward pass
 VOCAB_SIZE = 256           # byte-level tokenizer: one token per byte
-VAL_EVERY_NTH_FILE = 10    # every 10th corpus file (sorted order) is validation data ...
-TEST_OFFSET = 5            # ... and every 10th from the 6th is the held-out test split, in no cache
-SPLITS = "v2: val i%10==0, test i%10==5"  # a cache made by another split is made again
+VAL_EVERY_NTH_FILE = 10    # every 10th corpus file (sorted order) is validation data, the rest train
+SPLITS = "v3: val i%10==0"  # a cache made by another split is made again
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS_PATH = os.path.join(HERE, "data", "cpython-3.11-stdlib.txt.xz")
@@ -36,9 +37,6 @@ CORPUS_TEXT_SHA256 = "acbef7dda90f496e9bf3c98bc570113b4db0fe87d89fa0314eb62455c2
 FILE_MARKER = b"# ===== file: "
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "autoresearch", "tinylm")
-# The held-out copy, laid out like the data cache with the test split as its val.bin. The runner
-# gives this variable to prepare.py and to its verifier only, never to experiments.
-HELDOUT_DIR = os.environ.get("AUTORESEARCH_HELDOUT_DIR")
 MANIFEST_NAME = "manifest.json"
 
 # ---------------------------------------------------------------------------
@@ -51,17 +49,17 @@ def _sha256(data):
 
 
 def _split_corpus(text):
-    """Split the corpus at its file markers into train, val and test (every VAL_EVERY_NTH_FILE-th
-    file is validation, and the one TEST_OFFSET after it test)."""
+    """Split the corpus at its file markers into train and val (every VAL_EVERY_NTH_FILE-th file
+    is validation)."""
     starts = []
     pos = text.find(FILE_MARKER)
     while pos != -1:
         starts.append(pos)
         pos = text.find(FILE_MARKER, pos + 1)
     starts.append(len(text))
-    splits = {"train": [], "val": [], "test": []}
+    splits = {"train": [], "val": []}
     for i in range(len(starts) - 1):
-        kind = {0: "val", TEST_OFFSET: "test"}.get(i % VAL_EVERY_NTH_FILE, "train")
+        kind = "val" if i % VAL_EVERY_NTH_FILE == 0 else "train"
         splits[kind].append(text[starts[i]:starts[i + 1]])
     return {kind: b"".join(chunks) for kind, chunks in splits.items()}
 
@@ -87,16 +85,10 @@ def _cache_is_valid(cache_dir, manifest):
     return True
 
 
-def prepare(cache_dir=CACHE_DIR, heldout_dir=HELDOUT_DIR):
-    """Build the train/val byte files, tokenizer description and manifest, and the held-out copy
-    (test split as val.bin) when `heldout_dir` is given. Idempotent."""
-    targets = {cache_dir: ("train", "val")}
-    if heldout_dir:
-        targets[os.path.join(heldout_dir, "tinylm")] = ("test",)
-    todo = {d: kinds for d, kinds in targets.items() if not _cache_is_valid(d, _read_manifest(d))}
-    for folder in set(targets) - set(todo):
-        print(f"cache ok: {folder}")
-    if not todo:
+def prepare(cache_dir=CACHE_DIR):
+    """Build the train/val byte files, tokenizer description and manifest. Idempotent."""
+    if _cache_is_valid(cache_dir, _read_manifest(cache_dir)):
+        print(f"cache ok: {cache_dir}")
         return
     with open(CORPUS_PATH, "rb") as f:
         packed = f.read()
@@ -107,11 +99,9 @@ def prepare(cache_dir=CACHE_DIR, heldout_dir=HELDOUT_DIR):
         raise SystemExit("decompressed corpus does not match its pinned sha256")
     splits = _split_corpus(text)
     tokenizer = json.dumps({"type": "bytes", "vocab_size": VOCAB_SIZE}, sort_keys=True).encode()
-    for folder, kinds in todo.items():
-        # the held-out copy names its test split val.bin: the same evaluate_bpb reads it there
-        files = {"train.bin": splits["train"], "val.bin": splits["val"]} if kinds != ("test",) else {"val.bin": splits["test"]}
-        _write_cache(folder, {**files, "tokenizer.json": tokenizer})
-        print(f"prepared {folder}: " + ", ".join(f"{name} {len(data):,} bytes" for name, data in files.items()))
+    files = {"train.bin": splits["train"], "val.bin": splits["val"]}
+    _write_cache(cache_dir, {**files, "tokenizer.json": tokenizer})
+    print(f"prepared {cache_dir}: " + ", ".join(f"{name} {len(data):,} bytes" for name, data in files.items()))
 
 
 def _write_cache(cache_dir, files):

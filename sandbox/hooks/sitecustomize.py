@@ -12,9 +12,10 @@ anything: a separate container evaluates the exported program with the repo's ow
 import os
 import sys
 
-MARK = "AUTORESEARCH_VERIFY_EXPORTED"
-_TARGET = os.environ.get("AUTORESEARCH_VERIFY_TARGET", "")
-_OUT = os.environ.get("AUTORESEARCH_VERIFY_DIR", "/out/verify")
+import verify_protocol as protocol  # next to this file, root-owned
+
+_TARGET = os.environ.get(protocol.TARGET_ENV, "")
+_OUT = os.environ.get(protocol.DIR_ENV, protocol.EXPORT_DIR)
 _COLLECT_WAIT_S = 30.0  # the runner collects within a poll period; this only bounds a lost runner
 
 
@@ -47,7 +48,7 @@ def _wait_collected():
     import time
 
     deadline = time.monotonic() + _COLLECT_WAIT_S
-    while time.monotonic() < deadline and not os.path.exists(os.path.join(_OUT, ".collected")):
+    while time.monotonic() < deadline and not os.path.exists(os.path.join(_OUT, protocol.COLLECTED_FILE)):
         time.sleep(0.1)
 
 
@@ -85,20 +86,15 @@ def _export(model, captured, args, kwargs, result, names, autocast):
     program = torch.export.export(target, tuple(call_args), kwargs=dict(call_kwargs),
                                   dynamic_shapes=dynamic if any(dynamic.values()) else None, strict=False)
     os.makedirs(_OUT, exist_ok=True)
-    torch.export.save(program, os.path.join(_OUT, "model.pt2"))
-    # A few rows of the model's own inputs, and its plain keyword arguments (reduction='none'),
-    # for the verifier's probes.
-    torch.save({"args": [a.detach()[:2].cpu() if isinstance(a, torch.Tensor) else None for a in call_args],
-                "kwargs": {k: v for k, v in call_kwargs.items() if v is None or isinstance(v, (bool, int, float, str))}},
-               os.path.join(_OUT, "probe.pt"))
+    torch.export.save(program, os.path.join(_OUT, protocol.MODEL_FILE))
     first = call_args[0] if call_args and isinstance(call_args[0], torch.Tensor) else None
-    with open(os.path.join(_OUT, "call.json"), "w") as f:
+    with open(os.path.join(_OUT, protocol.CALL_FILE), "w") as f:
         json.dump({"args": [_jsonable(a) for a in args], "names": names,
                    "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
                    "batch": int(first.shape[0]) if first is not None and first.dim() else 1, "autocast": autocast,
                    "self_reported": float(result)}, f)
     atexit.register(_wait_collected)
-    print(MARK, flush=True)
+    print(protocol.EXPORT_MARK, flush=True)
 
 
 def _wrap(module, name):

@@ -1,38 +1,79 @@
 """The verifier, root-owned in every trainer image; run by the runner in a fresh container of the
-experiment's image (no network, read-only, no train.py code): it evaluates the exported program
-with the repo's own evaluation function, probes causality and (for models that return a loss)
-normalisation, evaluates again on the held-out data when there is some, then prints one
-`VERIFY {json}` line.
+experiment's image (no network, read-only, no train.py code):
 
     python -I /opt/autoresearch-hooks/verify.py /verify
 
-Arguments of the evaluation call that are not plain data (autoresearch's tokenizer) are never
-taken from the run: they are rebuilt from the evaluation module itself, by the recipe runner.yaml
-gives (`verify_args`, e.g. `tokenizer: Tokenizer.from_directory()`), else by the argument's class
-when the module defines it and it can be made without arguments (its constructor, or its one
-classmethod that needs none).
+Everything in /verify was written inside train.py's process, so all of it is hostile input:
+- the archive is opened as a plain zip first: only the entries torch.export writes for tensors
+  and the graph, stored uncompressed, within size caps; no pickle anywhere (pickled weights,
+  custom or opaque objects, legacy formats and the pickled sample inputs are refused or dropped)
+  and no symbolic expression that is more than arithmetic on shape symbols (torch hands those
+  to sympy, which evaluates strings). A clean copy is what torch.export.load sees;
+- the loaded graph must be a pure function: ATen operators that mutate nothing, arithmetic on
+  sizes, and the grad/autocast wrappers export emits; no printing, no control flow, no
+  buffer or input mutation (state that could count calls), no custom operator namespace but
+  the ones runner.yaml names (verify_ops);
+- the evaluation arguments that are not plain data (autoresearch's tokenizer) are never taken
+  from the run: they are rebuilt from the evaluation module itself (`verify_args`, else the
+  class's argument-free constructor or its one argument-free classmethod).
+
+The number is the repo's own evaluation function run on the exported program. The probes are
+folded into that evaluation: rows of the very batches it scores, drawn with this process's own
+randomness, are evaluated again after it in batches of the same shape, each row spliced at a
+secret cut with real text from another row and among other companions; its outputs up to the
+cut must not change (causality, and no reading of other rows). For models that return a loss
+per position given the targets (autoresearch's model(x, y, reduction='none')), real rows are
+evaluated once per vocabulary value with every target replaced: the implied probabilities must
+sum to at most 1 at every position, and the variant whose target is the real one must give the
+loss the evaluation scored.
+
+The report is one line carrying the secret the runner made for this verification (removed from
+the environment before anything of the run is read), printed only by this file's own code.
 """
 
 import ast
+import contextlib
+import dataclasses
 import importlib
 import inspect
 import json
 import math
 import os
-import subprocess
+import random
 import sys
+import tempfile
 
-HELDOUT_ENV = "AUTORESEARCH_HELDOUT_DIR"    # the held-out data, laid out like the data cache
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import verify_protocol as protocol  # noqa: E402  (root-owned, next to this file)
+from verify_archive import Refused, check_program, sanitised_archive  # noqa: E402
+from verify_protocol import Verdict, VerifyReport  # noqa: E402
+
 DATA_SUFFIX = "/.cache/autoresearch"         # where the evaluation code looks under $HOME
 MASS_TOLERANCE = 1e-2                        # implied probabilities may sum to at most 1 + this
+CALL_MAX_BYTES = 1 << 20                     # call.json
+# Each probed row tests one cut for reading the next token, so the probe's power is its rows:
+# a model that reads ahead at a share f of positions passes with probability (1 - f) ** rows.
+PROBE_ROWS_MIN = 256                         # rows the causality probe evaluates again (all, when fewer were scored)
+PROBE_SHARE = 0.25                           # ... or this share of the rows scored, when that is more
+PROBE_ROWS_MAX = 4096
+PROBE_OUTPUT_BYTES = 256 << 20               # the scored outputs kept for comparison, all rows together
+PROBE_POSITIONS = 16                         # compared positions per row, the cut included
+DONOR_ROWS = 256                             # rows whose text fills the spliced suffixes
+WHOLE_ROW_SHARE = 0.125                      # probed rows compared whole, among other companions only
+NORM_TOKEN_SHARE = 1.0                       # the normalisation probe's tokens / the evaluation's
+# Outputs of the same row in batches of the same shape are bit-identical on the kernels we know;
+# these absorb reduced-precision rounding where they are not, and bound what could hide in them.
+CLOSE = {"float32": (1e-4, 1e-3), "low": (2e-3, 1e-2)}   # (atol, rtol)
 
 
 class Unverifiable(Exception):
     """The call cannot be replayed with trusted inputs: the run is unverified."""
 
 
+# --- the evaluation's arguments, rebuilt from the repo's own code ------------------------------
+
 def _evaluation():
-    module_name, _, func = os.environ["AUTORESEARCH_VERIFY_TARGET"].rpartition(".")
+    module_name, _, func = os.environ[protocol.TARGET_ENV].rpartition(".")
     module = importlib.import_module(module_name)
     return module, getattr(module, func)
 
@@ -74,11 +115,13 @@ def _rebuild(value, name: str, module, recipes: dict):
 
     if name in recipes:
         return _recipe(recipes[name], module)
-    if isinstance(value, dict) and "device" in value:
+    if isinstance(value, dict) and set(value) == {"device"} and isinstance(value["device"], str):
         return torch.device(value["device"])
-    if not (isinstance(value, dict) and "object" in value):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    kind = str(value["object"])
+    if not (isinstance(value, dict) and set(value) == {"object"} and isinstance(value["object"], str)):
+        raise Unverifiable(f"the evaluation argument {name or '#?'} is neither plain data nor an object to rebuild")
+    kind = value["object"]
     hint = (f"the evaluation argument {name or '#?'} (a {kind}) cannot be rebuilt from {module.__name__}: "
             f"say how in runner.yaml, e.g. verify_args: {{{name or 'name'}: \"Tokenizer.from_directory()\"}}")
     prefix = module.__name__ + "."
@@ -95,148 +138,347 @@ def _rebuild(value, name: str, module, recipes: dict):
     return made
 
 
-def _arguments(call: dict, module):
-    recipes = json.loads(os.environ.get("AUTORESEARCH_VERIFY_ARGS") or "{}")
+def _read_call(folder: str) -> dict:
+    import stat
+
+    path = os.path.join(folder, protocol.CALL_FILE)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise Unverifiable("call.json is not a regular file")
+        data = f.read(CALL_MAX_BYTES + 1)
+    if len(data) > CALL_MAX_BYTES:
+        raise Unverifiable("call.json is too large")
+    call = json.loads(data)
+    if not (isinstance(call, dict) and isinstance(call.get("args"), list) and isinstance(call.get("kwargs"), dict)):
+        raise Unverifiable("call.json does not describe an evaluation call")
     names = call.get("names") or [""] * len(call["args"])
-    args = [_rebuild(v, n, module, recipes) for v, n in zip(call["args"], names)]
-    kwargs = {k: _rebuild(v, k, module, recipes) for k, v in call["kwargs"].items()}
+    if not isinstance(names, list) or len(names) != len(call["args"]) or not all(isinstance(n, str) for n in names):
+        raise Unverifiable("call.json names its arguments wrongly")
+    call["names"] = names
+    return call
+
+
+def _arguments(call: dict, module):
+    recipes = json.loads(os.environ.get(protocol.ARGS_ENV) or "{}")
+    args = [_rebuild(v, n, module, recipes) for v, n in zip(call["args"], call["names"])]
+    kwargs = {str(k): _rebuild(v, str(k), module, recipes) for k, v in call["kwargs"].items()}
     return args, kwargs
 
 
-def _exported(program):
-    import torch
-
-    class Exported(torch.nn.Module):
-        """What the evaluation function gets: the exported forward, nothing of train.py. It notes
-        the largest token id it is shown (inputs and targets), for the normalisation probe."""
-
-        def __init__(self):
-            super().__init__()
-            self.program = program
-            self.largest_id = -1
-
-        def forward(self, *args, **kwargs):
-            for a in args:
-                if isinstance(a, torch.Tensor) and a.numel() and not a.is_floating_point():
-                    self.largest_id = max(self.largest_id, int(a.max()))
-            return self.program(*args, **kwargs)
-
-        def train(self, mode=True):  # the exported graph has no modes to switch
-            return self
-
-    return Exported()
-
-
-def _per_position(out, x):
-    """The output as (batch, time, k): k = vocabulary for logits, 1 for a loss per position."""
-    import torch
-
-    if isinstance(out, (tuple, list)):
-        out = next((o for o in out if isinstance(o, torch.Tensor)), None)
-    if not isinstance(out, torch.Tensor) or out.numel() == 0 or out.numel() % x.numel():
-        return None
-    return out.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _causal(program, inputs, kwargs):
-    """Outputs at positions <= t must not change when the inputs (and targets) after t change."""
-    import torch
-
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] < 4:
-        return None
-    t = x.shape[1] // 2
-
-    def perturbed(a):
-        if not isinstance(a, torch.Tensor) or a.shape[:2] != x.shape[:2]:
-            return a
-        changed = a.clone()
-        tail = a[:, t + 1:]
-        # floats flip sign; ids are permuted among themselves, so they stay in the vocabulary
-        changed[:, t + 1:] = -tail if a.is_floating_point() else torch.roll(tail.flip(1), 1, 1)
-        return changed
-
-    with torch.no_grad():
-        first = _per_position(program(*inputs, **kwargs), x)
-        second = _per_position(program(*map(perturbed, inputs), **kwargs), x)
-    if first is None or second is None:
-        return None
-    return bool(torch.allclose(first[:, : t + 1].float(), second[:, : t + 1].float(), rtol=1e-3, atol=1e-4))
-
-
-def _normalised(program, inputs, kwargs, vocab: int, batch: int):
-    """For a model that returns a loss per position given targets (autoresearch's model(x, y)):
-    exp(-loss) is the probability it gives each target, and summed over every target the
-    evaluation showed it those can be at most 1. One row per target value, every position at once
-    (targets shifted by a random offset per position). Returns (ok, largest sum) or (None, None)
-    where the model returns logits (the evaluation normalises those itself)."""
-    import torch
-
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or vocab < 2:
-        return None, None
-    target = next((i for i, a in enumerate(inputs[1:], 1) if isinstance(a, torch.Tensor)
-                   and a.shape == x.shape and not a.is_floating_point()), None)
-    if target is None:
-        return None, None
-    with torch.no_grad():
-        shaped = _per_position(program(*inputs, **kwargs), x)
-        if shaped is None or shaped.shape[-1] != 1:
-            return None, None
-        steps = x.shape[1]
-        shift = torch.randint(0, vocab, (steps,), generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
-        mass = torch.zeros(steps, dtype=torch.float64, device=x.device)
-        for start in range(0, vocab, max(1, batch)):
-            rows = torch.arange(start, min(vocab, start + max(1, batch)), device=x.device, dtype=x.dtype)
-            n = len(rows)
-            call = [a[:1].expand(n, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.shape[:1] == x.shape[:1]
-                    else a for a in inputs]
-            call[target] = (rows[:, None] + shift[None, :]) % vocab
-            loss = _per_position(program(*call, **kwargs), call[0]).reshape(n, steps).double()
-            mass += torch.exp(-loss).sum(0)
-    largest = float(mass.max())
-    return bool(largest <= 1 + MASS_TOLERANCE), largest
-
-
 def _autocast(call: dict):
-    """The run's autocast around its evaluation, replayed (only these devices and dtypes)."""
-    import contextlib
-
+    """The run's autocast around its evaluation, replayed (only these devices and dtypes):
+    torch.export does not record an ambient autocast, and autoresearch evaluates inside one."""
     import torch
 
     stack = contextlib.ExitStack()
     for entry in call.get("autocast") or []:
+        if not isinstance(entry, dict):
+            continue
         device, dtype = entry.get("device"), entry.get("dtype")
         if device in ("cuda", "cpu") and dtype in ("bfloat16", "float16", "float32"):
             stack.enter_context(torch.autocast(device_type=device, dtype=getattr(torch, dtype)))
     return stack
 
 
-def _load(folder: str):
+def _low_precision(call: dict) -> bool:
+    return any(isinstance(e, dict) and e.get("dtype") in ("bfloat16", "float16") for e in call.get("autocast") or [])
+
+
+# --- the probes, folded into the evaluation -------------------------------------------------------
+
+class Probes:
+    """Watches every batch the evaluation scores and keeps a uniform sample of its rows (reservoir
+    sampling with this process's own randomness), to evaluate them again afterwards in batches
+    the model cannot tell from scored ones."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.key = None           # the first call's non-row arguments; other calls are not probed
+        self.batch = 0            # the scored batch size (the first call's)
+        self.seen = 0             # rows scored under `key`
+        self.sample: list[dict] = []   # rows to compare: their inputs, cut, positions and scored outputs
+        self.donors: list[tuple] = []  # rows whose text fills the spliced suffixes
+        self.norm_rows: list[dict] = []  # loss models: rows with all their scored losses
+        self.largest_id = -1
+        self.capacity = PROBE_ROWS_MIN  # rows the sample holds (set from the output's width at the first call)
+        self.unprobeable = ""     # why the outputs cannot be probed, when they cannot
+        self.shape = None         # (index of the ids argument, the target's slot or None, per-position width)
+        self.template_args, self.template_kwargs = [], {}  # the first call's arguments: probe batches replace its rows
+
+    @staticmethod
+    def _split(args, kwargs, rows: int):
+        """(row tensors by slot, the rest as a hashable key): a slot is ('a', i) or ('k', name)."""
+        import torch
+
+        row, rest = {}, []
+        for slot, value in [(("a", i), v) for i, v in enumerate(args)] + [(("k", k), v) for k, v in sorted(kwargs.items())]:
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                row[slot] = value
+            elif isinstance(value, torch.Tensor):
+                rest.append((slot, "tensor", tuple(value.shape), str(value.dtype), value.detach().cpu().numpy().tobytes()))
+            else:
+                rest.append((slot, repr(value)))
+        return row, tuple(rest)
+
+    def observe(self, args, kwargs, out) -> None:
+        import torch
+
+        ids = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 2
+                    and not a.is_floating_point() and not a.is_complex()), None)
+        if ids is None:
+            self.unprobeable = "the model is not called with a (batch, time) tensor of token ids"
+            return
+        x = args[ids]
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.numel() and not a.is_floating_point() and a.dtype != torch.bool:
+                self.largest_id = max(self.largest_id, int(a.max()))
+        shaped = _per_position(out, x)
+        if shaped is None:
+            self.unprobeable = ("the model's output is not one tensor with one value or one vector per input position "
+                                "(logits, or a loss per token): nothing else can be probed")
+            return
+        rows, rest = self._split(args, kwargs, x.shape[0])
+        key = (rest, x.shape[1], tuple(sorted(rows)))
+        if self.key is None:  # the first call sets what the probe batches look like
+            target = next((s for s, v in rows.items() if s != ("a", ids) and v.shape == x.shape
+                           and not v.is_floating_point() and v.dtype != torch.bool), None)
+            self.key, self.batch, self.shape = key, x.shape[0], (ids, target, shaped.shape[-1])
+            self.template_args, self.template_kwargs = list(args), dict(kwargs)
+            width = PROBE_POSITIONS * max(1, shaped.shape[-1]) * 4
+            self.capacity = max(self.batch, min(PROBE_ROWS_MAX, PROBE_OUTPUT_BYTES // width))
+        if key != self.key:
+            return
+        steps = x.shape[1]
+        for i in range(x.shape[0]):
+            self.seen += 1
+            row = {slot: v[i].detach().clone() for slot, v in rows.items()}
+            self._keep(self.donors, row, DONOR_ROWS)
+            j = self._slot(self.sample)
+            if j is not None:
+                cut = steps - 1 if self.rng.random() < WHOLE_ROW_SHARE else self.rng.randrange(steps - 1)
+                positions = sorted({cut, *self.rng.sample(range(cut), min(cut, PROBE_POSITIONS - 1))})
+                entry = {"row": row, "cut": cut, "positions": positions, "scored": shaped[i, positions].detach().float().clone()}
+                self._put(self.sample, j, entry)
+            if self.shape[1] is not None and self.shape[2] == 1:
+                k = self._slot(self.norm_rows, self.batch)
+                if k is not None:
+                    self._put(self.norm_rows, k, {"row": row, "scored": shaped[i, :, 0].detach().float().clone()})
+
+    def _slot(self, reservoir: list, capacity: int | None = None):
+        capacity = capacity or self.capacity
+        if len(reservoir) < capacity:
+            return len(reservoir)
+        j = self.rng.randrange(self.seen)
+        return j if j < capacity else None
+
+    def _put(self, reservoir: list, j: int, entry) -> None:
+        if j == len(reservoir):
+            reservoir.append(entry)
+        else:
+            reservoir[j] = entry
+
+    def _keep(self, reservoir: list, entry, capacity: int) -> None:
+        j = self._slot(reservoir, capacity)
+        if j is not None:
+            self._put(reservoir, j, entry)
+
+    # -- after the evaluation --
+
+    def _call(self, program, rows: list[dict]):
+        """The program on a batch made of `rows`, every other argument as the evaluation gave it."""
+        import torch
+
+        args, kwargs = list(self.template_args), dict(self.template_kwargs)
+        for slot in rows[0]:
+            stacked = torch.stack([r[slot] for r in rows])
+            if slot[0] == "a":
+                args[slot[1]] = stacked
+            else:
+                kwargs[slot[1]] = stacked
+        with torch.no_grad():
+            return _per_position(program(*args, **kwargs), args[self.shape[0]])
+
+    def _spliced(self, row: dict, cut: int) -> dict:
+        """`row` with every per-position input after `cut` taken from another real row."""
+        donor = self.rng.choice(self.donors)
+        ids = ("a", self.shape[0])
+        for _ in range(4):  # a donor that differs right after the cut, where one exists
+            if cut + 1 >= len(row[ids]) or donor is not row and bool(donor[ids][cut + 1] != row[ids][cut + 1]):
+                break
+            donor = self.rng.choice(self.donors)
+        spliced = {}
+        for slot, value in row.items():
+            if value.dim() >= 1 and value.shape[0] == row[ids].shape[0] and slot in donor:
+                value = value.clone()
+                value[cut + 1:] = donor[slot][cut + 1:]
+            spliced[slot] = value
+        return spliced
+
+    def causal(self, program, close) -> tuple[bool, int, str]:
+        """Every sampled row again, spliced after its cut, in batches of the scored shape with
+        other sampled rows (or spliced donors) as companions, in a shuffled order.
+        Returns (ok, positions compared, why not)."""
+        entries = list(self.sample)
+        self.rng.shuffle(entries)  # the reservoir is a uniform sample of the scored rows; so is any part of it
+        entries = entries[:max(PROBE_ROWS_MIN, math.ceil(PROBE_SHARE * self.seen))]
+        compared = 0
+        for start in range(0, len(entries), self.batch):
+            group = entries[start:start + self.batch]
+            batch = [self._spliced(e["row"], e["cut"]) for e in group]
+            steps = len(batch[0][("a", self.shape[0])])
+            while len(batch) < self.batch:  # companions only: spliced like the rest, not compared
+                filler = self.rng.choice(self.donors)
+                batch.append(self._spliced(filler, self.rng.randrange(steps)))
+            order = list(range(self.batch))
+            self.rng.shuffle(order)
+            out = self._call(program, [batch[i] for i in order])
+            if out is None:
+                return False, compared, "the model's output lost its per-position shape on a probe batch"
+            where = {i: n for n, i in enumerate(order)}
+            for i, e in enumerate(group):
+                again = out[where[i], e["positions"]].float()
+                if again.shape != e["scored"].shape or not close(again, e["scored"]):
+                    worst = (again - e["scored"]).abs().max().item() if again.shape == e["scored"].shape else float("nan")
+                    return False, compared, (f"a row's outputs up to position {e['cut']} changed (by up to {worst:.3g}) when "
+                                             f"the text after it or the other rows of its batch changed")
+                compared += len(e["positions"])
+        return True, compared, ""
+
+    def normalised(self, program, close, tokens_scored: int) -> tuple[bool | None, int, float | None, str]:
+        """Loss models only: real rows once per vocabulary value v, the target at every position
+        p replaced by (v + shift_p) mod V. Returns (ok or None when not a loss model, positions
+        summed, the largest sum, why not)."""
+        import torch
+
+        if self.shape[1] is None or self.shape[2] != 1 or not self.norm_rows:
+            return None, 0, None, ""
+        vocab = self.largest_id + 1
+        steps = len(self.norm_rows[0]["row"][("a", self.shape[0])])
+        per_batch = max(1, min(self.batch, len(self.norm_rows), int(NORM_TOKEN_SHARE * tokens_scored) // max(1, vocab * steps)))
+        rows = self.norm_rows[:per_batch]
+        device = rows[0]["row"][self.shape[1]].device
+        shifts = torch.randint(0, vocab, (per_batch, steps), generator=torch.Generator().manual_seed(self.rng.getrandbits(63))).to(device)
+        mass = torch.zeros(per_batch, steps, dtype=torch.float64, device=device)
+        real = torch.stack([r["row"][self.shape[1]] for r in rows])
+        scored = torch.stack([r["scored"] for r in rows]).to(device)
+        matched = torch.zeros(per_batch, steps, dtype=torch.bool, device=device)
+        for v in range(vocab):
+            targets = (v + shifts) % vocab
+            batch = []
+            for i, r in enumerate(rows):
+                variant = dict(r["row"])
+                variant[self.shape[1]] = targets[i].to(real.dtype)
+                batch.append(variant)
+            loss = self._call(program, batch)
+            if loss is None:
+                return False, 0, None, "the model's output lost its per-position shape on a probe batch"
+            loss = loss[..., 0].double()
+            mass += torch.exp(-loss)
+            hit = targets == real  # this variant's target is the real one: it must score as the evaluation did
+            if bool(hit.any()):
+                if not close(loss[hit].float(), scored[hit].float()):
+                    return False, int(matched.sum()), None, ("a position's loss for its real target differs from the "
+                                                             "loss the evaluation scored when the other targets change")
+                matched |= hit
+        largest = float(mass.max())
+        counted = int(mass.numel())
+        if not math.isfinite(largest) or largest > 1 + MASS_TOLERANCE:
+            return False, counted, largest, (f"the probabilities implied by the model's losses sum to {largest:.3g} over "
+                                             f"the vocabulary at some position (at most 1 for a real model)")
+        return True, counted, largest, ""
+
+
+def _per_position(out, x):
+    """The output as (batch, time, k): k = vocabulary for logits, 1 for a loss per position; or
+    None. Whatever the evaluation could read must be probed, so the output is one tensor (alone
+    or the one tensor of a tuple): a second one (nanoGPT's mean loss beside its logits) could
+    carry a number no probe sees."""
     import torch
 
-    with open(os.path.join(folder, "call.json")) as f:
-        call = json.load(f)
-    return call, torch.export.load(os.path.join(folder, "model.pt2")).module()
+    if isinstance(out, (tuple, list)):
+        tensors = [o for o in out if o is not None]
+        out = tensors[0] if len(tensors) == 1 else None
+    if not isinstance(out, torch.Tensor) or out.numel() == 0 or out.numel() % x.numel():
+        return None
+    return out.reshape(x.shape[0], x.shape[1], -1)
 
 
-def evaluate(folder: str):
-    """The repo's own evaluation of the exported program: (val_bpb, the model wrapper)."""
+def _scored_model(program, probes: Probes):
+    import torch
+
+    class Scored(torch.nn.Module):
+        """What the evaluation function gets: the exported forward, nothing of train.py; every
+        call is shown to the probes."""
+
+        def __init__(self):
+            super().__init__()
+            self.program = program
+            self.tokens = 0
+
+        def forward(self, *args, **kwargs):
+            out = self.program(*args, **kwargs)
+            probes.observe(args, kwargs, out)
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.tokens += first.numel() if first is not None else 0
+            return out
+
+        def train(self, mode=True):  # the exported graph has no modes to switch
+            return self
+
+    return Scored()
+
+
+# --- the verification ---------------------------------------------------------------------------
+
+class _Clock:
+    """Seconds per phase of the verification, for the report (benchmarks/verify_cost.py)."""
+
+    def __init__(self):
+        import time
+
+        self.time, self.seconds, self.last = time, {}, time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = self.time.monotonic()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+
+
+def _load(folder: str, workdir: str):
+    import torch
+
+    namespaces = {n for n in os.environ.get(protocol.OPS_ENV, "").split(",") if n}
+    program = torch.export.load(sanitised_archive(os.path.join(folder, protocol.MODEL_FILE), workdir))
+    check_program(program, namespaces)
+    return program.module()
+
+
+def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Clock | None = None):
+    """The repo's own evaluation of the exported program: (val_bpb, the call, the program, the model)."""
     sys.path.insert(0, os.getcwd())  # the repo (/repo): its fixed evaluation code, never train.py's
-    call, program = _load(folder)
-    module, function = _evaluation()
+    call = _read_call(folder)
+    module, function = _evaluation()  # first: the repo's own kernels (verify_ops) register their operators on import
+    program = _load(folder, workdir)
+    if clock is not None:
+        clock.lap("load")
     args, kwargs = _arguments(call, module)
-    model = _exported(program)
+    model = _scored_model(program, probes or Probes(random.Random()))
     with _autocast(call):
-        return float(function(model, *args, **kwargs)), model, call, program
+        value = function(model, *args, **kwargs)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise Unverifiable("the evaluation function did not return a number")
+    return float(value), call, program, model
 
 
 def _heldout(folder: str) -> tuple[float | None, str | None]:
     """The same evaluation with $HOME/.cache/autoresearch being the held-out copy of the data, in
-    a fresh interpreter (the evaluation module reads its paths at import): (bpb, None), or (None,
-    why) when it failed, or (None, None) without held-out data. It informs (the val/held-out gap
-    in the report); it decides nothing."""
-    data = os.environ.get(HELDOUT_ENV, "")
+    a fresh interpreter (the evaluation module reads its paths at import); it answers through a
+    pipe of its own: (bpb, None), or (None, why) when it failed, or (None, None) without
+    held-out data."""
+    import subprocess
+
+    data = os.environ.get(protocol.HELDOUT_ENV, "")
     if not data.endswith(DATA_SUFFIX) or not os.path.isdir(data):
         return None, None
     try:
@@ -245,40 +487,84 @@ def _heldout(folder: str) -> tuple[float | None, str | None]:
     except OSError as exc:
         return None, f"the held-out data cannot be read ({exc.strerror}): make it readable by all, like the data cache"
     env = dict(os.environ, HOME=data[: -len(DATA_SUFFIX)])
-    done = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--heldout", folder],
-                          env=env, capture_output=True, text=True)
-    line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("HELDOUT ")), None)
-    if line is None:
+    read_end, write_end = os.pipe()
+    done = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--heldout", folder, str(write_end)],
+                          env=env, capture_output=True, text=True, pass_fds=(write_end,))
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        answer = f.read(100).strip()
+    try:
+        value = float(answer)
+        if not math.isfinite(value):
+            raise ValueError(answer)
+        return value, None
+    except ValueError:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
         return None, tail[0][:300]
-    return float(line.split(" ", 1)[1]), None
 
 
-def main(folder: str) -> dict:
+def verify(folder: str, clock: _Clock) -> VerifyReport:
     import torch
 
-    verified, model, call, program = evaluate(folder)
-    out = {"val_bpb": verified, "self_reported": call.get("self_reported"), "causal": None, "normalised": None}
+    rng = random.Random(int.from_bytes(os.urandom(16), "big"))
+    probes = Probes(rng)
+    clock.lap("start")
+    with tempfile.TemporaryDirectory() as workdir:
+        verified, call, program, model = evaluate(folder, workdir, probes, clock)
+    clock.lap("evaluate")
     if not math.isfinite(verified):
-        return dict(out, verdict="unverified", why="the evaluation of the exported program gave no finite number")
-    probe = torch.load(os.path.join(folder, "probe.pt"), weights_only=True)
-    device = next((b.device for b in program.buffers()), None) or next((p.device for p in program.parameters()), torch.device("cpu"))
-    inputs = [a.to(device) if isinstance(a, torch.Tensor) else a for a in probe["args"]]
+        return VerifyReport.unverified("the evaluation of the exported program gave no finite number")
+    if probes.unprobeable or not probes.sample:
+        return VerifyReport(Verdict.UNVERIFIED, why=probes.unprobeable or "the evaluation never called the model", val_bpb=verified)
+    atol, rtol = CLOSE["low" if _low_precision(call) else "float32"]
+
+    def close(a, b) -> bool:
+        return bool(torch.isfinite(a).all()) and bool(torch.allclose(a, b, atol=atol, rtol=rtol))
+
+    heldout, heldout_error = _heldout(folder)
+    clock.lap("heldout")
+    base = dict(val_bpb=verified, heldout_bpb=heldout, heldout_error=heldout_error)
     with _autocast(call):
-        out["causal"] = _causal(program, inputs, probe["kwargs"])
-        out["normalised"], out["probability_mass"] = _normalised(program, inputs, probe["kwargs"], model.largest_id + 1,
-                                                                 int(call.get("batch") or 1))
-    out["heldout_bpb"], out["heldout_error"] = _heldout(folder)
-    return out
+        causal, compared, why = probes.causal(program, close)
+        clock.lap("causal_probe")
+        if not causal:
+            return VerifyReport(Verdict.NONCAUSAL, why=why, probed_positions=compared, **base)
+        normalised, summed, mass, why = probes.normalised(program, close, model.tokens)
+        clock.lap("normalisation_probe")
+    if normalised is False:
+        return VerifyReport(Verdict.UNNORMALISED, why=why, probed_positions=compared, normalised_positions=summed,
+                            probability_mass=mass, **base)
+    if normalised is None and probes.shape[2] == 1:
+        return VerifyReport(Verdict.UNVERIFIED, why="the model returns one value per position but is not given "
+                                                    "targets: its outputs cannot be checked as probabilities", **base)
+    return VerifyReport(Verdict.OK, probed_positions=compared, normalised_positions=summed, probability_mass=mass, **base)
+
+
+def main(folder: str) -> int:
+    secret = os.environ.pop(protocol.SECRET_ENV, "")
+    clock = _Clock()
+    try:
+        report = verify(folder, clock)
+    except Refused as exc:
+        report = VerifyReport(Verdict.REFUSED, why=str(exc))
+    except Unverifiable as exc:
+        report = VerifyReport.unverified(str(exc))
+    except Exception as exc:
+        report = VerifyReport.unverified(f"{type(exc).__name__}: {str(exc)[:300]}")
+    clock.lap("report")
+    print(dataclasses.replace(report, seconds=clock.seconds).to_line(secret), flush=True)
+    return 0
+
+
+def heldout_main(folder: str, fd: int) -> int:
+    with tempfile.TemporaryDirectory() as workdir:
+        value = evaluate(folder, workdir)[0]
+    with os.fdopen(fd, "w") as f:
+        f.write(repr(value))
+    return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--heldout":
-        print(f"HELDOUT {evaluate(sys.argv[2])[0]!r}", flush=True)
-        sys.exit(0)
-    try:
-        result = main(sys.argv[1])
-    except Exception as exc:
-        why = str(exc) if isinstance(exc, Unverifiable) else f"{type(exc).__name__}: {str(exc)[:300]}"
-        result = {"verdict": "unverified", "why": why}
-    print("VERIFY " + json.dumps(result), flush=True)
+        sys.exit(heldout_main(sys.argv[2], int(sys.argv[3])))
+    sys.exit(main(sys.argv[1]))

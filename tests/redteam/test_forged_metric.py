@@ -34,7 +34,7 @@ def test_an_honest_run_is_verified(tinylm):
     assert record["status"] == "ok" and record["verdict"] == "ok"
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
     assert 0 < record["val_bpb"] < 8
-    # tinylm's hidden test split (prepare.py wrote it into verify_data): scored by the verifier only
+    # tinylm's held-out text (runner prepare put it into verify_data, from outside the repo): the verifier only
     assert record["heldout_val_bpb"] is not None and 0 < record["heldout_val_bpb"] < 8
     assert record["heldout_val_bpb"] != record["val_bpb"]
 

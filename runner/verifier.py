@@ -1,0 +1,75 @@
+"""The number that decides: a finished run's exported model, evaluated again by trusted code.
+
+Contract (what `Verifier.verify` promises, and what it takes as hostile):
+- It runs sandbox/hooks/verify.py in a fresh container of the run's own image, with the run's
+  limits, no network, no train.py code, the collected export read-only at /verify, and the
+  held-out data (verify_data) read-only when there is some: experiments never get that mount.
+- The collected files are hostile (the export hook ran inside train.py's process); the verifier
+  loads no pickle and runs only pure graphs (see verify.py). Its output is hostile too, since it
+  shares a stream with the evaluated program: the runner makes a secret after the run has ended,
+  gives it to this one verifier, and accepts exactly one report line carrying it, from a
+  verifier that exited 0 on its own. Anything else is `unverified`.
+- The verdict and the verified val_bpb replace the run's outcome (summary.apply_verification);
+  only `ok` can be kept. What the report says in words is sanitised before it is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from sandbox.hooks import verify_protocol as protocol
+from sandbox.spec import Mount
+
+from .summary import STATUS_OK, apply_verification
+
+if TYPE_CHECKING:
+    from .engine import Engine, ExperimentRun, Slot
+
+VERIFIER = "/opt/autoresearch-hooks/verify.py"  # in every trainer image (Dockerfile.trainer)
+VERIFY_MOUNT = "/verify"                         # the collected export, read-only
+
+
+class Verifier:
+    """Verifies finished runs of one engine (its backend, limits and held-out data)."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.cfg = engine.cfg
+
+    def verify(self, run: "ExperimentRun", tag: str, iteration: int = 0, stop: threading.Event | None = None,
+               slot: "Slot | None" = None) -> "ExperimentRun":
+        """`run` with its verdict (unchanged when it did not end with a result).
+
+        Raises:
+            SandboxError: the harness failed (never the run's fault).
+        """
+        if run.outcome.status != STATUS_OK:
+            return run
+        t0 = time.monotonic()
+        report = None
+        if run.result.collected:
+            report = self._report(run, tag, iteration, stop, slot)
+        outcome = apply_verification(run.outcome, report, self.cfg.verify_tolerance)
+        return dataclasses.replace(run, outcome=outcome, verify_s=round(time.monotonic() - t0, 3),
+                                   verify_phases=report.seconds if report is not None else None)
+
+    def _report(self, run: "ExperimentRun", tag: str, iteration: int, stop, slot) -> protocol.VerifyReport:
+        engine = self.engine
+        folder = run.result.log_path.with_suffix(".verify")
+        heldout, env = engine._heldout(writable=False)
+        secret = protocol.new_secret()  # made now: nothing the run wrote can hold it
+        env.update({protocol.ARGS_ENV: json.dumps(self.cfg.verify_args), protocol.SECRET_ENV: secret,
+                    protocol.OPS_ENV: ",".join(self.cfg.verify_ops)})
+        log = folder.with_suffix(".verify.log")
+        # a verifier lost with its node is run again: its verdict must not be "unverifiable"
+        result, _ = engine.run_spec(lambda: engine.spec(
+            run.image.ref, ("python", "-I", VERIFIER, VERIFY_MOUNT), tag, run.commit, iteration, engine.devices(slot),
+            run.limits, log, mounts=(Mount(folder, VERIFY_MOUNT, True), *heldout), export=True, env=env), stop)
+        if result.reason or result.exit_code != 0:
+            return protocol.VerifyReport.unverified(
+                f"the verifier did not finish cleanly ({result.reason or 'exit ' + str(result.exit_code)}); read {log}")
+        return protocol.parse_report(result.output_tail, secret)

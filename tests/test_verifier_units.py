@@ -1,0 +1,137 @@
+"""The verifier's pieces that need no daemon and no torch: the report channel, the archive and
+expression checks that run before torch sees a byte of the run, and the overfit rule."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+
+from runner.policy import RunState, decide
+from runner.summary import STATUS_OK, Metrics, Outcome
+from sandbox.hooks import verify_archive
+from sandbox.hooks.verify_protocol import Verdict, VerifyReport, new_secret, parse_report
+
+SECRET = new_secret()
+
+
+def test_a_report_counts_only_with_its_secret_and_only_once():
+    line = VerifyReport(Verdict.OK, val_bpb=1.5, probed_positions=10).to_line(SECRET)
+    assert parse_report(f"noise\n{line}\n", SECRET).verdict == Verdict.OK
+    assert parse_report(f"noise\n{line}\n", SECRET).val_bpb == 1.5
+    # what the evaluated program could print: another secret, no secret, the old format
+    other = VerifyReport(Verdict.OK, val_bpb=0.01).to_line(new_secret())
+    for output in (other, 'VERIFY {"verdict": "ok", "val_bpb": 0.01}', line.replace(SECRET, SECRET.upper()), ""):
+        assert parse_report(output, SECRET).verdict == Verdict.UNVERIFIED
+    # two reports with the secret: one of them is not the verifier's
+    assert parse_report(f"{line}\n{line}\n", SECRET).verdict == Verdict.UNVERIFIED
+
+
+@pytest.mark.parametrize("body", [
+    '{"verdict": "ok", "val_bpb": NaN}',
+    '{"verdict": "ok", "val_bpb": "1.0"}',
+    '{"verdict": "great", "val_bpb": 1.0}',
+    '{"verdict": "ok", "val_bpb": 1.0, "extra": 1}',
+    '{"verdict": "ok", "val_bpb": 1.0, "probed_positions": 1.5}',
+    '["ok"]',
+])
+def test_a_report_that_does_not_parse_is_unverified(body):
+    assert parse_report(f"VERIFY {SECRET} {body}", SECRET).verdict == Verdict.UNVERIFIED
+
+
+# --- the archive, checked as a plain zip before torch.export.load --------------------------------
+
+def _config(prefix: str, n: int, **meta) -> bytes:
+    return json.dumps({"config": {f"w{i}": {"path_name": f"{prefix}{i}", "use_pickle": False, **meta} for i in range(n)}}).encode()
+
+
+def _archive(tmp_path, graph: dict | None = None, extra: dict | None = None, compress: int = zipfile.ZIP_STORED,
+             weights: bytes | None = None, constants: bytes | None = None):
+    entries = {
+        "archive_format": b"pt2", "archive_version": b"0", "byteorder": b"little", ".data/version": b"6\n",
+        "models/model.json": json.dumps(graph or {"graph_module": {"graph": {"nodes": [
+            {"target": "torch.ops.aten.linear.default", "inputs": []}]}}}).encode(),
+        "data/weights/model_weights_config.json": weights if weights is not None else _config("weight_", 1),
+        "data/weights/weight_0": b"\0" * 16,
+        "data/constants/model_constants_config.json": constants if constants is not None else b'{"config": {}}',
+        "data/sample_inputs/model.pt": b"PK pickle of example inputs",
+        **(extra or {}),
+    }
+    path = tmp_path / "model.pt2"
+    with zipfile.ZipFile(path, "w", compress) as z:
+        for name, data in entries.items():
+            z.writestr("model/" + name, data)
+    return str(path)
+
+
+def test_a_clean_archive_is_copied_without_its_pickled_sample_inputs(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    clean = verify_archive.sanitised_archive(_archive(tmp_path), str(work))
+    with zipfile.ZipFile(clean) as z:
+        assert z.read("model/data/sample_inputs/model.pt") == b""
+        assert z.read("model/data/weights/weight_0") == b"\0" * 16
+
+
+@pytest.mark.parametrize("case,why", [
+    (dict(weights=_config("weight_", 1, use_pickle=True)), "never pickles"),
+    (dict(constants=json.dumps({"config": {"obj": {"path_name": "custom_obj_0"}}}).encode(),
+          extra={"data/constants/custom_obj_0": b"x"}), "never pickles"),
+    (dict(extra={"data/constants/model.pt": b"legacy constants, a pickle"}), "entries torch.export does not write"),
+    (dict(extra={"extra/evil.pkl": b"x"}), "entries torch.export does not write"),
+    (dict(compress=zipfile.ZIP_DEFLATED), "compresses"),
+    (dict(graph={"nodes": [{"target": "builtins.exec"}]}), "not a torch, operator or math function"),
+    (dict(graph={"sym_int_values": {"s0": {"as_expr": {"expr_str": "__import__('os').system('id')"}}}}), "not arithmetic on shapes"),
+    (dict(graph={"sym_int_values": {"s0": {"as_expr": {"expr_str": "s0.__class__"}}}}), "not arithmetic on shapes"),
+    (dict(graph={"custom_obj_values": {"x": {"class_fqn": "torch.classes.x"}}}), r"custom \(pickled\) objects"),
+])
+def test_archives_that_would_run_code_or_hide_state_are_refused(tmp_path, case, why):
+    with pytest.raises(verify_archive.Refused, match=why):
+        verify_archive.sanitised_archive(_archive(tmp_path, **case), str(tmp_path))
+
+
+def test_a_file_that_is_not_a_zip_or_is_a_link_is_refused(tmp_path):
+    (tmp_path / "junk").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(verify_archive.Refused, match="not a torch.export archive"):
+        verify_archive.sanitised_archive(str(tmp_path / "junk"), str(tmp_path))
+    (tmp_path / "link").symlink_to(_archive(tmp_path))
+    with pytest.raises(verify_archive.Refused, match="not a regular file"):
+        verify_archive.sanitised_archive(str(tmp_path / "link"), str(tmp_path))
+
+
+@pytest.mark.parametrize("text", ["s0", "2*s0 + 1", "Mul(Integer(64), Symbol('s24', positive=True, integer=True))",
+                                  "FloorDiv(s0, 2)", "Max(1, u3)", "Eq(s0, 8)"])
+def test_shape_arithmetic_is_accepted(text):
+    verify_archive._check_expression(text)
+
+
+@pytest.mark.parametrize("text", ["Symbol('__import__')", "lambda: 1", "s0[0]", "Symbol('s0', evil=True)",
+                                  "open('/etc/passwd')", "s0 if True else 1", "(s0 for s0 in 'x')"])
+def test_anything_but_shape_arithmetic_is_refused(text):
+    with pytest.raises(verify_archive.Refused):
+        verify_archive._check_expression(text)
+
+
+# --- overfit: a val gain the held-out data does not show ------------------------------------------
+
+class _Job:
+    parent = "best"
+    retry_fix = False
+
+
+def _outcome(val: float, heldout: float | None) -> Outcome:
+    return Outcome(STATUS_OK, "", Metrics(val_bpb=val), verdict=Verdict.OK, heldout_bpb=heldout)
+
+
+def test_a_val_gain_without_a_held_out_gain_is_an_overfit_discard():
+    state = RunState(best_commit="best", best_val_bpb=4.0, best_heldout_bpb=4.1)
+    memorised = decide(state, _Job(), _outcome(0.5, 4.1), 0.0, 0.02)   # val memorised, held-out unchanged
+    assert memorised.status == "discard" and "held-out" in memorised.overfit
+    honest = decide(state, _Job(), _outcome(3.8, 3.92), 0.0, 0.02)     # both gain
+    assert honest.status == "keep" and not honest.overfit
+    noisy = decide(state, _Job(), _outcome(3.98, 4.105), 0.0, 0.02)     # a small gain, held-out within the noise
+    assert noisy.status == "keep"
+    regressed = decide(state, _Job(), _outcome(3.98, 4.2), 0.0, 0.02)  # held-out worse by more than the noise
+    assert regressed.status == "discard" and regressed.overfit
+    assert decide(RunState(best_commit="best", best_val_bpb=4.0), _Job(), _outcome(0.5, 4.1), 0.0, 0.02).status == "keep"
