@@ -65,6 +65,36 @@ def run_json(repo: Path, data_dir: Path, *extra: str) -> tuple[dict, str]:
     return record, Path(record["log"]).read_text(errors="replace")
 
 
+def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str, tag: str, budget_s: float = 2):
+    """A copy of `repo` run through the real loop (verify on): its baseline, then one experiment
+    whose proposal is `train_py`. Returns (the finished Loop, the copy's ResearchRepo)."""
+    import shutil
+
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.loop import Loop
+    from runner.proposers.base import Proposal, Proposer, Summary
+    from runner.repo import ResearchRepo
+
+    clone = tmp_path / "loop-repo"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+
+    class OneProposal(Proposer):
+        name = "one-proposal"
+
+        def propose(self, ctx):
+            return Proposal(train_py, description, "")
+
+        def summarize(self, ctx, rows):
+            return Summary([], [])
+
+    cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": budget_s, "max_experiments": 1, "verify": "on"})
+    research = ResearchRepo(clone)
+    loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), OneProposal(), out=lambda line: None)
+    loop.run()
+    return loop, research
+
+
 @pytest.fixture(scope="session", autouse=True)
 def heldout_dir(tmp_path_factory) -> Path:
     """The held-out data folder (verify_data's default) for this session, never the user's own."""

@@ -76,15 +76,22 @@ def _export(model, captured, args, kwargs, result, names, autocast):
 
     if not captured:
         raise RuntimeError("the evaluation function never called the model")
-    call_args, call_kwargs = captured[0]
+    call_args, call_kwargs, training = captured[0]
     target = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export what it wraps
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     # Every tensor input (and keyword input: model(x, targets=y)) is dynamic in its batch only.
     bound = inspect.signature(target.forward).bind(*call_args, **call_kwargs).arguments
     dynamic = {name: {0: batch} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
                for name, value in bound.items()}
-    program = torch.export.export(target, tuple(call_args), kwargs=dict(call_kwargs),
-                                  dynamic_shapes=dynamic if any(dynamic.values()) else None, strict=False)
+    # In the mode the evaluation ran it (tinylm's evaluate_bpb calls model.train() on its way out:
+    # exported in training mode, a dropout would make the verifier's outputs random).
+    was_training = target.training
+    target.train(training)
+    try:
+        program = torch.export.export(target, tuple(call_args), kwargs=dict(call_kwargs),
+                                      dynamic_shapes=dynamic if any(dynamic.values()) else None, strict=False)
+    finally:
+        target.train(was_training)
     os.makedirs(_OUT, exist_ok=True)
     torch.export.save(program, os.path.join(_OUT, protocol.MODEL_FILE))
     first = call_args[0] if call_args and isinstance(call_args[0], torch.Tensor) else None
@@ -108,7 +115,7 @@ def _wrap(module, name):
         autocast = _autocast_state()
         if hasattr(model, "register_forward_pre_hook"):
             handle = model.register_forward_pre_hook(
-                lambda mod, a, kw: captured.append((a, kw)) if not captured else None, with_kwargs=True)
+                lambda mod, a, kw: captured.append((a, kw, mod.training)) if not captured else None, with_kwargs=True)
         try:
             result = original(model, *args, **kwargs)
         finally:

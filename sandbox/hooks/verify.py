@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 
@@ -61,9 +62,13 @@ PROBE_POSITIONS = 16                         # compared positions per row, the c
 DONOR_ROWS = 256                             # rows whose text fills the spliced suffixes
 WHOLE_ROW_SHARE = 0.125                      # probed rows compared whole, among other companions only
 NORM_TOKEN_SHARE = 1.0                       # the normalisation probe's tokens / the evaluation's
-# Outputs of the same row in batches of the same shape are bit-identical on the kernels we know;
-# these absorb reduced-precision rounding where they are not, and bound what could hide in them.
-CLOSE = {"float32": (1e-4, 1e-3), "low": (2e-3, 1e-2)}   # (atol, rtol)
+PROBE_EFFECTIVE_MIN = 16                     # spliced rows that really changed, or the run is unverified
+NORM_CAUSAL_POSITIONS = 64                   # per normalisation row: positions checked for reading ahead there too
+# Outputs are compared as log-probabilities (logits through log_softmax: a shift changes nothing)
+# or as the losses themselves, in nats, absolutely. The same row in batches of the same shape is
+# bit-identical on the kernels we know; this absorbs reduced-precision rounding where it is not,
+# and bounds what could hide in it.
+ATOL_NATS = {"float32": 1e-4, "low": 5e-3}
 
 
 class Unverifiable(Exception):
@@ -110,27 +115,29 @@ def _needs_no_arguments(function) -> bool:
     return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
-def _rebuild(value, name: str, module, recipes: dict):
+def _rebuild(value, name: str, module):
+    """A required argument the run passed: plain data as it is, a device if it is one, an object
+    (recorded by its type's name) made anew from the evaluation module."""
     import torch
 
-    if name in recipes:
-        return _recipe(recipes[name], module)
     if isinstance(value, dict) and set(value) == {"device"} and isinstance(value["device"], str):
+        if not re.fullmatch(r"(cpu|cuda)(:\d+)?", value["device"]):
+            raise Unverifiable(f"the evaluation argument {name} is a device the verifier does not use")
         return torch.device(value["device"])
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if not (isinstance(value, dict) and set(value) == {"object"} and isinstance(value["object"], str)):
-        raise Unverifiable(f"the evaluation argument {name or '#?'} is neither plain data nor an object to rebuild")
+        raise Unverifiable(f"the evaluation argument {name} is neither plain data nor an object to rebuild")
     kind = value["object"]
-    hint = (f"the evaluation argument {name or '#?'} (a {kind}) cannot be rebuilt from {module.__name__}: "
-            f"say how in runner.yaml, e.g. verify_args: {{{name or 'name'}: \"Tokenizer.from_directory()\"}}")
+    hint = (f"the evaluation argument {name} (a {kind}) cannot be rebuilt from {module.__name__}: "
+            f"say how in runner.yaml, e.g. verify_args: {{{name}: \"Tokenizer.from_directory()\"}}")
     prefix = module.__name__ + "."
     if not kind.startswith(prefix):
         raise Unverifiable(hint)
     cls = _attribute(module, kind[len(prefix):])
     makers = [cls] if _needs_no_arguments(cls) else [
         getattr(cls, n) for n, v in vars(cls).items() if isinstance(v, classmethod) and _needs_no_arguments(getattr(cls, n))]
-    if len(makers) != 1:
+    if not isinstance(cls, type) or len(makers) != 1:
         raise Unverifiable(hint)
     made = makers[0]()
     if not isinstance(made, cls):
@@ -152,17 +159,34 @@ def _read_call(folder: str) -> dict:
     call = json.loads(data)
     if not (isinstance(call, dict) and isinstance(call.get("args"), list) and isinstance(call.get("kwargs"), dict)):
         raise Unverifiable("call.json does not describe an evaluation call")
-    names = call.get("names") or [""] * len(call["args"])
-    if not isinstance(names, list) or len(names) != len(call["args"]) or not all(isinstance(n, str) for n in names):
-        raise Unverifiable("call.json names its arguments wrongly")
-    call["names"] = names
     return call
 
 
-def _arguments(call: dict, module):
+def _arguments(call: dict, module, function):
+    """The evaluation's arguments after the model, bound by its own signature, never by names the
+    run wrote: runner.yaml's verify_args where they name a parameter; a parameter with a default
+    gets its default (the run cannot choose how much, or what, is scored); a required one what
+    the run passed (by position, else by its name), rebuilt by `_rebuild`."""
     recipes = json.loads(os.environ.get(protocol.ARGS_ENV) or "{}")
-    args = [_rebuild(v, n, module, recipes) for v, n in zip(call["args"], call["names"])]
-    kwargs = {str(k): _rebuild(v, str(k), module, recipes) for k, v in call["kwargs"].items()}
+    parameters = list(inspect.signature(function).parameters.values())[1:]
+    args, kwargs = [], {}
+    for i, p in enumerate(parameters):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        if p.name in recipes:
+            value = _recipe(recipes[p.name], module)
+        elif p.default is not p.empty:
+            continue
+        elif i < len(call["args"]) and p.kind != p.KEYWORD_ONLY:
+            value = _rebuild(call["args"][i], p.name, module)
+        elif p.name in call["kwargs"]:
+            value = _rebuild(call["kwargs"][p.name], p.name, module)
+        else:
+            raise Unverifiable(f"the run's evaluation call gave no {p.name}")
+        if p.kind == p.POSITIONAL_ONLY:
+            args.append(value)
+        else:
+            kwargs[p.name] = value
     return args, kwargs
 
 
@@ -258,7 +282,7 @@ class Probes:
             if j is not None:
                 cut = steps - 1 if self.rng.random() < WHOLE_ROW_SHARE else self.rng.randrange(steps - 1)
                 positions = sorted({cut, *self.rng.sample(range(cut), min(cut, PROBE_POSITIONS - 1))})
-                entry = {"row": row, "cut": cut, "positions": positions, "scored": shaped[i, positions].detach().float().clone()}
+                entry = {"row": row, "cut": cut, "positions": positions, "scored": _comparable(shaped[i, positions])}
                 self._put(self.sample, j, entry)
             if self.shape[1] is not None and self.shape[2] == 1:
                 k = self._slot(self.norm_rows, self.batch)
@@ -287,7 +311,7 @@ class Probes:
 
     def _call(self, program, rows: list[dict]):
         """The program on a batch made of `rows`, every other argument as the evaluation gave it."""
-        import torch
+        import torch  # noqa: F401  (stack below)
 
         args, kwargs = list(self.template_args), dict(self.template_kwargs)
         for slot in rows[0]:
@@ -296,17 +320,17 @@ class Probes:
                 args[slot[1]] = stacked
             else:
                 kwargs[slot[1]] = stacked
-        with torch.no_grad():
-            return _per_position(program(*args, **kwargs), args[self.shape[0]])
+        return _per_position(_invoke(program, self.rng, args, kwargs), args[self.shape[0]])
 
-    def _spliced(self, row: dict, cut: int) -> dict:
+    def _spliced(self, row: dict, cut: int, donors: list | None = None) -> dict:
         """`row` with every per-position input after `cut` taken from another real row."""
-        donor = self.rng.choice(self.donors)
+        donors = donors or self.donors
+        donor = self.rng.choice(donors)
         ids = ("a", self.shape[0])
-        for _ in range(4):  # a donor that differs right after the cut, where one exists
+        for _ in range(8):  # a donor that differs right after the cut, where one exists
             if cut + 1 >= len(row[ids]) or donor is not row and bool(donor[ids][cut + 1] != row[ids][cut + 1]):
                 break
-            donor = self.rng.choice(self.donors)
+            donor = self.rng.choice(donors)
         spliced = {}
         for slot, value in row.items():
             if value.dim() >= 1 and value.shape[0] == row[ids].shape[0] and slot in donor:
@@ -315,18 +339,22 @@ class Probes:
             spliced[slot] = value
         return spliced
 
-    def causal(self, program, close) -> tuple[bool, int, str]:
+    def causal(self, program, close) -> tuple[bool | None, int, str]:
         """Every sampled row again, spliced after its cut, in batches of the scored shape with
         other sampled rows (or spliced donors) as companions, in a shuffled order.
-        Returns (ok, positions compared, why not)."""
+        Returns (ok, or None when too few splices changed anything; positions compared; why not)."""
         entries = list(self.sample)
         self.rng.shuffle(entries)  # the reservoir is a uniform sample of the scored rows; so is any part of it
         entries = entries[:max(PROBE_ROWS_MIN, math.ceil(PROBE_SHARE * self.seen))]
-        compared = 0
+        compared = effective = 0
+        ids = ("a", self.shape[0])
         for start in range(0, len(entries), self.batch):
             group = entries[start:start + self.batch]
             batch = [self._spliced(e["row"], e["cut"]) for e in group]
-            steps = len(batch[0][("a", self.shape[0])])
+            steps = len(batch[0][ids])
+            # a splice that changed nothing (a donor equal to the row) tests nothing: not counted
+            effective += sum(1 for e, b in zip(group, batch)
+                             if e["cut"] + 1 >= steps or bool(b[ids][e["cut"] + 1] != e["row"][ids][e["cut"] + 1]))
             while len(batch) < self.batch:  # companions only: spliced like the rest, not compared
                 filler = self.rng.choice(self.donors)
                 batch.append(self._spliced(filler, self.rng.randrange(steps)))
@@ -337,56 +365,104 @@ class Probes:
                 return False, compared, "the model's output lost its per-position shape on a probe batch"
             where = {i: n for n, i in enumerate(order)}
             for i, e in enumerate(group):
-                again = out[where[i], e["positions"]].float()
+                again = _comparable(out[where[i], e["positions"]])
                 if again.shape != e["scored"].shape or not close(again, e["scored"]):
                     worst = (again - e["scored"]).abs().max().item() if again.shape == e["scored"].shape else float("nan")
                     return False, compared, (f"a row's outputs up to position {e['cut']} changed (by up to {worst:.3g}) when "
                                              f"the text after it or the other rows of its batch changed")
                 compared += len(e["positions"])
+        if effective < PROBE_EFFECTIVE_MIN:
+            return None, compared, (f"the evaluation scored too few distinct rows to probe ({effective} spliced rows "
+                                    f"changed, {PROBE_EFFECTIVE_MIN} needed)")
         return True, compared, ""
 
     def normalised(self, program, close, tokens_scored: int) -> tuple[bool | None, int, float | None, str]:
         """Loss models only: real rows once per vocabulary value v, the target at every position
-        p replaced by (v + shift_p) mod V. Returns (ok or None when not a loss model, positions
-        summed, the largest sum, why not)."""
+        p replaced by (v + shift_p) mod V (shift secret). At every position the implied
+        probabilities must sum to at most 1, and the variant whose target is the real one must
+        give the loss the evaluation scored. Rows with targets like these look like no scored
+        row, so the model must be causal here too: at sampled positions p, the variant whose
+        target at p is the real one is run again with the inputs after p from another row, and
+        its losses up to p must not change. Returns (ok or None when not a loss model,
+        positions summed, the largest sum, why not)."""
         import torch
 
         if self.shape[1] is None or self.shape[2] != 1 or not self.norm_rows:
             return None, 0, None, ""
+        ids, target = ("a", self.shape[0]), self.shape[1]
         vocab = self.largest_id + 1
-        steps = len(self.norm_rows[0]["row"][("a", self.shape[0])])
+        steps = len(self.norm_rows[0]["row"][ids])
         per_batch = max(1, min(self.batch, len(self.norm_rows), int(NORM_TOKEN_SHARE * tokens_scored) // max(1, vocab * steps)))
         rows = self.norm_rows[:per_batch]
-        device = rows[0]["row"][self.shape[1]].device
+        device = rows[0]["row"][target].device
         shifts = torch.randint(0, vocab, (per_batch, steps), generator=torch.Generator().manual_seed(self.rng.getrandbits(63))).to(device)
         mass = torch.zeros(per_batch, steps, dtype=torch.float64, device=device)
-        real = torch.stack([r["row"][self.shape[1]] for r in rows])
+        real = torch.stack([r["row"][target] for r in rows])
         scored = torch.stack([r["scored"] for r in rows]).to(device)
-        matched = torch.zeros(per_batch, steps, dtype=torch.bool, device=device)
+        checked = [set(self.rng.sample(range(steps), min(steps, NORM_CAUSAL_POSITIONS))) for _ in rows]
         for v in range(vocab):
             targets = (v + shifts) % vocab
-            batch = []
-            for i, r in enumerate(rows):
-                variant = dict(r["row"])
-                variant[self.shape[1]] = targets[i].to(real.dtype)
-                batch.append(variant)
+            batch = [{**r["row"], target: targets[i].to(real.dtype)} for i, r in enumerate(rows)]
             loss = self._call(program, batch)
             if loss is None:
                 return False, 0, None, "the model's output lost its per-position shape on a probe batch"
             loss = loss[..., 0].double()
             mass += torch.exp(-loss)
             hit = targets == real  # this variant's target is the real one: it must score as the evaluation did
-            if bool(hit.any()):
-                if not close(loss[hit].float(), scored[hit].float()):
-                    return False, int(matched.sum()), None, ("a position's loss for its real target differs from the "
-                                                             "loss the evaluation scored when the other targets change")
-                matched |= hit
+            if not bool(hit.any()):
+                continue
+            if not close(loss[hit].float(), scored[hit].float()):
+                return False, 0, None, ("a position's loss for its real target differs from the loss the evaluation "
+                                        "scored when the other targets change")
+            cuts = [next((p for p in hit[i].nonzero().flatten().tolist() if p in checked[i] and p + 1 < steps), None)
+                    for i in range(per_batch)]
+            if any(c is not None for c in cuts):
+                # donors: the scored rows' text after p, and targets as random as these
+                again = self._call(program, [b if c is None else self._spliced(b, c, [
+                    {**d, target: targets[i].to(real.dtype)} for d in self.donors]) for i, (b, c) in enumerate(zip(batch, cuts))])
+                for i, c in enumerate(cuts):
+                    if c is not None and (again is None or not close(again[i, : c + 1, 0].float(), loss[i, : c + 1].float())):
+                        return False, 0, None, (f"a loss up to position {c} changed when the inputs after it changed, "
+                                                f"on rows whose targets are not the text's")
         largest = float(mass.max())
         counted = int(mass.numel())
         if not math.isfinite(largest) or largest > 1 + MASS_TOLERANCE:
             return False, counted, largest, (f"the probabilities implied by the model's losses sum to {largest:.3g} over "
                                              f"the vocabulary at some position (at most 1 for a real model)")
         return True, counted, largest, ""
+
+
+def _comparable(out):
+    """Outputs as compared, in nats: logits as log-probabilities (a shift of all logits, which
+    changes nothing scored, cannot hide a difference), a loss as it is."""
+    out = out.detach().float()
+    return out.log_softmax(-1) if out.shape[-1] > 1 else out
+
+
+def _invoke(program, rng: random.Random, args, kwargs):
+    """One call of the program: on copies of its inputs (it cannot write into the evaluation's
+    tensors), with torch's generators reseeded from the verifier's own randomness (a random
+    draw cannot count calls)."""
+    import torch
+
+    def copy(value):
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    torch.manual_seed(rng.getrandbits(63))
+    with torch.no_grad():
+        return program(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+
+
+def _held_tensors(module) -> dict:
+    """Every tensor the program keeps between calls: parameters, buffers, constants."""
+    import torch
+
+    held = {}
+    for prefix, sub in module.named_modules():
+        for name, value in [*sub._parameters.items(), *sub._buffers.items(), *vars(sub).items()]:
+            if isinstance(value, torch.Tensor):
+                held[f"{prefix}.{name}" if prefix else name] = value
+    return held
 
 
 def _per_position(out, x):
@@ -417,7 +493,7 @@ def _scored_model(program, probes: Probes):
             self.tokens = 0
 
         def forward(self, *args, **kwargs):
-            out = self.program(*args, **kwargs)
+            out = _invoke(self.program, probes.rng, args, kwargs)
             probes.observe(args, kwargs, out)
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             self.tokens += first.numel() if first is not None else 0
@@ -462,8 +538,10 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     program = _load(folder, workdir)
     if clock is not None:
         clock.lap("load")
-    args, kwargs = _arguments(call, module)
+    args, kwargs = _arguments(call, module, function)
     model = _scored_model(program, probes or Probes(random.Random()))
+    model.held = _held_tensors(program)
+    model.pristine = {name: value.detach().clone() for name, value in model.held.items()}  # before the first call
     with _autocast(call):
         value = function(model, *args, **kwargs)
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
@@ -516,10 +594,10 @@ def verify(folder: str, clock: _Clock) -> VerifyReport:
         return VerifyReport.unverified("the evaluation of the exported program gave no finite number")
     if probes.unprobeable or not probes.sample:
         return VerifyReport(Verdict.UNVERIFIED, why=probes.unprobeable or "the evaluation never called the model", val_bpb=verified)
-    atol, rtol = CLOSE["low" if _low_precision(call) else "float32"]
+    atol = ATOL_NATS["low" if _low_precision(call) else "float32"]
 
     def close(a, b) -> bool:
-        return bool(torch.isfinite(a).all()) and bool(torch.allclose(a, b, atol=atol, rtol=rtol))
+        return bool(torch.isfinite(a).all()) and bool(torch.allclose(a, b, atol=atol, rtol=0.0))
 
     heldout, heldout_error = _heldout(folder)
     clock.lap("heldout")
@@ -527,10 +605,15 @@ def verify(folder: str, clock: _Clock) -> VerifyReport:
     with _autocast(call):
         causal, compared, why = probes.causal(program, close)
         clock.lap("causal_probe")
+        if causal is None:
+            return VerifyReport(Verdict.UNVERIFIED, why=why, probed_positions=compared, **base)
         if not causal:
             return VerifyReport(Verdict.NONCAUSAL, why=why, probed_positions=compared, **base)
         normalised, summed, mass, why = probes.normalised(program, close, model.tokens)
         clock.lap("normalisation_probe")
+    changed = next((name for name, before in model.pristine.items() if not torch.equal(model.held[name], before)), None)
+    if changed is not None:  # whatever a probe saw, the program kept state between calls: nothing of it counts
+        return VerifyReport(Verdict.REFUSED, why=f"the program wrote into {changed} while it was evaluated: state across calls")
     if normalised is False:
         return VerifyReport(Verdict.UNNORMALISED, why=why, probed_positions=compared, normalised_positions=summed,
                             probability_mass=mass, **base)

@@ -56,3 +56,4 @@ def attack(tmp_path, engine_for, docker_client):
         return run
 
     return run
+

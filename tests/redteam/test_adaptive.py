@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_repo, run_json, runner_cli
+from conftest import loop_with_one_proposal, make_repo, run_json, runner_cli
 
 pytestmark = pytest.mark.docker
 
@@ -270,31 +270,9 @@ def test_a_model_that_memorised_val_is_not_kept_when_held_out_data_disagrees(tin
     """Through the loop with verify on: the memorised run is verified `ok` by the evaluation (it is
     an honest number for a model that read val), but its held-out score, on data no experiment
     reads, does not follow: discarded as overfit, the branch stays at the baseline."""
-    from runner.config import load_config
-    from runner.engine import Engine
-    from runner.loop import Loop
-    from runner.proposers.base import Proposal, Proposer, Summary
-    from runner.repo import ResearchRepo
-
     repo, data = tinylm
-    clone = tmp_path / "repo"
-    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
-    text = (clone / "train.py").read_text()
-    memorised = text.replace(TINYLM_EVAL, textwrap.indent(MEMORISE_VAL, "    ") + TINYLM_EVAL)
-
-    class Memoriser(Proposer):
-        name = "memoriser"
-
-        def propose(self, ctx):
-            return Proposal(memorised, "an n-gram cache", "")
-
-        def summarize(self, ctx, rows):
-            return Summary([], [])
-
-    cfg = load_config(clone, {"tag": "memo", "data_dir": data, "budget_s": 2, "max_experiments": 1, "verify": "on"})
-    research = ResearchRepo(clone)
-    loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), Memoriser(), out=lambda line: None)
-    loop.run()
+    memorised = (repo / "train.py").read_text().replace(TINYLM_EVAL, textwrap.indent(MEMORISE_VAL, "    ") + TINYLM_EVAL)
+    loop, research = loop_with_one_proposal(repo, data, tmp_path, memorised, "an n-gram cache", "memo")
     rows = loop.ledger.rows()
     runs = [e.run for e in loop.ledger.experiments()]
     assert [r.status for r in rows] == ["keep", "discard"], runs
@@ -303,3 +281,25 @@ def test_a_model_that_memorised_val_is_not_kept_when_held_out_data_disagrees(tin
     assert runs[1]["verdict"] == "overfit" and "held-out" in runs[1]["detail"]
     assert rows[1].description == "an n-gram cache [overfit]"
     assert research.head().sha[:7] == rows[0].commit
+
+
+# --- attacks from an adversarial review, kept as they were written (tests/redteam/attacks/) -------
+
+ATTACKS = Path(__file__).resolve().parent / "attacks"
+
+
+@pytest.mark.parametrize("name,target,verdict", [
+    ("arlike_probe_mode.py", "arlike", "unnormalised"),
+    ("tinylm_state_through_unsafe_split.py", "tinylm", "refused"),
+    ("tinylm_shifted_logits.py", "tinylm", "noncausal"),
+    ("tinylm_one_row.py", "tinylm", "unverified"),
+])
+def test_attacks_from_the_review_are_refused(request, tmp_path, name, target, verdict):
+    repo, data = request.getfixturevalue(target)
+    clone = tmp_path / "attack"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    (clone / "train.py").write_text((ATTACKS / name).read_text())
+    subprocess.run(["git", "-C", str(clone), "commit", "-qam", name], check=True)
+    record = run_json(clone, data, "--budget", "2")[0]
+    assert record["status"] == "ok", record
+    _refused(record, verdict)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SUMMARY, make_repo, run_json, runner_cli
+from conftest import SUMMARY, loop_with_one_proposal, make_repo, run_json, runner_cli
 
 
 pytestmark = pytest.mark.docker
@@ -61,32 +61,9 @@ def test_a_forged_metric_gets_its_verdict(tinylm, tmp_path, verdict):
 def test_the_loop_never_keeps_a_forged_number(tinylm, tmp_path):
     """Through the loop: the forgery reports a far better val_bpb than the baseline's; the
     verified figure is what was recorded, the row says [forged], the branch stays at the baseline."""
-    import shutil
-
-    from runner.config import load_config
-    from runner.engine import Engine
-    from runner.loop import Loop
-    from runner.proposers.base import Proposal, Proposer, Summary
-    from runner.repo import ResearchRepo
-
     repo, data = tinylm
-    clone = tmp_path / "repo"
-    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
-    forged = (clone / "train.py").read_text().replace(HONEST, FORGERIES["forged"].replace("0.8 *", "0.5 *"))
-
-    class Forger(Proposer):
-        name = "forger"
-
-        def propose(self, ctx):
-            return Proposal(forged, "report half the loss", "")
-
-        def summarize(self, ctx, rows):
-            return Summary([], [])
-
-    cfg = load_config(clone, {"tag": "forge", "data_dir": data, "budget_s": 3, "max_experiments": 1, "verify": "on"})
-    research = ResearchRepo(clone)
-    loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), Forger(), out=lambda line: None)
-    loop.run()
+    forged = (repo / "train.py").read_text().replace(HONEST, FORGERIES["forged"].replace("0.8 *", "0.5 *"))
+    loop, research = loop_with_one_proposal(repo, data, tmp_path, forged, "report half the loss", "forge", budget_s=3)
     rows = loop.ledger.rows()
     assert [r.status for r in rows] == ["keep", "discard"]
     assert rows[1].description == "report half the loss [forged]"
@@ -108,6 +85,20 @@ def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
     record = _run(clone, data, text.replace(anchor, anchor + "model = torch.compile(model, dynamic=False)\n"))
     assert record["status"] == "ok" and record["verdict"] == "ok", record
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=2e-3)
+
+
+def test_a_model_with_dropout_verifies(tinylm, tmp_path):
+    """tinylm's evaluate_bpb puts the model back in training mode on its way out; the export is
+    made in the mode the evaluation ran it, so a dropout does not make the verifier's outputs random."""
+    import shutil
+
+    repo, data = tinylm
+    clone = tmp_path / "repo"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    text = (clone / "train.py").read_text()
+    assert "DROPOUT = 0.0 " in text
+    record = _run(clone, data, text.replace("DROPOUT = 0.0 ", "DROPOUT = 0.2 "))
+    assert record["status"] == "ok" and record["verdict"] == "ok", record
 
 
 # --- autoresearch's shape: a tokenizer argument, a model that returns per-token losses ----------
