@@ -32,18 +32,6 @@ def _jsonable(value):
     return {"object": f"{type(value).__module__}.{type(value).__qualname__}"}
 
 
-def _names(function, args, kwargs):
-    """The parameter names the positional `args` bind to (after the model), or [] if unknown."""
-    import inspect
-
-    try:
-        bound = inspect.signature(function).bind(None, *args, **kwargs)
-    except (TypeError, ValueError):
-        return []
-    names = [name for name in bound.arguments if name not in kwargs][1:]
-    return names if len(names) == len(args) else []
-
-
 def _wait_collected():
     import time
 
@@ -67,7 +55,7 @@ def _autocast_state():
     return state
 
 
-def _export(model, captured, args, kwargs, result, names, autocast):
+def _export(model, captured, args, kwargs, result, autocast):
     import atexit
     import inspect
     import json
@@ -96,7 +84,7 @@ def _export(model, captured, args, kwargs, result, names, autocast):
     torch.export.save(program, os.path.join(_OUT, protocol.MODEL_FILE))
     first = call_args[0] if call_args and isinstance(call_args[0], torch.Tensor) else None
     with open(os.path.join(_OUT, protocol.CALL_FILE), "w") as f:
-        json.dump({"args": [_jsonable(a) for a in args], "names": names,
+        json.dump({"args": [_jsonable(a) for a in args],
                    "kwargs": {k: _jsonable(v) for k, v in kwargs.items()},
                    "batch": int(first.shape[0]) if first is not None and first.dim() else 1, "autocast": autocast,
                    "self_reported": float(result)}, f)
@@ -124,7 +112,7 @@ def _wrap(module, name):
         if not getattr(evaluate, "exported", False):
             evaluate.exported = True
             try:
-                _export(model, captured, args, kwargs, result, _names(original, args, kwargs), autocast)
+                _export(model, captured, args, kwargs, result, autocast)
             except Exception as exc:  # nothing to verify: the run is unverified
                 print(f"AUTORESEARCH_VERIFY_FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         return result

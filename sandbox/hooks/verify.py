@@ -4,28 +4,26 @@ experiment's image (no network, read-only, no train.py code):
     python -I /opt/autoresearch-hooks/verify.py /verify
 
 Everything in /verify was written inside train.py's process, so all of it is hostile input:
-- the archive is opened as a plain zip first: only the entries torch.export writes for tensors
-  and the graph, stored uncompressed, within size caps; no pickle anywhere (pickled weights,
-  custom or opaque objects, legacy formats and the pickled sample inputs are refused or dropped)
-  and no symbolic expression that is more than arithmetic on shape symbols (torch hands those
-  to sympy, which evaluates strings). A clean copy is what torch.export.load sees;
-- the loaded graph must be a pure function: ATen operators that mutate nothing, arithmetic on
-  sizes, and the grad/autocast wrappers export emits; no printing, no control flow, no
-  buffer or input mutation (state that could count calls), no custom operator namespace but
-  the ones runner.yaml names (verify_ops);
-- the evaluation arguments that are not plain data (autoresearch's tokenizer) are never taken
-  from the run: they are rebuilt from the evaluation module itself (`verify_args`, else the
+- the archive and the graph are checked before anything of them runs (verify_archive.py): no
+  pickle, no string sympy would evaluate, only pure operators, no writes into what outlives a
+  call. After the evaluation and the probes, the program's weights, buffers and constants must
+  be what they were before the first call (a write through a view no schema admits to would
+  still be state), and every call gets copies of its inputs and freshly seeded generators;
+- the evaluation's arguments are bound by the function's own signature: a parameter with a
+  default gets its default, a required one what the run passed as plain data, and an object
+  (autoresearch's tokenizer) is rebuilt from the evaluation module (`verify_args`, else the
   class's argument-free constructor or its one argument-free classmethod).
 
 The number is the repo's own evaluation function run on the exported program. The probes are
 folded into that evaluation: rows of the very batches it scores, drawn with this process's own
 randomness, are evaluated again after it in batches of the same shape, each row spliced at a
 secret cut with real text from another row and among other companions; its outputs up to the
-cut must not change (causality, and no reading of other rows). For models that return a loss
-per position given the targets (autoresearch's model(x, y, reduction='none')), real rows are
-evaluated once per vocabulary value with every target replaced: the implied probabilities must
-sum to at most 1 at every position, and the variant whose target is the real one must give the
-loss the evaluation scored.
+cut must not change (causality, and no reading of other rows), compared as log-probabilities
+in nats. For models that return a loss per position given the targets (autoresearch's
+model(x, y, reduction='none')), real rows are evaluated once per vocabulary value with every
+target replaced: the implied probabilities must sum to at most 1 at every position, the variant
+whose target is the real one must give the loss the evaluation scored, and those rows are
+probed for causality too (a model could tell them from scored rows).
 
 The report is one line carrying the secret the runner made for this verification (removed from
 the environment before anything of the run is read), printed only by this file's own code.
