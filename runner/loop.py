@@ -402,7 +402,8 @@ class Loop:
             self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra)
             self.proposer.observe(job.proposal, KEEP, val)
             self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
-            self.state.best_heldout_bpb = outcome.heldout_bpb
+            if outcome.heldout_bpb is not None:  # a keep without a held-out figure never switches the rule off
+                self.state.best_heldout_bpb = outcome.heldout_bpb
             self.state.since_keep = 0
             self.repo.reset_hard(job.commit)  # the branch advances to the keep
             return None

@@ -28,7 +28,8 @@ class RunState:
             state.iteration = max(state.iteration, e.iteration)
             if e.status == RowStatus.KEEP:
                 state.best_commit, state.best_val_bpb = e.commit, e.row.val_bpb
-                state.best_heldout_bpb = e.run.get("heldout_val_bpb") if isinstance(e.run, dict) else None
+                heldout = e.run.get("heldout_val_bpb") if isinstance(e.run, dict) else None
+                state.best_heldout_bpb = heldout if heldout is not None else state.best_heldout_bpb
                 state.since_keep = 0
             else:
                 state.since_keep += 1

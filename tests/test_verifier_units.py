@@ -135,3 +135,14 @@ def test_a_val_gain_without_a_held_out_gain_is_an_overfit_discard():
     regressed = decide(state, _Job(), _outcome(3.98, 4.2), 0.0, 0.02)  # held-out worse by more than the noise
     assert regressed.status == "discard" and regressed.overfit
     assert decide(RunState(best_commit="best", best_val_bpb=4.0), _Job(), _outcome(0.5, 4.1), 0.0, 0.02).status == "keep"
+
+
+def test_a_keep_without_a_held_out_figure_does_not_switch_the_rule_off():
+    from runner.ledger import ExperimentRecord, Row
+
+    def record(i, heldout):
+        return ExperimentRecord(iteration=i, commit=f"c{i}", row=Row(f"c{i}", 4.0 - i, 0.1, "keep", "x"), outcome="ok",
+                                run={"verdict": "ok", "heldout_val_bpb": heldout})
+
+    state = RunState.recover([record(0, 4.1), record(1, None)])
+    assert state.best_commit == "c1" and state.best_heldout_bpb == 4.1

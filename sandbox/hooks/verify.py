@@ -44,12 +44,13 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import verify_protocol as protocol  # noqa: E402  (root-owned, next to this file)
-from verify_archive import Refused, check_program, sanitised_archive  # noqa: E402
+from verify_archive import Refused, check_fake_run, check_program, sanitised_archive  # noqa: E402
 from verify_protocol import Verdict, VerifyReport  # noqa: E402
 
 DATA_SUFFIX = "/.cache/autoresearch"         # where the evaluation code looks under $HOME
 MASS_TOLERANCE = 1e-2                        # implied probabilities may sum to at most 1 + this
 CALL_MAX_BYTES = 1 << 20                     # call.json
+HELDOUT_SECRET = "0" * protocol.SECRET_CHARS  # the held-out pass answers through a pipe only it holds
 # Each probed row tests one cut for reading the next token, so the probe's power is its rows:
 # a model that reads ahead at a share f of positions passes with probability (1 - f) ** rows.
 PROBE_ROWS_MIN = 256                         # rows the causality probe evaluates again (all, when fewer were scored)
@@ -59,7 +60,9 @@ PROBE_OUTPUT_BYTES = 256 << 20               # the scored outputs kept for compa
 PROBE_POSITIONS = 16                         # compared positions per row, the cut included
 DONOR_ROWS = 256                             # rows whose text fills the spliced suffixes
 WHOLE_ROW_SHARE = 0.125                      # probed rows compared whole, among other companions only
-NORM_TOKEN_SHARE = 1.0                       # the normalisation probe's tokens / the evaluation's
+NORM_TOKEN_SHARE = 1.0                       # the normalisation probe's tokens / the evaluation's ...
+NORM_ROWS_MIN = 8                            # ... unless that is fewer rows than this: a model unnormalised
+                                             # on a share f of rows passes with probability (1 - f) ** rows
 PROBE_EFFECTIVE_MIN = 16                     # spliced rows that really changed, or the run is unverified
 NORM_CAUSAL_POSITIONS = 64                   # per normalisation row: positions checked for reading ahead there too
 # Outputs are compared as log-probabilities (logits through log_softmax: a shift changes nothing)
@@ -283,7 +286,7 @@ class Probes:
                 entry = {"row": row, "cut": cut, "positions": positions, "scored": _comparable(shaped[i, positions])}
                 self._put(self.sample, j, entry)
             if self.shape[1] is not None and self.shape[2] == 1:
-                k = self._slot(self.norm_rows, self.batch)
+                k = self._slot(self.norm_rows, max(self.batch, NORM_ROWS_MIN))
                 if k is not None:
                     self._put(self.norm_rows, k, {"row": row, "scored": shaped[i, :, 0].detach().float().clone()})
 
@@ -390,8 +393,8 @@ class Probes:
         ids, target = ("a", self.shape[0]), self.shape[1]
         vocab = self.largest_id + 1
         steps = len(self.norm_rows[0]["row"][ids])
-        per_batch = max(1, min(self.batch, len(self.norm_rows), int(NORM_TOKEN_SHARE * tokens_scored) // max(1, vocab * steps)))
-        rows = self.norm_rows[:per_batch]
+        per_batch = min(len(self.norm_rows), max(NORM_ROWS_MIN, int(NORM_TOKEN_SHARE * tokens_scored) // max(1, vocab * steps)))
+        rows = self.rng.sample(self.norm_rows, per_batch)  # a uniform sample (a reservoir's first slots are not)
         device = rows[0]["row"][target].device
         shifts = torch.randint(0, vocab, (per_batch, steps), generator=torch.Generator().manual_seed(self.rng.getrandbits(63))).to(device)
         mass = torch.zeros(per_batch, steps, dtype=torch.float64, device=device)
@@ -519,12 +522,14 @@ class _Clock:
         self.last = now
 
 
-def _load(folder: str, workdir: str):
+def _load(folder: str, workdir: str, call: dict):
     import torch
 
     namespaces = {n for n in os.environ.get(protocol.OPS_ENV, "").split(",") if n}
     program = torch.export.load(sanitised_archive(os.path.join(folder, protocol.MODEL_FILE), workdir))
     check_program(program, namespaces)
+    with _autocast(call):
+        check_fake_run(program)
     return program.module()
 
 
@@ -533,7 +538,7 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     sys.path.insert(0, os.getcwd())  # the repo (/repo): its fixed evaluation code, never train.py's
     call = _read_call(folder)
     module, function = _evaluation()  # first: the repo's own kernels (verify_ops) register their operators on import
-    program = _load(folder, workdir)
+    program = _load(folder, workdir, call)
     if clock is not None:
         clock.lap("load")
     args, kwargs = _arguments(call, module, function)
@@ -547,44 +552,42 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     return float(value), call, program, model
 
 
-def _heldout(folder: str) -> tuple[float | None, str | None]:
-    """The same evaluation with $HOME/.cache/autoresearch being the held-out copy of the data, in
-    a fresh interpreter (the evaluation module reads its paths at import); it answers through a
-    pipe of its own: (bpb, None), or (None, why) when it failed, or (None, None) without
-    held-out data."""
+def _heldout(folder: str) -> tuple[bool, VerifyReport | None]:
+    """The whole verification again with $HOME/.cache/autoresearch being the held-out copy of the
+    data, in a fresh interpreter (the evaluation module reads its paths at import), probes
+    included: a model could be honest on val only. It answers through a pipe of its own.
+    Returns (whether there is held-out data, its report or None when it gave none)."""
     import subprocess
 
     data = os.environ.get(protocol.HELDOUT_ENV, "")
     if not data.endswith(DATA_SUFFIX) or not os.path.isdir(data):
-        return None, None
+        return False, None
     try:
         if not os.listdir(data):
-            return None, None
+            return False, None
     except OSError as exc:
-        return None, f"the held-out data cannot be read ({exc.strerror}): make it readable by all, like the data cache"
+        return True, VerifyReport.unverified(f"the held-out data cannot be read ({exc.strerror}): make it readable "
+                                             f"by all, like the data cache")
     env = dict(os.environ, HOME=data[: -len(DATA_SUFFIX)])
     read_end, write_end = os.pipe()
     done = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--heldout", folder, str(write_end)],
                           env=env, capture_output=True, text=True, pass_fds=(write_end,))
     os.close(write_end)
     with os.fdopen(read_end) as f:
-        answer = f.read(100).strip()
-    try:
-        value = float(answer)
-        if not math.isfinite(value):
-            raise ValueError(answer)
-        return value, None
-    except ValueError:
+        answer = f.read(1 << 16)
+    report = protocol.parse_report(answer, HELDOUT_SECRET)
+    if report.verdict == Verdict.UNVERIFIED and not report.val_bpb:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        return None, tail[0][:300]
+        return True, VerifyReport.unverified(f"the held-out evaluation failed: {tail[0][:300]}")
+    return True, report
 
 
-def verify(folder: str, clock: _Clock) -> VerifyReport:
+def _probe(folder: str, clock: _Clock) -> VerifyReport:
+    """Evaluate and probe: the report of one pass, on whichever data $HOME points at."""
     import torch
 
     rng = random.Random(int.from_bytes(os.urandom(16), "big"))
     probes = Probes(rng)
-    clock.lap("start")
     with tempfile.TemporaryDirectory() as workdir:
         verified, call, program, model = evaluate(folder, workdir, probes, clock)
     clock.lap("evaluate")
@@ -597,28 +600,42 @@ def verify(folder: str, clock: _Clock) -> VerifyReport:
     def close(a, b) -> bool:
         return bool(torch.isfinite(a).all()) and bool(torch.allclose(a, b, atol=atol, rtol=0.0))
 
-    heldout, heldout_error = _heldout(folder)
-    clock.lap("heldout")
-    base = dict(val_bpb=verified, heldout_bpb=heldout, heldout_error=heldout_error)
     with _autocast(call):
         causal, compared, why = probes.causal(program, close)
         clock.lap("causal_probe")
         if causal is None:
-            return VerifyReport(Verdict.UNVERIFIED, why=why, probed_positions=compared, **base)
+            return VerifyReport(Verdict.UNVERIFIED, why=why, val_bpb=verified, probed_positions=compared)
         if not causal:
-            return VerifyReport(Verdict.NONCAUSAL, why=why, probed_positions=compared, **base)
+            return VerifyReport(Verdict.NONCAUSAL, why=why, val_bpb=verified, probed_positions=compared)
         normalised, summed, mass, why = probes.normalised(program, close, model.tokens)
         clock.lap("normalisation_probe")
+    counts = dict(val_bpb=verified, probed_positions=compared, normalised_positions=summed, probability_mass=mass)
     changed = next((name for name, before in model.pristine.items() if not torch.equal(model.held[name], before)), None)
     if changed is not None:  # whatever a probe saw, the program kept state between calls: nothing of it counts
         return VerifyReport(Verdict.REFUSED, why=f"the program wrote into {changed} while it was evaluated: state across calls")
     if normalised is False:
-        return VerifyReport(Verdict.UNNORMALISED, why=why, probed_positions=compared, normalised_positions=summed,
-                            probability_mass=mass, **base)
+        return VerifyReport(Verdict.UNNORMALISED, why=why, **counts)
     if normalised is None and probes.shape[2] == 1:
         return VerifyReport(Verdict.UNVERIFIED, why="the model returns one value per position but is not given "
-                                                    "targets: its outputs cannot be checked as probabilities", **base)
-    return VerifyReport(Verdict.OK, probed_positions=compared, normalised_positions=summed, probability_mass=mass, **base)
+                                                    "targets: its outputs cannot be checked as probabilities", **counts)
+    return VerifyReport(Verdict.OK, **counts)
+
+
+def verify(folder: str, clock: _Clock) -> VerifyReport:
+    """The report: the evaluation on val with its probes, then on the held-out data with its own.
+    Where there is held-out data, a verification without a held-out figure is not ok."""
+    report = _probe(folder, clock)
+    if report.verdict != Verdict.OK:
+        return report
+    has_heldout, heldout = _heldout(folder)
+    clock.lap("heldout")
+    if not has_heldout:
+        return report
+    if heldout.verdict != Verdict.OK or heldout.val_bpb is None:
+        verdict = heldout.verdict if heldout.verdict != Verdict.OK else Verdict.UNVERIFIED
+        return dataclasses.replace(report, verdict=verdict, why=f"on the held-out data: {heldout.why}",
+                                   heldout_error=heldout.why)
+    return dataclasses.replace(report, heldout_bpb=heldout.val_bpb)
 
 
 def main(folder: str) -> int:
@@ -638,10 +655,12 @@ def main(folder: str) -> int:
 
 
 def heldout_main(folder: str, fd: int) -> int:
-    with tempfile.TemporaryDirectory() as workdir:
-        value = evaluate(folder, workdir)[0]
+    try:
+        report = _probe(folder, _Clock())
+    except (Refused, Unverifiable) as exc:
+        report = VerifyReport(Verdict.REFUSED if isinstance(exc, Refused) else Verdict.UNVERIFIED, why=str(exc))
     with os.fdopen(fd, "w") as f:
-        f.write(repr(value))
+        f.write(report.to_line(HELDOUT_SECRET))
     return 0
 
 

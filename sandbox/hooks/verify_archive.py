@@ -219,6 +219,26 @@ def _writes_and_views(node):
     return writes, views
 
 
+def check_fake_run(program) -> None:
+    """Runs the graph once on fake tensors (shapes only, nothing computed). Every operator must
+    have a fake implementation in this clean process: an operator that reads or writes files or
+    devices (aten.from_file) has none, and could only be exported because train.py registered
+    one in its own process. Call it under the evaluation's autocast (its dtype checks hold there).
+
+    Raises:
+        Refused: an operator cannot run on fake tensors here.
+    """
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [node.meta.get("val") for node in program.graph_module.graph.nodes if node.op == "placeholder"]
+    try:
+        FakeTensorProp(program.graph_module, detect_fake_mode(inputs)).propagate_dont_convert_inputs(*inputs)
+    except Exception as exc:  # torch raises several kinds here; any is a graph we do not run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Refused(f"the graph does not run on fake tensors in a clean process ({first[:200]})") from None
+
+
 def check_program(program, namespaces: set[str]) -> None:
     """Raises Refused unless `program` (an ExportedProgram) is a pure function of its inputs:
     allowed operators only, and nothing written into its weights, buffers, constants or inputs

@@ -293,6 +293,9 @@ ATTACKS = Path(__file__).resolve().parent / "attacks"
     ("tinylm_state_through_unsafe_split.py", "tinylm", "refused"),
     ("tinylm_shifted_logits.py", "tinylm", "noncausal"),
     ("tinylm_one_row.py", "tinylm", "unverified"),
+    ("arlike_honest_on_val_only.py", "arlike", "unnormalised"),
+    ("arlike_unnormalised_on_some_rows.py", "arlike", "unnormalised"),
+    ("tinylm_state_in_a_file.py", "tinylm", "refused"),
 ])
 def test_attacks_from_the_review_are_refused(request, tmp_path, name, target, verdict):
     repo, data = request.getfixturevalue(target)
