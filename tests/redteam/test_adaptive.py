@@ -286,23 +286,24 @@ def test_a_model_that_memorised_val_is_not_kept_when_held_out_data_disagrees(tin
 # --- attacks from an adversarial review, kept as they were written (tests/redteam/attacks/) -------
 
 ATTACKS = Path(__file__).resolve().parent / "attacks"
+# What each attack file replaces in its example's train.py: the evaluation.
+EVALUATIONS = {"tinylm": "with autocast:\n" + TINYLM_EVAL,
+               "arlike": "model.eval()\n" + "".join(
+                   line for line in (ARLIKE / "train.py").read_text().splitlines(True)
+                   if "torch.autocast(\"cpu\"" in line or "evaluate_bpb(model, tokenizer" in line)}
 
 
-@pytest.mark.parametrize("name,target,verdict", [
-    ("arlike_probe_mode.py", "arlike", "unnormalised"),
-    ("tinylm_state_through_unsafe_split.py", "tinylm", "refused"),
-    ("tinylm_shifted_logits.py", "tinylm", "noncausal"),
-    ("tinylm_one_row.py", "tinylm", "unverified"),
-    ("arlike_honest_on_val_only.py", "arlike", "unnormalised"),
-    ("arlike_unnormalised_on_some_rows.py", "arlike", "unnormalised"),
-    ("tinylm_state_in_a_file.py", "tinylm", "refused"),
+@pytest.mark.parametrize("name,verdict", [
+    ("arlike_probe_mode.py", "unnormalised"),
+    ("tinylm_state_through_unsafe_split.py", "refused"),
+    ("tinylm_shifted_logits.py", "noncausal"),
+    ("tinylm_one_row.py", "unverified"),
+    ("arlike_honest_on_val_only.py", "unnormalised"),
+    ("arlike_unnormalised_on_some_rows.py", "unnormalised"),
+    ("tinylm_state_in_a_file.py", "refused"),
 ])
-def test_attacks_from_the_review_are_refused(request, tmp_path, name, target, verdict):
+def test_attacks_from_the_reviews_are_refused(request, tmp_path, name, verdict):
+    target = name.split("_")[0]
     repo, data = request.getfixturevalue(target)
-    clone = tmp_path / "attack"
-    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
-    (clone / "train.py").write_text((ATTACKS / name).read_text())
-    subprocess.run(["git", "-C", str(clone), "commit", "-qam", name], check=True)
-    record = run_json(clone, data, "--budget", "2")[0]
-    assert record["status"] == "ok", record
+    record = _attack(repo, data, tmp_path, EVALUATIONS[target], (ATTACKS / name).read_text(), before=False)
     _refused(record, verdict)
