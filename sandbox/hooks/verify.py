@@ -223,7 +223,7 @@ class Probes:
         self.batch = 0            # the scored batch size (the first call's)
         self.seen = 0             # rows scored under `key`
         self.sample: list[dict] = []   # rows to compare: their inputs, cut, positions and scored outputs
-        self.donors: list[tuple] = []  # rows whose text fills the spliced suffixes
+        self.donors: list[dict] = []   # rows whose text fills the spliced suffixes
         self.norm_rows: list[dict] = []  # loss models: rows with all their scored losses
         self.largest_id = -1
         self.capacity = PROBE_ROWS_MIN  # rows the sample holds (set from the output's width at the first call)
