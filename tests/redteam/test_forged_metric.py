@@ -87,17 +87,28 @@ def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=2e-3)
 
 
-def test_a_model_with_dropout_verifies(tinylm, tmp_path):
-    """tinylm's evaluate_bpb puts the model back in training mode on its way out; the export is
-    made in the mode the evaluation ran it, so a dropout does not make the verifier's outputs random."""
+HONEST_VARIANTS = {
+    # tinylm's evaluate_bpb puts the model back in training mode on its way out: the export is made
+    # in the mode the evaluation ran it, so a dropout does not make the verifier's outputs random
+    "dropout": ("DROPOUT = 0.0 ", "DROPOUT = 0.2 "),
+    # a token masked to -inf (byte 0 never occurs in text): equal infinities compare equal
+    "masked_logit": ("        return self.head(self.ln_f(x))\n",
+                     "        logits = self.head(self.ln_f(x))\n"
+                     "        return logits.masked_fill(torch.arange(VOCAB_SIZE, device=idx.device) == 0, float('-inf'))\n"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(HONEST_VARIANTS))
+def test_honest_variants_verify(tinylm, tmp_path, variant):
     import shutil
 
     repo, data = tinylm
     clone = tmp_path / "repo"
     shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
     text = (clone / "train.py").read_text()
-    assert "DROPOUT = 0.0 " in text
-    record = _run(clone, data, text.replace("DROPOUT = 0.0 ", "DROPOUT = 0.2 "))
+    old, new = HONEST_VARIANTS[variant]
+    assert old in text
+    record = _run(clone, data, text.replace(old, new))
     assert record["status"] == "ok" and record["verdict"] == "ok", record
 
 
