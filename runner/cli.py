@@ -85,12 +85,26 @@ def _leased(request: str):
 
 
 def _lease(request: str):
-    """Lease GPUs: free by lock file and not held by any running experiment container."""
+    """Lease GPUs: free by lock file and not held by any running experiment container. Runs on
+    the CPU are never silent: the reason is printed.
+
+    Raises:
+        GpuError: see gpu.acquire; or this runner is in a container that was given no GPU on
+            an engine that has them (the nvidia runtime).
+    """
     from sandbox import gpu
     from sandbox.backend import held_gpus
 
-    busy = held_gpus(_backend()) if request != "none" else set()
-    return gpu.acquire(request, busy=busy)
+    if gpu.parse_request(request)[0] == "none":
+        return gpu.GpuLease.none("--gpus none")
+    backend = _backend()
+    lease = gpu.acquire(request, busy=held_gpus(backend))
+    if not lease.devices:
+        if backend.owner.startswith("container:") and backend.gpu_runtime("auto") == "toolkit":
+            raise gpu.GpuError(f"this runner's container sees no GPU ({lease.cpu_reason}) on an engine with the nvidia "
+                               "runtime: run it with --gpus all --pid host (see the README), or pass --gpus none to run on the CPU")
+        typer.echo(f"no GPU leased ({lease.cpu_reason}): experiments run on the CPU", err=True)
+    return lease
 
 
 def _backend(name: str = "docker"):
@@ -432,11 +446,12 @@ def status(tag: Optional[str] = typer.Option(None, help="Only this run tag.")) -
     if not rows:
         typer.echo("no experiments running")
         return
-    typer.echo(f"{'tag':16} {'iter':>4} {'commit':8} {'elapsed':>8} {'gpus':14} {'user':>5} {'best':>9} {'kept':>4}  repo")
+    # The GPUs last and whole: a UUID cut short names no GPU (nvidia-smi -L prints them whole).
+    typer.echo(f"{'tag':16} {'iter':>4} {'commit':8} {'elapsed':>8} {'user':>5} {'best':>9} {'kept':>4}  {'repo':30} gpus")
     for r in rows:
         best = "-" if r.best_val_bpb is None else f"{r.best_val_bpb:.6f}"
-        typer.echo(f"{r.tag:16} {r.iteration:>4} {r.commit[:7]:8} {r.elapsed_s:>7.0f}s {r.gpus or '-':14} "
-                   f"{r.user:>5} {best:>9} {r.kept:>4}  {r.repo}")
+        typer.echo(f"{r.tag:16} {r.iteration:>4} {r.commit[:7]:8} {r.elapsed_s:>7.0f}s "
+                   f"{r.user:>5} {best:>9} {r.kept:>4}  {r.repo:30} {r.gpus or '-'}")
 
 
 @app.command("clean")

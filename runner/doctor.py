@@ -28,18 +28,16 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
     except SandboxError as exc:
         report(False, "Docker engine", str(exc))
 
-    devices = gpu.RealNvml().devices()
+    nvml = gpu.RealNvml()
+    devices = nvml.devices()
     if devices:
         for d in devices:
-            echo(f"[ok] GPU {d.index}: {d.name} {d.memory_mb / 1024:.0f} GiB {d.uuid}")
+            echo(f"[ok] GPU {d.label}: {d.name} {d.memory_mb / 1024:.0f} GiB {d.uuid}")
     else:
-        echo("[ok] no NVIDIA GPU visible (NVML): experiments run on the CPU")
-
-    if backend is not None:
-        want = images.CUDA_BASE_DEFAULT if devices else images.CPU_BASE_ALIAS
-        present = backend.image(want) is not None
-        report(present, f"base image {want}",
-               "run `runner base-image build`" if want == images.CPU_BASE_ALIAS else f"docker pull {want} (or docker load it)")
+        try:
+            echo(f"[ok] no NVIDIA GPU ({gpu.cpu_host_reason(nvml, gpu.DEV_DIR)}): experiments run on the CPU")
+        except gpu.GpuError as exc:
+            report(False, "GPUs", str(exc))
 
     try:
         cfg = load_config(repo, {"data_dir": data_dir})
@@ -47,6 +45,24 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
     except ConfigError as exc:
         report(False, "runner.yaml", str(exc))
         return False
+    if backend is not None:
+        want = cfg.base_image if cfg.base_image != "auto" else images.CUDA_BASE_DEFAULT if devices else images.CPU_BASE_ALIAS
+        present = backend.image(want) is not None
+        report(present, f"base image {want} (base_image: {cfg.base_image})",
+               "run `runner base-image build`" if want == images.CPU_BASE_ALIAS else f"docker pull {want} (or docker load it)")
+    if backend is not None and devices:
+        runtime = backend.gpu_runtime(cfg.gpu_runtime)
+        what = f"GPU access: {runtime} (gpu_runtime: {cfg.gpu_runtime})"
+        if runtime == "toolkit":
+            has_runtime = backend.gpu_runtime("auto") == "toolkit"
+            report(has_runtime, f"{what}: the engine's nvidia runtime",
+                   "install nvidia-container-toolkit and register its runtime with the engine, or set gpu_runtime: devices")
+        else:
+            try:  # what a run would be given: every device node and driver library, checked
+                nodes = gpu.devices_access([d.uuid for d in devices], nvml).device_nodes
+                report(True, f"{what}: {len(nodes)} device nodes and the driver's libraries")
+            except gpu.GpuError as exc:
+                report(False, what, str(exc))
     repo_ok = False
     try:
         research = ResearchRepo(cfg.repo)
@@ -59,8 +75,6 @@ def run_checks(repo: Path, data_dir: Path | None, echo: Callable[[str], None]) -
         report(True, f"data cache {cfg.data_dir}")
     except DataError as exc:
         report(False, f"data cache {cfg.data_dir}", str(exc))
-    if backend is not None and devices:
-        echo(f"[ok] GPU access: {backend.gpu_runtime(cfg.gpu_runtime)} (gpu_runtime: {cfg.gpu_runtime})")
     if repo_ok:
         from .hub import SOURCES, wanted_refs
 

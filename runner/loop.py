@@ -246,9 +246,9 @@ class Loop:
         self.state.training_s += record.training_s
         return row
 
-    def baseline(self) -> None:
+    def baseline(self, slot: Slot | None = None) -> None:
         commit = self.repo.head().sha
-        run = self._run(None, commit, 0)
+        run = self._run(None, commit, 0, slot=slot)
         if run.result.reason == REASON_INTERRUPTED:
             self.ledger.event("interrupted", iteration=0, commit=commit, run=run.to_dict())
             return
@@ -258,6 +258,16 @@ class Loop:
                 f"the baseline crashed ({run.outcome.reason}): the environment or data is broken, not the idea. "
                 + (f"{run.outcome.detail}. " if run.outcome.detail else "")
                 + f"Read {run.result.log_path}; last lines:\n{block(run.result.tail_lines(15))}"
+            )
+        if run.result.peak_vram_mb == 0:
+            # The watchdog sampled GPUs the whole run and never saw the baseline's processes on
+            # them: it is blind (a runner in its own PID namespace, a driver hiding processes),
+            # and no ceiling it holds would ever fire.
+            self.ledger.event("baseline_failed", commit=commit, reason="watchdog_blind", run=run.to_dict())
+            raise LoopError(
+                "the VRAM watchdog saw no GPU memory of the baseline's processes on its GPUs, so it could enforce no "
+                "VRAM ceiling: a runner in a container needs --pid host (see the README); if train.py does not use "
+                "the GPU, pass --gpus none"
             )
         if self.verify_mode == "auto" and run.outcome.verdict in (VERDICT_UNVERIFIED, VERDICT_REFUSED):
             # This repo's evaluation cannot be replayed (another function name, an argument that
@@ -285,7 +295,7 @@ class Loop:
             self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
             self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
 
-    def measure_noise(self) -> None:
+    def measure_noise(self, slot: Slot | None = None) -> None:
         """Rerun the baseline until NOISE_RERUNS more results are in (a crashed rerun is tried
         again, up to twice as many runs); keeps must then beat 2 x the spread. Without enough
         results nothing is saved, and the next start measures again."""
@@ -293,7 +303,7 @@ class Loop:
         values, attempts = [baseline.row.val_bpb], 0
         while len(values) <= NOISE_RERUNS and attempts < 2 * NOISE_RERUNS and not self.stop.is_set():
             attempts += 1
-            run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log")
+            run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log", slot=slot)
             if run.outcome.status == STATUS_OK:
                 values.append(run.outcome.val_bpb)
             elif run.result.reason != REASON_INTERRUPTED:
@@ -439,11 +449,13 @@ class Loop:
         slots = slots or [None]
         try:
             self.setup(resume)
+            # The baseline and its reruns run in a worker's slot, as every experiment does: its
+            # GPU peak (the default VRAM ceiling) and its speed are measured on the same share.
             if self.state.best_commit is None and not self.stop.is_set():
-                self.baseline()
+                self.baseline(slots[0])
             if (self.cfg.min_delta == "auto" and self.state.best_commit is not None and not self.stop.is_set()
                     and load_noise(self.ledger) is None):
-                self.measure_noise()
+                self.measure_noise(slots[0])
             failure = None
             if self.state.best_commit is not None and not self.stop.is_set():
                 failure = self._schedule(slots, self._prefetch(len(slots)))

@@ -39,12 +39,14 @@ from .spec import (
     REASON_INTERRUPTED,
     REASON_OOM,
     REASON_TIMEOUT,
+    REASON_UNWATCHED,
     REASON_VRAM,
     RunResult,
     RunSpec,
 )
 
 POLL_S = 0.2  # watchdog period: memory, VRAM, deadline and stop requests
+WATCH_BLIND_S = 10.0  # NVML failing this long stops a run whose VRAM the watchdog must bound
 SECCOMP_PROFILE = json.dumps(json.loads(Path(__file__).with_name("seccomp").joinpath("default.json").read_text()),
                              separators=(",", ":"))
 
@@ -134,6 +136,11 @@ def hardened_create_kwargs(spec: RunSpec, image_env: dict[str, str] | None = Non
         kwargs["nano_cpus"] = int(lim.cpus * 1e9)
     if lim.cpuset:
         kwargs["cpuset_cpus"] = lim.cpuset
+    # An engine whose default runtime is nvidia gives a container what NVIDIA_VISIBLE_DEVICES
+    # names, and CUDA base images set it to `all`: it names exactly the leased GPUs when the
+    # toolkit passes them, else `void` (no GPU, or the device nodes passed by hand below).
+    toolkit = bool(spec.gpus) and spec.gpu_access.runtime != "devices"
+    kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] = ",".join(spec.gpus) if toolkit else "void"
     if spec.gpus and spec.gpu_access.runtime == "devices":
         # No nvidia-container-toolkit: the leased GPUs' device nodes and the driver's
         # user-space libraries (read-only) are passed by hand, as the toolkit would.
@@ -451,6 +458,7 @@ class DockerSandbox(Backend):
         peak_mem: int | None = None
         peak_vram: float | None = None
         last_stats = 0.0
+        blind_since: float | None = None
         reason = ""
         while not exited.wait(POLL_S):
             now = time.monotonic()
@@ -466,9 +474,17 @@ class DockerSandbox(Backend):
             if used is not None:
                 peak_mem = max(peak_mem or 0, used)
             if self.vram_probe:
-                vram = self.vram_probe(container.id)
-                peak_vram = max(peak_vram or 0.0, vram)
-                if lim.vram_limit_gb and vram > lim.vram_limit_gb * 1024:
+                vram = self._sample_vram(container.id)
+                if vram is not None:
+                    blind_since = None
+                    peak_vram = max(peak_vram or 0.0, vram)
+                elif now - (blind_since := blind_since or now) > WATCH_BLIND_S and lim.vram_limit_gb:
+                    # A failed NVML read is retried; one that lasts stops a run with a ceiling
+                    # (not the night: the next run gets its own watchdog).
+                    reason = REASON_UNWATCHED
+                    self._terminate(container, lim.kill_grace_s, exited)
+                    break
+                if vram is not None and lim.vram_limit_gb and vram > lim.vram_limit_gb * 1024:
                     reason = REASON_VRAM
                     try:
                         container.kill(signal="SIGKILL")
@@ -495,6 +511,13 @@ class DockerSandbox(Backend):
         if final is not None:
             peak_mem = max(peak_mem or 0, final)
         return reason, peak_mem, peak_vram, collected
+
+    def _sample_vram(self, container_id: str) -> float | None:
+        """MiB of VRAM the container holds on its GPUs, or None where NVML failed this time."""
+        try:
+            return self.vram_probe(container_id)
+        except SandboxError:
+            return None
 
     @staticmethod
     def _terminate(container, grace_s: float, exited: threading.Event) -> None:

@@ -23,6 +23,7 @@ REASON_EXIT = "exit_code"        # the process exited non-zero
 REASON_OOM = "oom"               # the kernel OOM-killed it at the container memory ceiling
 REASON_TIMEOUT = "timeout"       # the host deadline passed
 REASON_VRAM = "vram"             # the NVML watchdog saw it above the VRAM ceiling
+REASON_UNWATCHED = "unwatched"   # NVML failed for WATCH_BLIND_S: a ceiling nobody can enforce stops the run
 REASON_INTERRUPTED = "interrupted"  # the runner was asked to stop (Ctrl-C, SIGTERM)
 REASON_LOST = "lost"             # the node running it died (cluster backends): retried once elsewhere
 

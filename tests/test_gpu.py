@@ -20,11 +20,15 @@ from sandbox.gpu import GpuDevice, GpuError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-DEVICES = [GpuDevice(0, "GPU-aaaa", "Fake H100", 81559.0), GpuDevice(1, "GPU-bbbb", "Fake H100", 81559.0),
-           GpuDevice(2, "GPU-cccc", "Fake H100", 81559.0)]
+DEVICES = [GpuDevice(i, uuid, "Fake H100", 81559.0, minor=i) for i, uuid in enumerate(("GPU-aaaa", "GPU-bbbb", "GPU-cccc"))]
 
 
 class FakeNvml:
+    """The Nvml protocol in memory, for lease logic (tests/test_gpu_host.py drives the real
+    RealNvml through tests/fakenvml's pynvml)."""
+
+    error = None
+
     def __init__(self, devices=DEVICES, processes=None):
         self._devices = devices
         self.processes = processes or {}   # uuid -> {pid: MiB}
@@ -34,9 +38,6 @@ class FakeNvml:
 
     def process_vram_mb(self, uuid):
         return dict(self.processes.get(uuid, {}))
-
-    def minor_number(self, uuid):
-        return next(d.index for d in self._devices if d.uuid == uuid)
 
 
 @pytest.mark.parametrize("text,parsed", [
@@ -61,16 +62,20 @@ def test_two_runners_never_share_a_gpu(tmp_path):
     assert first.devices == ("GPU-aaaa", "GPU-cccc") and first.model == "Fake H100"
     with pytest.raises(GpuError, match="GPU 0 .* is leased by another runner"):
         gpu.acquire("device=0", FakeNvml(), lock_dir=tmp_path)
-    second = gpu.acquire("all", FakeNvml(), lock_dir=tmp_path)
+    with pytest.raises(GpuError, match="GPU 0 .* is leased by another runner on this host: --gpus auto takes the free ones"):
+        gpu.acquire("all", FakeNvml(), lock_dir=tmp_path)
+    second = gpu.acquire("auto", FakeNvml(), lock_dir=tmp_path)
     assert second.devices == ("GPU-bbbb",)
     with pytest.raises(GpuError, match="only 0 are free"):
         gpu.acquire("1", FakeNvml(), lock_dir=tmp_path)
+    with pytest.raises(GpuError, match="all 3 GPUs of this host are leased by other runners"):
+        gpu.acquire("auto", FakeNvml(), lock_dir=tmp_path)  # never a silent night on the CPU
     first.release()
     assert gpu.acquire("2", FakeNvml(), lock_dir=tmp_path).devices == ("GPU-aaaa", "GPU-cccc")
 
 
 def test_a_gpu_held_by_a_running_container_is_not_leased(tmp_path):
-    lease = gpu.acquire("all", FakeNvml(), busy={"GPU-bbbb"}, lock_dir=tmp_path)
+    lease = gpu.acquire("auto", FakeNvml(), busy={"GPU-bbbb"}, lock_dir=tmp_path)
     assert lease.devices == ("GPU-aaaa", "GPU-cccc")
 
 
@@ -159,6 +164,10 @@ LDCONFIG = """\
 """
 
 
+ELF64 = b"\x7fELF\x02\x01\x01" + bytes(57)   # the start of a 64-bit ELF object
+ELF32 = b"\x7fELF\x01\x01\x01" + bytes(45)
+
+
 def _fake_driver(tmp_path):
     """A /dev with GPU nodes 0-2 (char devices that behave as /dev/null) and a libcuda file."""
     dev = tmp_path / "dev"
@@ -179,7 +188,7 @@ def test_driver_libraries_are_the_drivers_64_bit_ones():
 
 def test_driver_libraries_found_in_the_drivers_folder_when_ldconfig_has_none(tmp_path):
     for name in ("libcuda.so.580.95", "libnvidia-ml.so.580.95", "libcudart.so.12"):
-        (tmp_path / name).write_text("x")
+        (tmp_path / name).write_bytes(ELF64)
     (tmp_path / "libcuda.so.1").symlink_to("libcuda.so.580.95")
     libs = gpu.driver_libraries("", [str(tmp_path / "absent"), str(tmp_path)])
     assert set(libs) == {"libcuda.so.580.95", "libcuda.so.1", "libnvidia-ml.so.580.95"}
@@ -193,10 +202,10 @@ def test_devices_access_passes_only_the_leased_gpus(tmp_path):
     targets = {inside for _, inside in access.library_mounts}
     assert {f"{gpu.NVIDIA_LIB_DIR}/libcuda.so.1", f"{gpu.NVIDIA_LIB_DIR}/libcuda.so"} <= targets
     assert access.env["CUDA_VISIBLE_DEVICES"] == "GPU-cccc"
-    with pytest.raises(GpuError, match="no libcuda.so"):
+    with pytest.raises(GpuError, match="no 64-bit libcuda.so"):
         gpu.devices_access(("GPU-aaaa",), FakeNvml(), dev=dev, ldconfig_output="")
     with pytest.raises(GpuError, match="nvidia7 does not exist"):
-        gpu.devices_access(("GPU-x",), FakeNvml([GpuDevice(7, "GPU-x", "Fake", 1.0)]), dev=dev, ldconfig_output=ldconfig)
+        gpu.devices_access(("GPU-x",), FakeNvml([GpuDevice(7, "GPU-x", "Fake", 1.0, minor=7)]), dev=dev, ldconfig_output=ldconfig)
 
 
 @pytest.mark.docker
@@ -272,6 +281,7 @@ def test_users_share_the_lock_directory_whoever_made_it(tmp_path):
         from pathlib import Path
         from sandbox import gpu
         class FakeNvml:
+            error = None
             def devices(self):
                 return [gpu.GpuDevice(0, "GPU-aaaa", "Fake", 1.0), gpu.GpuDevice(1, "GPU-bbbb", "Fake", 1.0)]
         lease = gpu.acquire("device=1", FakeNvml(), lock_dir=Path({str(lock_dir)!r}))
