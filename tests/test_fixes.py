@@ -216,23 +216,18 @@ def test_limits_label_of_another_runner_version_is_read_not_a_traceback():
     assert recorded_limits("not json").time_budget_s == 300.0
 
 
-def test_an_nvml_failure_while_watching_is_a_harness_error():
+def test_an_nvml_failure_while_watching_is_a_harness_error(tmp_path, monkeypatch):
+    from gpuhost import FakeGpuHost
+
     from sandbox.backend import SandboxError
     from sandbox.gpu import RealNvml
 
-    class NVMLError(Exception):
-        pass
-
-    class BrokenDriver:
-        def nvmlDeviceGetHandleByUUID(self, uuid):
-            raise NVMLError("GPU is lost")
-
-    BrokenDriver.NVMLError = NVMLError
-
-    nvml = RealNvml.__new__(RealNvml)
-    nvml.nv, nvml.ok = BrokenDriver(), True
-    with pytest.raises(SandboxError, match="NVML failed reading GPU GPU-aaaa .*GPU is lost"):
-        nvml.process_vram_mb("GPU-aaaa")
+    host = FakeGpuHost(tmp_path / "host")
+    host.install(monkeypatch)
+    host.machine["fail"] = {"nvmlDeviceGetComputeRunningProcesses": "GPU_IS_LOST"}
+    host.write()
+    with pytest.raises(SandboxError, match=f"NVML failed reading GPU {host.uuids[0]} .*GPU is lost"):
+        RealNvml().process_vram_mb(host.uuids[0])
 
 
 def _fake_proc(tmp_path, file_max, mem_kb):
