@@ -245,6 +245,7 @@ class Engine:
         self.progress = progress
         self._trainer: images.BuiltImage | None = None
         self._base_id = ""  # set with the trainer
+        self._time_budget_s: float | None = None
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
         self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
         self.verifier = Verifier(self)
@@ -270,10 +271,14 @@ class Engine:
         return self._trainer
 
     def time_budget_s(self) -> float:
+        """The training budget: --budget, else prepare.py's TIME_BUDGET, read once (prepare.py
+        is fixed for a night; GitPython is not thread-safe, and workers ask for this)."""
         if self.cfg.budget_s:
             return float(self.cfg.budget_s)
-        budget = read_time_budget(self.repo.committed_text("prepare.py"))
-        return budget if budget else 300.0
+        if self._time_budget_s is None:
+            budget = read_time_budget(self.repo.committed_text("prepare.py"))
+            self._time_budget_s = budget if budget else 300.0
+        return self._time_budget_s
 
     def limits(self) -> Limits:
         limits = self.cfg.sandbox_limits(self.time_budget_s())

@@ -39,6 +39,9 @@ LOG_TAIL_FOR_FIX = 50  # lines of a crashed run's output offered to the proposer
 NOISE_RERUNS = 2  # extra baseline runs when --min-delta auto has no noise floor yet
 PROPOSER_BACKOFF_S = 15  # first wait after a failed proposal; doubles, capped at 10 minutes
 PROPOSER_MAX_ERRORS = 12  # failed proposals in a row (about 1.5 hours of backoff) before giving up
+# An engine or NVML hiccup while an experiment runs: the experiment is run again after these
+# waits (seconds); one that outlasts them all stops the night.
+HARNESS_BACKOFF_S = (10, 60, 300)
 MAX_REFUSED_IN_A_ROW = 10  # refused proposals in a row before the run stops: the proposer is broken
 
 
@@ -116,6 +119,7 @@ class Loop:
             self.repo.committed_text(name)
         check_data_dir(self.cfg.data_dir)
         self.engine.trainer()
+        self.engine.time_budget_s()  # read from git here, before any worker thread asks
         self._sweep()
         self.min_delta = self._min_delta()
         if resume:
@@ -365,10 +369,32 @@ class Loop:
         self.state.iteration = iteration
         return Job(iteration, parent, proposal, commit.sha, self.repo.snapshot_tars(commit.sha), **job_fields)
 
+    def _run_job(self, job: Job, slot: Slot | None) -> ExperimentRun | None:
+        """Run `job`, again after a harness error (the engine, NVML, a node: not the idea), with
+        a backoff; None if stopped meanwhile.
+
+        Raises:
+            SandboxError: the harness kept failing through every backoff.
+        """
+        for delay in (*HARNESS_BACKOFF_S, None):
+            try:
+                return self._run(job, job.commit, job.iteration, slot=slot)
+            except SandboxError as exc:
+                if delay is None or self.stop.is_set():
+                    raise
+                self.ledger.event("harness_error", iteration=job.iteration, commit=job.commit,
+                                  error=one_line(str(exc), 500), retry_in_s=delay)
+                self.out(f"harness error on experiment {job.iteration} ({one_line(str(exc))}): running it again in {delay}s")
+                if self.stop.wait(delay):
+                    return None
+        return None
+
     def _execute(self, job: Job, slot: Slot | None) -> None:
         """Run one job and every follow-up it causes (a crash fix, a re-applied near-miss)."""
         while job is not None and not self.stop.is_set():
-            run = self._run(job, job.commit, job.iteration, slot=slot)
+            run = self._run_job(job, slot)
+            if run is None:
+                return
             with self.lock:
                 follow = self._settle(job, run)
             if follow == "fix":

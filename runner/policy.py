@@ -7,8 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from sandbox.spec import REASON_LOST, REASON_UNWATCHED
+
 from .ledger import ExperimentRecord, RowStatus
 from .summary import VERDICT_OK, Outcome, OutcomeStatus
+
+# Crashes of the harness, not of the code: nothing in train.py for the proposer to fix.
+HARNESS_REASONS = frozenset({REASON_LOST, REASON_UNWATCHED})
 
 
 @dataclass
@@ -72,7 +77,8 @@ def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, he
     on that best, verified when it was verified at all (a verdict other than ok is a discard),
     and not an overfit on val (see `overfit`; a discard). If the best moved while it ran, it is
     a near-miss (a discard to re-apply and verify). A timeout is a discard; anything else that
-    did not end with a result is a crash."""
+    did not end with a result is a crash, sent back to the proposer to fix once unless the
+    harness caused it (a node lost twice, NVML gone)."""
     if outcome.status == OutcomeStatus.OK and outcome.verdict not in ("", VERDICT_OK):
         return Decision(RowStatus.DISCARD)  # unverified, forged or noncausal: recorded, never kept
     improved = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
@@ -85,4 +91,4 @@ def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, he
         return Decision(RowStatus.DISCARD, near_miss=True)
     if outcome.status in (OutcomeStatus.OK, OutcomeStatus.TIMEOUT):
         return Decision(RowStatus.DISCARD)
-    return Decision(RowStatus.CRASH, fix=job.retry_fix)
+    return Decision(RowStatus.CRASH, fix=job.retry_fix and outcome.reason not in HARNESS_REASONS)

@@ -46,6 +46,7 @@ from .spec import (
 )
 
 POLL_S = 0.2  # watchdog period: memory, VRAM, deadline and stop requests
+WAIT_ATTEMPTS = 30  # a container's wait that breaks is asked again, about a second apart
 WATCH_BLIND_S = 10.0  # NVML failing this long stops a run whose VRAM the watchdog must bound
 SECCOMP_PROFILE = json.dumps(json.loads(Path(__file__).with_name("seccomp").joinpath("default.json").read_text()),
                              separators=(",", ":"))
@@ -346,6 +347,8 @@ class DockerSandbox(Backend):
             # The stream can trail the exit by seconds after a flood; the summary is at its end.
             reader.join(timeout=60)
 
+            if "error" in exit_status:
+                raise SandboxError(f"lost track of {spec.name}: the engine's wait failed ({exit_status['error']}); log: {spec.log_path}")
             container.reload()
             state = container.attrs["State"]
             exit_code = state.get("ExitCode", exit_status.get("StatusCode"))
@@ -435,10 +438,27 @@ class DockerSandbox(Backend):
 
     @staticmethod
     def _wait(container, status: dict, exited: threading.Event) -> None:
+        """Set `exited` when the container's process has exited. A wait whose connection breaks
+        is not an exit: the container is asked again, and if the engine cannot say, `status`
+        gets an "error" (the run is a harness failure, never judged on a running container)."""
+        failures = 0
         try:
-            status.update(container.wait())
-        except Exception:
-            pass
+            while True:
+                try:
+                    status.update(container.wait())
+                    return
+                except Exception as exc:
+                    failures += 1
+                    try:
+                        container.reload()
+                        if not container.attrs["State"].get("Running"):
+                            return
+                    except Exception as lookup:
+                        exc = lookup
+                    if failures >= WAIT_ATTEMPTS:
+                        status["error"] = f"{type(exc).__name__}: {exc}"
+                        return
+                    time.sleep(1.0)
         finally:
             exited.set()
 

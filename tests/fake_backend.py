@@ -25,14 +25,15 @@ from sandbox.spec import REASON_EXIT, REASON_INTERRUPTED, REASON_TIMEOUT, RunRes
 
 
 class FakeBackend(Backend):
-    def __init__(self, fail_on_run: int | None = None, crash_runs: set[int] = frozenset()):
-        """`fail_on_run`: the n-th run (1-based) raises SandboxError, as a dead engine would.
+    def __init__(self, fail_on_run: int | None = None, crash_runs: set[int] = frozenset(), fail_from: int | None = None):
+        """`fail_on_run`: the n-th run (1-based) raises SandboxError, as an engine hiccup would;
+        `fail_from`: that run and every later one do, as a dead engine would.
         `crash_runs`: those runs exit 1 whatever they run (a flaky node, an OOM of bad luck)."""
         self.owner = f"fake:{os.getpid()}"
         self.snapshots: dict[str, tuple[bytes, bytes]] = {}
         self.records: dict[str, ImageRecord] = {}
         self.runs: list[RunSpec] = []
-        self.fail_on_run = fail_on_run
+        self.fail_on_run, self.fail_from = fail_on_run, fail_from
         self.crash_runs = set(crash_runs)
 
     def gpu_runtime(self, requested: str) -> str:
@@ -88,7 +89,7 @@ class FakeBackend(Backend):
 
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
         self.runs.append(spec)
-        if self.fail_on_run is not None and len(self.runs) == self.fail_on_run:
+        if len(self.runs) == self.fail_on_run or (self.fail_from is not None and len(self.runs) >= self.fail_from):
             raise SandboxError("the fake engine went away")
         stop = stop or threading.Event()
         with tempfile.TemporaryDirectory() as tmp:

@@ -138,6 +138,8 @@ def _ok(val):
     ("best", Outcome("timeout", "timeout", None), 0.0, True, (RowStatus.DISCARD, False, False)),
     ("best", Outcome("crash", "oom", None), 0.0, True, (RowStatus.CRASH, False, True)),
     ("best", Outcome("crash", "exit_code", None), 0.0, False, (RowStatus.CRASH, False, False)),  # fixed once
+    ("best", Outcome("crash", "lost", None), 0.0, True, (RowStatus.CRASH, False, False)),  # its node died twice: no code to fix
+    ("best", Outcome("crash", "unwatched", None), 0.0, True, (RowStatus.CRASH, False, False)),  # NVML gone
 ])
 def test_decide(parent, outcome, min_delta, retry, expected):
     state = RunState(best_commit="best", best_val_bpb=3.5)
@@ -297,3 +299,34 @@ def test_report_shows_the_gap_between_val_and_held_out(tmp_path):
     lines = summary_lines(collect(tmp_path, "gap"))
     assert "held-out: best kept c1 val_bpb 1.400000, held-out 1.470000 (gap +0.070000)" in lines
     assert "verified: 3 ok" in lines
+
+
+@pytest.mark.docker
+def test_a_broken_wait_is_not_an_exit(tmp_path, docker_client, monkeypatch):
+    """The engine's wait connection breaks while the container still runs: the runner asks
+    again and reports the real exit, never a running container's ExitCode 0."""
+    import docker.models.containers
+    import requests
+
+    from sandbox import naming
+    from sandbox.docker_backend import DockerSandbox
+    from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
+    from sandbox.spec import Limits, RunSpec
+
+    real_wait = docker.models.containers.Container.wait
+    broken = {"n": 0}
+
+    def flaky_wait(self, **kwargs):
+        if broken["n"] < 2:
+            broken["n"] += 1
+            raise requests.exceptions.ConnectionError("connection reset by the engine")
+        return real_wait(self, **kwargs)
+
+    monkeypatch.setattr(docker.models.containers.Container, "wait", flaky_wait)
+    spec = RunSpec(image=ensure_trainer_image(docker_client, CPU_BASE_ALIAS).ref,
+                   command=("python", "-c", "import time; time.sleep(3); raise SystemExit(3)"),
+                   limits=Limits(time_budget_s=30), log_path=tmp_path / "log", workdir="/tmp",
+                   name=naming.container_name("run", "waittest", "0" * 8),
+                   labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "waittest", naming.L_OWNER: naming.owner()}))
+    result = DockerSandbox(docker_client).run(spec)
+    assert broken["n"] == 2 and result.exit_code == 3 and result.reason == "exit_code" and result.wall_s >= 3

@@ -81,15 +81,31 @@ def test_keep_discard_crash_and_the_branch_without_docker(tmp_path, data_dir):
     assert sum(line.startswith("[EXP] fake") for line in lines) == 5
 
 
-def test_an_engine_failure_mid_night_stops_the_run_with_an_error(tmp_path, data_dir):
+def test_an_engine_hiccup_mid_night_runs_the_experiment_again(tmp_path, data_dir, monkeypatch):
+    from runner import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "HARNESS_BACKOFF_S", (0.1, 0.1))
+    loop, path, lines = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better"), (variant(VALUE=1.4), "again")],
+                             backend=FakeBackend(fail_on_run=3), max_experiments=2)
+    loop.run()
+    harness = [e for e in events(path) if e["event"] == "harness_error"]
+    assert len(harness) == 1 and harness[0]["iteration"] == 2 and "fake engine went away" in harness[0]["error"]
+    assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep", "keep"]
+    assert any("running it again" in line for line in lines)
+
+
+def test_an_engine_that_stays_down_stops_the_night_with_an_error(tmp_path, data_dir, monkeypatch):
+    from runner import loop as loop_module
     from runner.loop import LoopError
 
+    monkeypatch.setattr(loop_module, "HARNESS_BACKOFF_S", (0.1, 0.1))
     loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better"), (variant(VALUE=1.4), "lost")],
-                         backend=FakeBackend(fail_on_run=3), max_experiments=2)
+                         backend=FakeBackend(fail_from=3), max_experiments=2)
     with pytest.raises(LoopError, match="worker 0 failed: SandboxError: the fake engine went away"):
         loop.run()
     stopped = [e for e in events(path) if e["event"] == "stopped"]
     assert stopped and "fake engine went away" in stopped[0]["reason"]
+    assert len([e for e in events(path) if e["event"] == "harness_error"]) == 2
     assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
 
 
@@ -153,3 +169,29 @@ def test_verify_on_refuses_a_baseline_it_cannot_verify_and_auto_goes_on(tmp_path
     loop.run()
     assert [e["event"] for e in events(path)].count("verification_unavailable") == 1
     assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
+
+
+def test_workers_never_read_git_outside_the_loop_lock(tmp_path, data_dir):
+    """GitPython is not thread-safe: every read of the repo happens on the main thread before
+    the workers start, or under the loop's lock (here, with 2 workers and the budget read from
+    prepare.py, which the workers ask for)."""
+    import threading
+
+    from runner.engine import make_slots
+    from runner.repo import ResearchRepo
+
+    loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "a"), (variant(VALUE=1.4), "b"),
+                                              (variant(VALUE=1.3), "c")], max_experiments=3, budget_s=None)
+    unsafe = []
+    for name in ("committed_text", "snapshot_tars", "head"):
+        real = getattr(ResearchRepo, name)
+
+        def guarded(self, *args, _real=real, _name=name, **kwargs):
+            if threading.current_thread() is not threading.main_thread() and not loop.lock._is_owned():
+                unsafe.append((_name, threading.current_thread().name))
+            return _real(self, *args, **kwargs)
+
+        setattr(loop.repo, name, guarded.__get__(loop.repo))
+    loop.run(slots=make_slots((), 2, cpus=[0, 1]))
+    assert len([e for e in events(path) if e["event"] == "experiment"]) == 4
+    assert unsafe == []

@@ -148,6 +148,34 @@ def test_log_cap_keeps_head_and_tail(tmp_path):
     assert len(text) < 400 and log.truncated and log.total_bytes > 80000
 
 
+def test_a_log_pump_that_outlives_the_run_cannot_write_into_a_closed_log(tmp_path):
+    """The output stream can trail the exit by more than the wait for it: a write after close()
+    is dropped, and what close() wrote stays the end of the file."""
+    import threading
+
+    log = CappedLog(tmp_path / "log", head_bytes=1 << 20, tail_bytes=1 << 10)
+    stop = threading.Event()
+    errors = []
+
+    def pump():
+        try:
+            while not stop.is_set():
+                log.write(b"flood\n")
+        except Exception as exc:  # the pump of record swallows these: the test must see them
+            errors.append(exc)
+
+    t = threading.Thread(target=pump)
+    t.start()
+    log.write(b"")
+    log.close()
+    size = (tmp_path / "log").stat().st_size
+    log.write(b"after close\n")
+    stop.set()
+    t.join()
+    assert errors == [] and (tmp_path / "log").stat().st_size == size
+    assert log.tail().endswith(b"flood\n")
+
+
 TRAIN = """import math
 DEPTH = 3                 # blocks
 LEARNING_RATE = 0.003     # peak
