@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -207,6 +208,25 @@ class Ledger:
     def experiments(self) -> list[ExperimentRecord]:
         """This tag's experiments, in the order they were recorded."""
         return [ExperimentRecord.from_event(e) for e in self.events("experiment")]
+
+    def missing_rows(self) -> list[Row]:
+        """This tag's recorded experiments whose results.tsv row a kill left unwritten.
+
+        results.tsv is every tag's (two tags from one commit share a baseline row, to the
+        letter): a line counts as this tag's only beyond the copies the other tags' ledgers
+        account for.
+        """
+        present = Counter(row.line() for row in self.rows())
+        for events in self.files.dir.glob("*/events.jsonl"):
+            if events.parent.name != self.tag:
+                present -= Counter(e.row.line() for e in Ledger(self.root, events.parent.name).experiments())
+        missing = []
+        for e in self.experiments():
+            if present[e.row.line()] > 0:
+                present[e.row.line()] -= 1
+            else:
+                missing.append(e.row)
+        return missing
 
     def results_text(self, last: int = 20) -> str:
         """results.tsv's header and this tag's last `last` rows. The root results.tsv holds every

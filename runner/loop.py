@@ -144,13 +144,10 @@ class Loop:
         A kill can leave: an experiment committed but not recorded (reset away and proposed
         again), a recorded experiment whose results.tsv row was not yet written (row added).
         """
-        experiments = self.ledger.experiments()
-        recorded = {(r.commit, r.status) for r in self.ledger.rows()}
-        for e in experiments:
-            if (e.row.commit, e.row.status) not in recorded:
-                self.ledger.append_row(e.row)
-                self.ledger.event("row_restored", commit=e.row.commit)
-        self.state = RunState.recover(experiments)
+        for row in self.ledger.missing_rows():
+            self.ledger.append_row(row)
+            self.ledger.event("row_restored", commit=row.commit)
+        self.state = RunState.recover(self.ledger.experiments())
         if self.cfg.verify == "auto" and self.ledger.events("verification_unavailable"):
             self.verify_mode = "off"
         ceilings = self.ledger.events("vram_ceiling")

@@ -195,3 +195,29 @@ def test_workers_never_read_git_outside_the_loop_lock(tmp_path, data_dir):
     loop.run(slots=make_slots((), 2, cpus=[0, 1]))
     assert len([e for e in events(path) if e["event"] == "experiment"]) == 4
     assert unsafe == []
+
+
+def test_resume_restores_a_lost_row_that_another_tag_has_to_the_letter(tmp_path, data_dir):
+    """Two tags started from one commit share a baseline row, to the letter. A kill after tag
+    two's event and before its row: resume writes the row, though tag one's copy is there."""
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.loop import Loop
+
+    first, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
+    first.run()
+    first.repo.checkout("main")
+    cfg = load_config(path, {"tag": "two", "data_dir": data_dir, "budget_s": 5, "max_experiments": 0})
+
+    def loop():
+        return Loop(cfg, first.repo, Engine(cfg, first.repo, progress=lambda m: None, sandbox=FakeBackend()),
+                    Scripted([]), out=lambda line: None)
+
+    loop().run()
+    lines = (path / "results.tsv").read_text().splitlines()
+    assert lines[1] == lines[2]                                   # the same baseline row, twice
+    (path / "results.tsv").write_text("\n".join(lines[:2]) + "\n")  # tag two's row lost to a kill
+    loop().run(resume=True)
+    assert (path / "results.tsv").read_text().splitlines() == lines
+    loop().run(resume=True)                                       # and only once
+    assert (path / "results.tsv").read_text().splitlines() == lines
