@@ -232,7 +232,8 @@ def cpuset_cpus(cpuset: str | None) -> list[int] | None:
 
 
 class Engine:
-    """Holds the Docker connection, the trainer image and the config for one research repo."""
+    """The runner's side of the runs of one research repo: the backend it opened (or was given),
+    the trainer image, the limits, and the RunSpecs of experiments, prepare and the verifier."""
 
     def __init__(self, cfg: RunConfig, repo: ResearchRepo | None, gpus: GpuLease | None = None, progress=print,
                  sandbox: Backend | None = None):

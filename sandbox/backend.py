@@ -1,5 +1,6 @@
-"""The Sandbox contract. Backends (Docker today, a Kubernetes Job tomorrow) only implement it;
-tests/test_conformance.py holds every backend to the same promises.
+"""The Sandbox contract. Backends (Docker, Ray over Docker nodes; a Kubernetes Job tomorrow)
+only implement it. tests/test_conformance.py holds the backends listed in its BACKENDS to the
+same promises: today the Docker one; the Ray backend is tested by tests/test_cluster.py.
 """
 
 from __future__ import annotations

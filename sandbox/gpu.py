@@ -58,7 +58,8 @@ class Nvml(Protocol):
 
 
 class RealNvml:
-    """nvidia-ml-py. Every call tolerates a host with no driver (no devices, `error` says why)."""
+    """nvidia-ml-py. A host with no driver (or no nvidia-ml-py) lists no devices and `error`
+    says why; the watchdog's process_vram_mb raises on any NVML failure."""
 
     def __init__(self):
         self.error: str | None = None
