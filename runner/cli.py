@@ -144,7 +144,7 @@ def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, 
     log = files.prepare_log
     result = engine.prepare_data(log)
     if result.exit_code != 0 or result.reason:
-        typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {log}:\n"
+        typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {result.log_path}:\n"
                    f"{block(result.tail_lines(15))}", err=True)
         raise typer.Exit(2)
     typer.echo(block(result.tail_lines(5)))
@@ -157,7 +157,7 @@ def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, 
         typer.echo(f"warning: hub: could not fetch {one_line(line, 400)}", err=True)
     if fetch is not None and (fetch.reason or fetch.exit_code != 0 or report.fatal):
         why = one_line(report.fatal[0], 400) if report.fatal else fetch.reason or f"exit {fetch.exit_code}"
-        typer.echo(f"error: fetching Hugging Face Hub repos failed ({why}); read {hub_log}", err=True)
+        typer.echo(f"error: fetching Hugging Face Hub repos failed ({why}); read {fetch.log_path}", err=True)
         raise typer.Exit(2)
 
 

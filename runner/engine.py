@@ -459,11 +459,14 @@ class Engine:
         print(f"{spec.name} lost with its node: running it once more", file=sys.stderr)
         return self.sandbox.run(make_spec(), stop), result
 
-    def _trusted_run(self, command: tuple[str, ...], log_path: Path, heldout: bool = False) -> RunResult:
+    def _trusted_run(self, command: tuple[str, ...], log_path: Path, heldout: bool = False) -> list[RunResult]:
         """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on
         and both caches writable, as the invoking user so the files it writes belong to them.
         `heldout`: verify_data writable too, at $AUTORESEARCH_HELDOUT_DIR (prepare.py writes the
-        held-out split there, laid out like the data cache)."""
+        held-out split there, laid out like the data cache).
+
+        Returns one result per node (one on a single host), each with the log it wrote: on a
+        cluster every node's log has a name of its own beside `log_path`."""
         head = self.repo.head().sha
         limits = self.limits()
         built = self.experiment_image(head, naming.PREPARE_TAG, limits, "", kind=naming.KIND_PREPARE)
@@ -487,8 +490,11 @@ class Engine:
             user=f"{os.getuid()}:{os.getgid()}",
             network=True,
         )
-        # On a cluster every node prepares its own caches; the first failure (else the first run) tells.
-        results = self.sandbox.run_on_every_node(spec)
+        return self.sandbox.run_on_every_node(spec)  # on a cluster every node fills its own caches
+
+    @staticmethod
+    def _first_failure(results: list[RunResult]) -> RunResult:
+        """The run that tells: the first that failed, else the first."""
         return next((r for r in results if r.reason or r.exit_code), results[0])
 
     def prepare_data(self, log_path: Path) -> RunResult:
@@ -503,7 +509,7 @@ class Engine:
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
         if self.cfg.verify_data:
             Path(self.cfg.verify_data).expanduser().mkdir(parents=True, exist_ok=True)
-        result = self._trusted_run(("python", "prepare.py"), log_path, heldout=True)
+        result = self._first_failure(self._trusted_run(("python", "prepare.py"), log_path, heldout=True))
         if result.exit_code == 0 and not result.reason:
             heldout.fill(self.cfg, self.progress)  # after prepare.py: a tokenizer it made is copied
         return result
@@ -519,6 +525,11 @@ class Engine:
             return None, hub.FetchReport([], [], [])
         Path(self.cfg.hf_cache).mkdir(parents=True, exist_ok=True)
         payload = json.dumps([r.to_dict() for r in refs])
-        result = self._trusted_run(("python", "-I", "-c", hub.FETCH_SCRIPT, payload), log_path)
+        results = self._trusted_run(("python", "-I", "-c", hub.FETCH_SCRIPT, payload), log_path)
         explicit = {hub.parse_prefetch(e).label for e in self.cfg.hf_prefetch}
-        return result, hub.read_fetch_report(log_path.read_text(errors="replace"), explicit)
+        # Each node's own log says what that node fetched: a repo missing on one is missing.
+        reports = [hub.read_fetch_report(r.log_path.read_text(errors="replace"), explicit) for r in results]
+        fetched = [label for label in reports[0].fetched if all(label in r.fetched for r in reports)]
+        merged = hub.FetchReport(fetched, list(dict.fromkeys(f for r in reports for f in r.failed)),
+                                 list(dict.fromkeys(f for r in reports for f in r.fatal)))
+        return self._first_failure(results), merged

@@ -221,3 +221,32 @@ def test_resume_restores_a_lost_row_that_another_tag_has_to_the_letter(tmp_path,
     assert (path / "results.tsv").read_text().splitlines() == lines
     loop().run(resume=True)                                       # and only once
     assert (path / "results.tsv").read_text().splitlines() == lines
+
+
+def test_a_hub_fetch_on_two_nodes_reads_each_nodes_own_log(tmp_path, data_dir):
+    """On a cluster each node writes its log under its own name: the fetch report comes from
+    those logs (not a hub-fetch.log no node wrote), and a repo one node could not fetch is a
+    failure, fatal when hf_prefetch asked for it."""
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.repo import ResearchRepo
+    from sandbox.spec import RunResult
+
+    class TwoNodes(FakeBackend):
+        def run_on_every_node(self, spec):
+            out = []
+            for node, text in (("a", "HUB ok model:org/m /hf/x\n"), ("b", "HUB failed model:org/m HTTP 503\n")):
+                log = spec.log_path.with_name(f"{spec.log_path.stem}.{node}{spec.log_path.suffix}")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(text)
+                out.append(RunResult(exit_code=0, reason="", wall_s=0.1, log_path=log, output_tail=text, log_bytes=len(text),
+                                     log_truncated=False, peak_mem_bytes=None, peak_vram_mb=None, image_id="", container_name=""))
+            return out
+
+    path = make_repo(tmp_path / "repo", TRAIN)
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "hf_prefetch": ("org/m",), "hf_cache": str(tmp_path / "hf")})
+    engine = Engine(cfg, ResearchRepo(path), progress=lambda m: None, sandbox=TwoNodes())
+    requested = path / ".autoresearch/hub-fetch.log"
+    result, report = engine.fetch_hub(requested)
+    assert not requested.exists() and result.log_path.name == "hub-fetch.a.log"
+    assert report.fetched == [] and report.failed == report.fatal == ["model:org/m HTTP 503"]
