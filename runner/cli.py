@@ -171,6 +171,7 @@ def run(
     tag: str = typer.Option("adhoc", help="Image repository tag: autoresearch-runner/<tag>:<commit>."),
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    seed_offset: int = typer.Option(0, help="Added to every seed train.py sets (0: exactly its own seeds)."),
 ) -> None:
     """Run one commit in the sandbox and print its result."""
     from sandbox.naming import check_tag
@@ -185,7 +186,7 @@ def run(
     with _leased(cfg.gpus) as lease:
         engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
         log = RunnerFiles(research.path).adhoc_run_log(sha)
-        result = engine.run_commit(sha, tag, log)
+        result = engine.run_commit(sha, tag, log, seed=seed_offset)
         if cfg.verify != "off":
             result = engine.verify(result, tag)
     record = result.to_dict()

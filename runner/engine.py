@@ -17,6 +17,7 @@ from pathlib import Path
 from sandbox import images, naming
 from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
+from sandbox.hooks.seeds import SEED_ENV
 from sandbox.spec import EXPORT_DIR, REASON_LOST, GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
@@ -49,6 +50,7 @@ class ExperimentRun:
     verify_s: float = 0.0  # the verifier's container, when it ran
     verify_phases: dict | None = None  # where the verifier's own time went, as it reported it
     lost: RunResult | None = None  # a first try whose node died (cluster backends); `result` is the second
+    seed: int = 0  # the runner's offset to every seed train.py set (AUTORESEARCH_SEED)
 
     @property
     def overhead_s(self) -> float:
@@ -94,6 +96,7 @@ class ExperimentRun:
             "log_bytes": self.result.log_bytes,
             "log_truncated": self.result.log_truncated,
             "limits": self.limits.to_dict(),
+            "seed": self.seed,
         }
 
 
@@ -358,6 +361,7 @@ class Engine:
         image: images.BuiltImage | str | None = None,
         slot: Slot | None = None,
         export: bool | None = None,
+        seed: int = 0,
     ) -> ExperimentRun:
         """Run `commit` in the sandbox, building its image unless `image` is given.
 
@@ -367,6 +371,8 @@ class Engine:
             slot: the devices and CPUs of one parallel worker; None = this engine's lease.
             export: arm the export hook and collect the model for `verify` (default: unless
                 verify is off).
+            seed: the offset the image's hook adds to every seed train.py sets (0: none;
+                sandbox/hooks/seeds.py).
 
         Raises:
             DataError: the data cache is not prepared.
@@ -390,11 +396,13 @@ class Engine:
         export = self.cfg.verify != "off" if export is None else export
         collect_dir = log_path.with_suffix(".verify") if export else None
         result, lost = self.run_spec(lambda: self.spec(built.ref, self.cfg.command, tag, commit, iteration, devices, limits,
-                                                       log_path, collect_dir=collect_dir, export=export), stop)
+                                                       log_path, collect_dir=collect_dir, export=export,
+                                                       env={SEED_ENV: str(seed)}), stop)
         outcome = judge(result)
         if outcome.reason == REASON_HUB_OFFLINE and self.repo is not None:
             outcome = dataclasses.replace(outcome, detail=hub.missing_detail(self.hub_refs(commit), self.cfg.hf_cache))
-        return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits, lost=lost)
+        return ExperimentRun(commit, built, result, outcome, memory_gb(result), time.monotonic() - t0, limits, lost=lost,
+                             seed=seed)
 
     def spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
               devices: tuple[str, ...], limits: Limits, log_path: Path, mounts: tuple[Mount, ...] = (),

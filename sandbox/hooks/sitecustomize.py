@@ -1,4 +1,5 @@
-"""The export hook of the verified metric, root-owned in every trainer image (on PYTHONPATH).
+"""The export hook of the verified metric, root-owned in every trainer image (on PYTHONPATH);
+it also installs the runner's seed offset (seeds.py).
 
 When the research code calls its evaluation function (AUTORESEARCH_VERIFY_TARGET, e.g.
 prepare.evaluate_bpb), the model it hands over is exported with torch.export (its forward on the
@@ -12,7 +13,10 @@ anything: a separate container evaluates the exported program with the repo's ow
 import os
 import sys
 
-import verify_protocol as protocol  # next to this file, root-owned
+import seeds  # next to this file, root-owned: the runner's seed offset (AUTORESEARCH_SEED)
+import verify_protocol as protocol
+
+seeds.install()
 
 _TARGET = os.environ.get(protocol.TARGET_ENV, "")
 _OUT = os.environ.get(protocol.DIR_ENV, protocol.EXPORT_DIR)
