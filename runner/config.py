@@ -19,6 +19,8 @@ import yaml
 
 from sandbox.spec import GiB, MiB, Limits
 
+from .errors import ConfigError  # noqa: F401  (raised here, and imported from here by most callers)
+
 CONFIG_FILE = "runner.yaml"
 DATA_MOUNT = "/home/runner/.cache/autoresearch"   # where autoresearch's prepare.py looks (~ of the runner user)
 HF_MOUNT = "/home/runner/.cache/huggingface/hub"  # the hub cache only: never HF_HOME, which holds token files
@@ -27,10 +29,6 @@ HF_MOUNT = "/home/runner/.cache/huggingface/hub"  # the hub cache only: never HF
 HELDOUT_MOUNT = "/home/heldout/.cache/autoresearch"
 HELDOUT_ENV = "AUTORESEARCH_HELDOUT_DIR"  # names it for prepare.py (writable) and the verifier (read-only)
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
-
-
-class ConfigError(ValueError):
-    """runner.yaml or an option is invalid; the message names the key."""
 
 
 def default_ca_bundle() -> Path | None:
@@ -261,6 +259,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"registry must be HOST:PORT, got {cfg.registry!r}")
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"workers must be at least 1, got {cfg.workers}")
+    gpus = cfg.cluster_worker_gpus
+    if gpus is not None and not (gpus >= 0 and float(gpus).is_integer()):
+        # a worker leases its GPUs exclusively: half a GPU would give two workers one lease
+        raise ConfigError(f"cluster_worker_gpus must be a whole number of GPUs, got {gpus:g}")
     if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:

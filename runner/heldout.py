@@ -34,13 +34,16 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from sandbox.fsafe import open_beneath
 
 from . import __version__
-from .config import ConfigError, RunConfig
 from .data import DataError
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 DOWNLOAD_TIMEOUT_S = 60      # per connection attempt and per read; a shard streams for longer
 DOWNLOAD_ATTEMPTS = 3        # a dropped connection is tried again, after 2 s, then 4 s

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # call name -> what it fetches. from_pretrained is a method; any object's counts.
 _CALLS = {

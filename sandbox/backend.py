@@ -8,12 +8,9 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from .spec import RunResult, RunSpec
-
-if TYPE_CHECKING:
-    from .images import BuiltImage
 
 
 class SandboxError(RuntimeError):
@@ -76,6 +73,16 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
+class BuiltImage:
+    """An image a build made or found (reused): what the runner runs experiments from."""
+
+    ref: str
+    id: str
+    reused: bool
+    build_s: float
+
+
+@dataclass(frozen=True)
 class RunningRun:
     """A run container alive on the backend now (any user's)."""
 
@@ -109,13 +116,13 @@ class Backend(Sandbox):
         """
 
     @abc.abstractmethod
-    def ensure_trainer(self, base: ImageRecord, deps, ca_bundle, progress) -> "BuiltImage":
+    def ensure_trainer(self, base: ImageRecord, deps, ca_bundle, progress) -> BuiltImage:
         """The trainer image on `base` with the repo's dependencies (images.Dependencies), built
         once per content."""
 
     @abc.abstractmethod
-    def ensure_experiment(self, ref: str, trainer: "BuiltImage", sources: tuple[bytes, bytes],
-                          labels: dict[str, str]) -> "BuiltImage":
+    def ensure_experiment(self, ref: str, trainer: BuiltImage, sources: tuple[bytes, bytes],
+                          labels: dict[str, str]) -> BuiltImage:
         """The image of one commit: trainer + fixed sources + train.py, reused when it exists."""
 
     @abc.abstractmethod
@@ -155,7 +162,7 @@ class Backend(Sandbox):
         """Make the registry-less CPU base image (images.BaseRecipe); returns its reference."""
 
     @abc.abstractmethod
-    def build_agent_image(self, project_dir, base_ref: str, ca_bundle, progress) -> "BuiltImage":
+    def build_agent_image(self, project_dir, base_ref: str, ca_bundle, progress) -> BuiltImage:
         """The runner's own image from a source checkout (Dockerfile.agent)."""
 
     @abc.abstractmethod

@@ -30,7 +30,7 @@ import docker
 import docker.errors
 
 from . import __version__, naming
-from .backend import SandboxError
+from .backend import BuiltImage, SandboxError  # noqa: F401  (BuiltImage: what builds return)
 
 Progress = Callable[[str], None]
 TRAINER_DOCKERFILE = Path(__file__).with_name("Dockerfile.trainer")
@@ -237,14 +237,6 @@ def resolve_base_image(client: docker.DockerClient, requested: str, want_gpu: bo
 # ---------------------------------------------------------------------------
 # Trainer and experiment images (docker build through the SDK)
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    ref: str
-    id: str
-    reused: bool
-    build_s: float
 
 
 def _tar_context(files: dict[str, bytes], extra_tar: bytes | None = None,
