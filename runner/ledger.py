@@ -92,9 +92,24 @@ class ExperimentRecord:
 
     @classmethod
     def from_event(cls, event: dict) -> "ExperimentRecord":
+        """Raises:
+            ValueError: a field is missing or of the wrong type (a damaged or foreign event)."""
+        row = event.get("row")
+        types = {"commit": str, "val_bpb": (int, float), "memory_gb": (int, float), "status": str, "description": str}
+        if not isinstance(row, dict) or set(row) != set(types):
+            raise ValueError("its row is not commit, val_bpb, memory_gb, status, description")
+        for name, kind in types.items():
+            if not isinstance(row[name], kind) or isinstance(row[name], bool):
+                raise ValueError(f"row.{name} is {row[name]!r}")
+        if row["status"] not in STATUSES:
+            raise ValueError(f"row.status is {row['status']!r}")
+        if not isinstance(event.get("iteration"), int) or not isinstance(event.get("commit"), str):
+            raise ValueError("it has no iteration or commit")
+        if not isinstance(event.get("run", {}), dict) or not isinstance(event.get("metrics") or {}, dict):
+            raise ValueError("its run or metrics is not an object")
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in event.items() if k in known}
-        values["row"] = Row(**event["row"])
+        values["row"] = Row(**row)
         return cls(**values)
 
 
@@ -205,9 +220,37 @@ class Ledger:
         lines = self.results_path.read_text().splitlines()[1:]
         return [Row.parse(line) for line in lines if line.strip()]
 
-    def experiments(self) -> list[ExperimentRecord]:
-        """This tag's experiments, in the order they were recorded."""
-        return [ExperimentRecord.from_event(e) for e in self.events("experiment")]
+    def experiments(self, damaged: list[str] | None = None) -> list[ExperimentRecord]:
+        """This tag's experiments, in the order they were recorded.
+
+        Args:
+            damaged: where to note lines that are not a whole experiment event (and skip
+                them); None = such a line is an error.
+
+        Raises:
+            LedgerError: a line is damaged (not JSON, or an experiment event missing a field),
+                naming it: resuming from a ledger that lost an experiment would redo or
+                misjudge it.
+        """
+        if not self.events_path.exists():
+            return []
+        out = []
+        for number, line in enumerate(self.events_path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    raise ValueError("it is not a JSON object")
+                if event.get("event") == "experiment":
+                    out.append(ExperimentRecord.from_event(event))
+            except ValueError as exc:
+                why = f"{self.events_path} line {number} is damaged ({one_line(str(exc), 120)})"
+                if damaged is None:
+                    raise LedgerError(f"{why}: restore it from a backup, or delete that line and resume "
+                                      "(its experiment is then forgotten)") from None
+                damaged.append(why)
+        return out
 
     def missing_rows(self) -> list[Row]:
         """This tag's recorded experiments whose results.tsv row a kill left unwritten.

@@ -150,9 +150,9 @@ class Loop:
         self.state = RunState.recover(self.ledger.experiments())
         if self.cfg.verify == "auto" and self.ledger.events("verification_unavailable"):
             self.verify_mode = "off"
-        ceilings = self.ledger.events("vram_ceiling")
+        ceilings = [e.get("gb") for e in self.ledger.events("vram_ceiling") if isinstance(e.get("gb"), (int, float))]
         if ceilings and self.cfg.limits.vram_gb is None:
-            self.engine.vram_ceiling_gb = ceilings[-1]["gb"]  # the default ceiling outlives the stop
+            self.engine.vram_ceiling_gb = ceilings[-1]  # the default ceiling outlives the stop
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha

@@ -41,6 +41,7 @@ class ReportData:
     counts: dict = field(default_factory=dict)
     verdicts: dict = field(default_factory=dict)        # verdict -> experiments (verified runs only)
     heldout: dict | None = None  # the best kept experiment's val_bpb and held-out bpb, when the verifier had held-out data
+    damaged: list[str] = field(default_factory=list)  # events.jsonl lines the report skipped
 
 
 def collect(repo_root: Path, tag: str) -> ReportData:
@@ -50,10 +51,11 @@ def collect(repo_root: Path, tag: str) -> ReportData:
         ValueError: no experiments recorded for `tag`.
     """
     ledger = Ledger(repo_root, tag)
-    experiments = ledger.experiments()
+    damaged: list[str] = []
+    experiments = ledger.experiments(damaged)  # a report reads what it can, and says what it skipped
     if not experiments:
         raise ValueError(f"no experiments recorded for tag {tag} in {ledger.events_path}: run `runner start --tag {tag}` first")
-    data = ReportData(tag)
+    data = ReportData(tag, damaged=damaged)
     best = None
     for e in experiments:
         row = e.row
@@ -64,12 +66,13 @@ def collect(repo_root: Path, tag: str) -> ReportData:
                 data.improvements.append({"delta": best - row.val_bpb, "description": row.description,
                                           "commit": row.commit, "val_bpb": row.val_bpb})
             best = row.val_bpb
-            held = e.run.get("heldout_val_bpb")
+            held = e.run.get("heldout_val_bpb") if _number(e.run.get("heldout_val_bpb")) else None
             data.heldout = {"val_bpb": row.val_bpb, "heldout_bpb": held, "commit": row.commit} if held is not None else None
-        data.input_tokens += e.usage.get("input_tokens", 0)
-        data.output_tokens += e.usage.get("output_tokens", 0)
-        data.training_s += e.training_s
-        data.wall_s += e.run.get("wall_s") or 0.0
+        usage = e.usage if isinstance(e.usage, dict) else {}
+        data.input_tokens += _number(usage.get("input_tokens"))
+        data.output_tokens += _number(usage.get("output_tokens"))
+        data.training_s += _number(e.training_s)
+        data.wall_s += _number(e.run.get("wall_s"))
         if e.run.get("verdict"):
             data.verdicts[e.run["verdict"]] = data.verdicts.get(e.run["verdict"], 0) + 1
     data.improvements.sort(key=lambda i: i["delta"], reverse=True)
@@ -78,18 +81,23 @@ def collect(repo_root: Path, tag: str) -> ReportData:
     data.keep_rate = data.counts["keep"] / len(tried) if tried else 0.0
     starts = ledger.events("start")
     if starts:
-        cfg = starts[-1].get("config", {})
+        cfg = starts[-1].get("config") if isinstance(starts[-1].get("config"), dict) else {}
         data.model = cfg.get("model") if starts[-1].get("proposer") == "claude" else None
     for s in ledger.events("summary"):
-        usage = s.get("usage") or {}
-        data.input_tokens += usage.get("input_tokens", 0)
-        data.output_tokens += usage.get("output_tokens", 0)
+        usage = s.get("usage") if isinstance(s.get("usage"), dict) else {}
+        data.input_tokens += _number(usage.get("input_tokens"))
+        data.output_tokens += _number(usage.get("output_tokens"))
     if data.model:
         price = next((p for prefix, p in PRICES_PER_MTOK.items() if data.model.startswith(prefix)), None)
         if price:
             data.cost_usd = (data.input_tokens * price[0] + data.output_tokens * price[1]) / 1e6
     data.duty_cycle = data.training_s / data.wall_s if data.wall_s else None
     return data
+
+
+def _number(value) -> float:
+    """A figure from a record written by another version (or damaged): 0 unless a number."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
 def plot(data: ReportData, path):
@@ -166,6 +174,7 @@ def summary_lines(data: ReportData) -> list[str]:
         h = data.heldout
         lines.append(f"held-out: best kept {h['commit']} val_bpb {h['val_bpb']:.6f}, held-out {h['heldout_bpb']:.6f} "
                      f"(gap {h['heldout_bpb'] - h['val_bpb']:+.6f})")
+    lines += [f"skipped: {why}" for why in data.damaged]
     return lines
 
 

@@ -250,3 +250,30 @@ def test_a_hub_fetch_on_two_nodes_reads_each_nodes_own_log(tmp_path, data_dir):
     result, report = engine.fetch_hub(requested)
     assert not requested.exists() and result.log_path.name == "hub-fetch.a.log"
     assert report.fetched == [] and report.failed == report.fatal == ["model:org/m HTTP 503"]
+
+
+def test_a_damaged_events_line_is_one_clear_error_on_resume_and_skipped_by_the_report(tmp_path, data_dir):
+    from conftest import runner_cli
+
+    from runner.engine import Engine
+    from runner.ledger import LedgerError
+    from runner.loop import Loop
+
+    loop, path, _ = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better"), (variant(VALUE=1.9), "worse")],
+                         max_experiments=2)
+    loop.run()
+    events_path = path / ".autoresearch/fake/events.jsonl"
+    lines = events_path.read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if '"better"' in line and '"experiment"' in line)
+    damaged = json.loads(lines[n])
+    del damaged["row"]["val_bpb"]                    # another version's record, or a bad edit
+    lines[n] = json.dumps(damaged)
+    events_path.write_text("\n".join(lines) + "\n")
+
+    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, sandbox=FakeBackend()),
+                 Scripted([]), out=lambda line: None)
+    with pytest.raises(LedgerError, match=f"events.jsonl line {n + 1} is damaged .*row is not commit, val_bpb"):
+        again.setup(resume=True)
+    r = runner_cli("report", "--repo", str(path), "--tag", "fake", "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped: {events_path} line {n + 1} is damaged" in r.stdout and "Traceback" not in r.stderr
