@@ -218,6 +218,7 @@ def start(
     workers: Optional[int] = typer.Option(None, help="Parallel experiments (default: one per GPU; CPU hosts: 1, each worker gets a cpuset)."),
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
     cluster: Optional[str] = typer.Option(None, help="Run experiments on a Ray cluster: ray://HOST:PORT (see README)."),
+    confirm: Optional[str] = typer.Option(None, help="Extra runs (other seeds) a would-be keep must hold through: auto (1), off, or N."),
 ) -> None:
     """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
     from sandbox.naming import check_tag
@@ -229,7 +230,8 @@ def start(
 
     delta = None if min_delta is None else (min_delta if min_delta == "auto" else _float(min_delta, "--min-delta"))
     cfg = _config(repo, tag=check_tag(tag), max_experiments=max_experiments, budget_s=budget, proposer=proposer,
-                  min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir, cluster=cluster)
+                  min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir, cluster=cluster,
+                  confirm=int(confirm) if confirm and confirm.isdigit() else confirm)
     research = _open_repo(cfg.repo)
     if cfg.cluster:  # the nodes lease their own GPUs; this host only builds images and decides
         engine = Engine(cfg, research, progress=typer.echo)

@@ -88,6 +88,7 @@ class RunConfig:
     max_experiments: int | None = None   # stop after this many experiments (baseline excluded)
     min_delta: float | str = 0.0         # keep needs val_bpb < best - min_delta; "auto" = 2 x noise spread
     stale_after: int = 10                # experiments without improvement before widening the search
+    confirm: int | str = "auto"          # extra runs (other seeds) a would-be keep needs: auto = 1, off = 0, or N
     gpus: str = "auto"                   # auto | all | none | "0,2" (indices) | "4" (a count), as docker --gpus
     gpu_runtime: str = "auto"            # auto | toolkit (nvidia-container-toolkit) | devices (device nodes + driver libs)
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
@@ -115,6 +116,13 @@ class RunConfig:
     command: tuple[str, ...] = ("python", "train.py")
     env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    @property
+    def confirm_runs(self) -> int:
+        """Extra runs, each with another seed, that a result must hold through to be kept."""
+        if self.confirm is False or self.confirm == "off":  # YAML reads a bare `off` as false
+            return 0
+        return 1 if self.confirm == "auto" else int(self.confirm)
 
     def sandbox_limits(self, time_budget_s: float) -> Limits:
         lim = self.limits
@@ -263,6 +271,9 @@ def validate(cfg: RunConfig) -> None:
     if gpus is not None and not (gpus >= 0 and float(gpus).is_integer()):
         # a worker leases its GPUs exclusively: half a GPU would give two workers one lease
         raise ConfigError(f"cluster_worker_gpus must be a whole number of GPUs, got {gpus:g}")
+    if not (cfg.confirm is False or cfg.confirm in ("auto", "off") or (isinstance(cfg.confirm, int) and not isinstance(cfg.confirm, bool)
+                                               and 0 <= cfg.confirm <= 10)):
+        raise ConfigError(f"confirm must be auto, off or a number of extra runs from 0 to 10, got {cfg.confirm!r}")
     if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:

@@ -77,6 +77,7 @@ class ExperimentRecord:
     usage: dict = field(default_factory=dict)
     parent: str | None = None
     verifies: int | None = None
+    runs: list = field(default_factory=list)  # the earlier runs of a confirmed experiment (other seeds); `run` is the last
 
     @property
     def status(self) -> RowStatus:
@@ -191,8 +192,9 @@ class Ledger:
             if cut:
                 self.event("repaired", file=name, bytes_cut=cut)
 
-    def log_path(self, iteration: int, commit: str) -> Path:
-        return self.runs_dir / f"{iteration}-{commit[:7]}.log"
+    def log_path(self, iteration: int, commit: str, seed: int = 0) -> Path:
+        """A run's log; an experiment's confirmation runs (other seeds) each have their own."""
+        return self.runs_dir / (f"{iteration}-{commit[:7]}.log" if not seed else f"{iteration}-{commit[:7]}-seed{seed}.log")
 
     # --- writing ---------------------------------------------------------------------
 

@@ -26,12 +26,13 @@ from .config import RunConfig
 from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
 from .ledger import ExperimentRecord, Ledger, Row, RowStatus
-from .policy import RunState, decide
+from .policy import RunState, confirm, decide, seed_only_change
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
-from .summary import STATUS_OK, VERDICT_OK, VERDICT_OVERFIT, VERDICT_REFUSED, VERDICT_UNVERIFIED, judge
+from .summary import (STATUS_OK, VERDICT_OK, VERDICT_OVERFIT, VERDICT_REFUSED, VERDICT_SEED_PINNED, VERDICT_UNVERIFIED,
+                      judge, with_val_bpb)
 from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
@@ -72,6 +73,8 @@ class Job:
     image: BuiltImage | None = None
     retry_fix: bool = True
     verifies: int | None = None  # the near-miss iteration this job re-applies
+    seed: int = 0                # the runner's seed offset for this run (sandbox/hooks/seeds.py)
+    runs: tuple = ()             # earlier runs of this commit, with other seeds: a would-be keep confirming
 
 
 def exp_line(tag: str, iteration: int, row: Row) -> str:
@@ -191,8 +194,9 @@ class Loop:
         )
 
     def _run(self, job: "Job | None", commit: str, iteration: int, log_path: Path | None = None,
-             slot: Slot | None = None) -> ExperimentRun:
-        log_path = log_path or self.ledger.log_path(iteration, commit)
+             slot: Slot | None = None, seed: int | None = None) -> ExperimentRun:
+        seed = (job.seed if job else 0) if seed is None else seed
+        log_path = log_path or self.ledger.log_path(iteration, commit, seed)
         self.reporter.started(iteration, commit, job.proposal.description if job else "baseline", log_path,
                               self.engine.limits().time_budget_s)
         try:
@@ -202,7 +206,7 @@ class Loop:
                                                          data_digest(self.cfg.data_dir), sources=job.sources)
             run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
                                          image=job.image if job else None, slot=slot,
-                                         export=self.verify_mode != "off")
+                                         export=self.verify_mode != "off", seed=seed)
             if run.lost is not None:
                 # Its node died (a cluster) and the engine ran it once more on a live node: an
                 # event records the loss; the experiment is counted once, by that second try.
@@ -228,8 +232,14 @@ class Loop:
         return True
 
     def _record(self, iteration: int, run: ExperimentRun, status: RowStatus, description: str,
-                proposal: Proposal | None, parent: str | None = None, verifies: int | None = None) -> Row:
+                proposal: Proposal | None, parent: str | None = None, verifies: int | None = None,
+                earlier: tuple[ExperimentRun, ...] = ()) -> Row:
+        """Log one experiment: its event (every run of it, `earlier` ones with other seeds first)
+        and its results.tsv row (with `earlier` runs, val_bpb is their mean with `run`'s)."""
         outcome = run.outcome
+        if earlier:  # before the tags: "idea (2 runs) [unconfirmed]"
+            base, sep, tags = description.partition(" [")
+            description = f"{base} ({len(earlier) + 1} runs){sep}{tags}"
         if outcome.status != STATUS_OK:
             description = f"{description} [{outcome.reason}]"
         elif outcome.verdict not in ("", VERDICT_OK):
@@ -239,12 +249,13 @@ class Loop:
             iteration=iteration, commit=run.commit, row=row, outcome=outcome.status, reason=outcome.reason,
             metrics=dataclasses.asdict(outcome.metrics) if outcome.metrics else None, run=run.to_dict(),
             hypothesis=proposal.hypothesis if proposal else "", usage=proposal.usage if proposal else {},
-            parent=parent, verifies=verifies,
+            parent=parent, verifies=verifies, runs=[r.to_dict() for r in earlier],
         )
         self.ledger.record(record)
         self.reporter.recorded(status, row.val_bpb, iteration)
         self.out(exp_line(self.tag, iteration, row))
-        self.state.training_s += record.training_s
+        self.state.training_s += record.training_s + sum(
+            (r.outcome.metrics.training_seconds or 0.0) for r in earlier if r.outcome.metrics)
         return row
 
     def baseline(self, slot: Slot | None = None) -> None:
@@ -304,7 +315,9 @@ class Loop:
         values, attempts = [baseline.row.val_bpb], 0
         while len(values) <= NOISE_RERUNS and attempts < 2 * NOISE_RERUNS and not self.stop.is_set():
             attempts += 1
-            run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log", slot=slot)
+            # Each rerun with another seed: the spread is what seeds alone move the number by.
+            run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log", slot=slot,
+                            seed=attempts)
             if run.outcome.status == STATUS_OK:
                 values.append(run.outcome.val_bpb)
             elif run.result.reason != REASON_INTERRUPTED:
@@ -355,6 +368,11 @@ class Loop:
     def _commit_job(self, parent: str, proposal: Proposal, **job_fields) -> Job | None:
         """Guard and commit `proposal` on `parent`, and read its sources. Caller holds the lock."""
         iteration = self.state.iteration + 1
+        if seed_only_change(self.repo.committed_text("train.py", parent), proposal.train_py):
+            reason = "the edit changes only a seed: the runner decides seeds (a keep is confirmed over several)"
+            self.ledger.event("refused", iteration=iteration, reason=reason, description=proposal.description)
+            self.out(f"refused: {reason}")
+            raise ProposalRefused(reason)
         try:
             commit = self.repo.commit_train_py(parent, proposal.train_py, f"{self.tag}: {proposal.description}",
                                                ref=f"refs/autoresearch/{self.tag}/{iteration}")
@@ -424,7 +442,30 @@ class Loop:
         if run.result.reason == REASON_INTERRUPTED:
             self.ledger.event("interrupted", iteration=job.iteration, commit=job.commit, run=run.to_dict())
             return None
+        own, confirmation = run, None
+        if job.runs:  # a confirmation run of a would-be keep
+            if own.outcome.status != STATUS_OK or own.outcome.verdict not in ("", VERDICT_OK):
+                self._record(job.iteration, own, DISCARD, f"{job.proposal.description} [unconfirmed]", job.proposal,
+                             parent=job.parent, verifies=job.verifies, earlier=job.runs)
+                self.proposer.observe(job.proposal, DISCARD, None)
+                self.state.since_keep += 1
+                self.repo.reset_hard(self.state.best_commit)
+                return None
+            baseline = load_noise(self.ledger)
+            confirmation = confirm([r.outcome.val_bpb for r in (*job.runs, own)], baseline and baseline.get("values"))
+            run = with_val_bpb(own, confirmation.mean)
         decision = decide(self.state, job, run.outcome, self.min_delta, self.cfg.heldout_tolerance)
+        runs = (*job.runs, own)
+        if decision.status == KEEP and len(runs) <= self.cfg.confirm_runs and not self.stop.is_set():
+            # A would-be keep runs again, with another seed, before anything is decided.
+            self.ledger.event("confirming", iteration=job.iteration, commit=job.commit,
+                              values=[r.outcome.val_bpb for r in runs])
+            return dataclasses.replace(job, runs=runs, seed=len(runs))
+        if decision.status == KEEP and confirmation is not None and confirmation.seed_pinned:
+            decision = dataclasses.replace(decision, status=DISCARD)
+            run = dataclasses.replace(run, outcome=dataclasses.replace(
+                run.outcome, verdict=VERDICT_SEED_PINNED, detail="its runs agree exactly under different seeds"))
+        earlier = job.runs
         if decision.overfit:
             run = dataclasses.replace(run, outcome=dataclasses.replace(run.outcome, verdict=VERDICT_OVERFIT,
                                                                        detail=decision.overfit))
@@ -432,7 +473,7 @@ class Loop:
         extra = {"parent": job.parent, "verifies": job.verifies}
         val = outcome.val_bpb if outcome.status == STATUS_OK else None
         if decision.status == KEEP:
-            self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra)
+            self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra, earlier=earlier)
             self.proposer.observe(job.proposal, KEEP, val)
             self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
             if outcome.heldout_bpb is not None:  # a keep without a held-out figure never switches the rule off
@@ -442,7 +483,8 @@ class Loop:
             return None
         self.state.since_keep += 1
         if decision.near_miss:
-            self._record(job.iteration, run, DISCARD, f"{job.proposal.description} [near-miss]", job.proposal, **extra)
+            self._record(job.iteration, run, DISCARD, f"{job.proposal.description} [near-miss]", job.proposal, **extra,
+                         earlier=earlier)
             self.proposer.observe(job.proposal, DISCARD, val)
             merged = self.repo.merge_train_py(job.parent, self.state.best_commit, job.commit)
             if merged is None:
@@ -454,7 +496,9 @@ class Loop:
                 return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
             except ProposalRefused:
                 return None
-        self._record(job.iteration, run, decision.status, job.proposal.description, job.proposal, **extra)
+        description = job.proposal.description + (" [unconfirmed]" if confirmation and decision.status == DISCARD
+                                                  and run.outcome.verdict in ("", VERDICT_OK) else "")
+        self._record(job.iteration, run, decision.status, description, job.proposal, **extra, earlier=earlier)
         self.proposer.observe(job.proposal, decision.status, val)
         self.repo.reset_hard(self.state.best_commit)  # nothing of a failed edit stays in the work tree
         return "fix" if decision.fix and not self.stop.is_set() else None

@@ -3,7 +3,9 @@ resume, and the keep decision for one finished experiment."""
 
 from __future__ import annotations
 
+import ast
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
@@ -92,3 +94,67 @@ def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, he
     if outcome.status in (OutcomeStatus.OK, OutcomeStatus.TIMEOUT):
         return Decision(RowStatus.DISCARD)
     return Decision(RowStatus.CRASH, fix=job.retry_fix and outcome.reason not in HARNESS_REASONS)
+
+
+# --- seeds and confirmation ------------------------------------------------------------------
+
+
+def _seedless(tree: ast.AST) -> str:
+    """`tree` with every value that seeds something set to 0: the arguments of a call whose
+    name says seed (torch.manual_seed(42), np.random.seed(SEED), Random(seed=7)) and what a
+    name that says seed is assigned (SEED = 42)."""
+
+    def says_seed(node) -> bool:
+        name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+        return "seed" in name.lower()
+
+    class Zero(ast.NodeTransformer):
+        def visit_Call(self, node):
+            self.generic_visit(node)
+            if says_seed(node.func):
+                node.args = [_zero(a) for a in node.args]
+            for kw in node.keywords:
+                if kw.arg and "seed" in kw.arg.lower():
+                    kw.value = _zero(kw.value)
+            return node
+
+        def visit_Assign(self, node):
+            self.generic_visit(node)
+            if any(says_seed(t) for t in node.targets):
+                node.value = _zero(node.value)
+            return node
+
+    return ast.dump(Zero().visit(tree))
+
+
+def _zero(node):
+    return ast.Constant(0)  # whatever the seed is: a literal, a name, an expression
+
+
+def seed_only_change(old: str, new: str) -> bool:
+    """Whether `new` differs from `old` in seeds alone (comments and layout aside): the runner
+    decides seeds (confirmation runs use several), so such an edit is no experiment."""
+    try:
+        before, after = ast.parse(old), ast.parse(new)
+        return ast.dump(before) != ast.dump(after) and _seedless(before) == _seedless(after)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False  # not Python the guard accepts: it refuses the edit, with its own reason
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A would-be keep's runs, each with another seed, and what they say together."""
+
+    values: tuple[float, ...]  # val_bpb of each run, the first (train.py's own seeds) first
+    mean: float
+    seed_pinned: bool          # identical under different seeds on a repo whose baseline is not
+
+
+def confirm(values: list[float], baseline_values: list[float] | None) -> Confirmation:
+    """The rule: a result is kept on the mean of its runs (the first and its confirmation runs,
+    each with another seed), held to the same bar as the first was (better than the best by
+    more than min_delta, which `auto` sets from the baseline's spread over seeds). Runs that all
+    agree to the last digit although the baseline's did not show a train.py that overrides the
+    runner's seeds: confirmation could not test it, so it is not confirmed."""
+    varied = baseline_values is not None and len(set(baseline_values)) > 1
+    return Confirmation(tuple(values), statistics.fmean(values), varied and len(values) > 1 and len(set(values)) == 1)

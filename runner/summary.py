@@ -114,6 +114,12 @@ class Outcome:
         return self.metrics.val_bpb if self.status == STATUS_OK and self.metrics else 0.0
 
 
+def with_val_bpb(run, val_bpb: float):
+    """`run` (an ExperimentRun) standing for several runs of its commit: their mean val_bpb."""
+    outcome = run.outcome
+    return replace(run, outcome=replace(outcome, metrics=replace(outcome.metrics, val_bpb=val_bpb)))
+
+
 def judge(result: RunResult) -> Outcome:
     """Decide what a run produced. The number only counts from a clean exit with a finite val_bpb."""
     if result.reason == REASON_TIMEOUT:
@@ -144,6 +150,7 @@ def memory_gb(result: RunResult) -> float:
 
 VERDICT_OK, VERDICT_UNVERIFIED, VERDICT_FORGED, VERDICT_NONCAUSAL = Verdict.OK, Verdict.UNVERIFIED, Verdict.FORGED, Verdict.NONCAUSAL
 VERDICT_UNNORMALISED, VERDICT_REFUSED, VERDICT_OVERFIT = Verdict.UNNORMALISED, Verdict.REFUSED, Verdict.OVERFIT
+VERDICT_SEED_PINNED = Verdict.SEED_PINNED
 DETAIL_MAX_CHARS = 300  # a verdict's detail, as stored and printed
 
 

@@ -55,7 +55,8 @@ def make(tmp_path, data_dir, proposals, backend=None, **overrides):
     from runner.repo import ResearchRepo
 
     path = make_repo(tmp_path / "repo", TRAIN)
-    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, **overrides})
+    # confirmation runs are tested on their own below; elsewhere one run decides, as autoresearch's
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "confirm": "off", **overrides})
     repo = ResearchRepo(path)
     backend = backend or FakeBackend()
     lines: list[str] = []
@@ -277,3 +278,75 @@ def test_a_damaged_events_line_is_one_clear_error_on_resume_and_skipped_by_the_r
     r = runner_cli("report", "--repo", str(path), "--tag", "fake", "--out", str(tmp_path / "report"))
     assert r.returncode == 0, r.stderr
     assert f"skipped: {events_path} line {n + 1} is damaged" in r.stdout and "Traceback" not in r.stderr
+
+
+# A train.py whose number depends on the runner's seed offset (the hook is not in the fake
+# backend's plain processes; the variable it reads is).
+SEEDED = """import os
+SEED = int(os.environ.get("AUTORESEARCH_SEED", "0"))
+VALUES = [2.0, 2.0, 2.0]   # val_bpb under seed offsets 0, 1, 2
+VALUE = VALUES[SEED % 3]
+""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+
+
+def seeded(values) -> str:
+    return SEEDED.replace("VALUES = [2.0, 2.0, 2.0]", f"VALUES = {list(values)}")
+
+
+def test_a_would_be_keep_is_confirmed_with_another_seed(tmp_path, data_dir):
+    """One candidate's first run is luck (1.5, then 2.6: mean 2.05, not better than 2.0), the
+    other's holds (1.5, then 1.6): only the second is kept, on the mean of its runs."""
+    loop, path, lines = make(tmp_path, data_dir, [(seeded([1.5, 2.6, 2.6]), "lucky"), (seeded([1.5, 1.6, 1.6]), "holds")],
+                             max_experiments=2, confirm="auto")
+    loop.run()
+    rows = [e["row"] for e in events(path) if e["event"] == "experiment"]
+    assert [(r["status"], r["description"], r["val_bpb"]) for r in rows] == [
+        ("keep", "baseline", 2.0), ("discard", "lucky (2 runs) [unconfirmed]", 2.05), ("keep", "holds (2 runs)", 1.55)]
+    runs = [e for e in events(path) if e["event"] == "experiment"][2]
+    assert [r["seed"] for r in runs["runs"]] == [0] and runs["run"]["seed"] == 1
+    assert (path / "results.tsv").read_text().count("\n") == 4     # one row per experiment
+
+
+def _loop_on(path, data_dir, proposals, **overrides):
+    from runner.config import load_config
+    from runner.engine import Engine
+    from runner.loop import Loop
+    from runner.repo import ResearchRepo
+
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, **overrides})
+    repo = ResearchRepo(path)
+    return Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Scripted(proposals),
+                out=lambda line: None)
+
+
+def test_a_seed_only_edit_is_refused(tmp_path, data_dir):
+    """The runner decides seeds: an edit that changes nothing but one (a constant, a call's
+    argument, an expression) is refused before it runs; a real edit beside it is not."""
+    from runner.policy import seed_only_change
+
+    with_seed = TRAIN.replace("CRASH = 0", "CRASH = 0\nSEED = 42\nimport random\nrandom.seed(SEED)")
+    path = make_repo(tmp_path / "seeded", with_seed)
+    loop = _loop_on(path, data_dir, [(with_seed.replace("SEED = 42", "SEED = 137"), "seed 42 -> 137"),
+                                     (with_seed.replace("random.seed(SEED)", "random.seed(7)"), "seed 7"),
+                                     (with_seed.replace("VALUE = 2.0", "VALUE = 1.5"), "a real change")],
+                    max_experiments=3, confirm="off")  # a refused proposal counts as proposed
+    loop.run()
+    refused = [e for e in events(path) if e["event"] == "refused"]
+    assert [e["description"] for e in refused] == ["seed 42 -> 137", "seed 7"]
+    assert all("changes only a seed" in e["reason"] for e in refused)
+    assert [e["row"]["description"] for e in events(path) if e["event"] == "experiment"] == ["baseline", "a real change"]
+    assert not seed_only_change(with_seed, with_seed.replace("SEED = 42", "SEED = 137").replace("VALUE = 2.0", "VALUE = 1.5"))
+
+
+def test_runs_that_ignore_the_runners_seeds_are_not_confirmed(tmp_path, data_dir):
+    """The baseline moves with the seed (its noise runs differ); a candidate whose runs agree to
+    the last digit under other seeds has pinned its own: confirmation could not test it."""
+    import git as gitmodule
+
+    path = make_repo(tmp_path / "seeded", seeded([2.0, 2.01, 2.02]))
+    pinned = seeded([2.0, 2.01, 2.02]).replace("VALUE = VALUES[SEED % 3]", "VALUE = 1.5")
+    loop = _loop_on(path, data_dir, [(pinned, "pinned")], max_experiments=1, min_delta="auto")
+    loop.run()
+    rows = [e["row"] for e in events(path) if e["event"] == "experiment"]
+    assert rows[-1]["status"] == "discard" and rows[-1]["description"] == "pinned (2 runs) [seed_pinned]"
+    assert gitmodule.Repo(path).head.commit.hexsha == [e for e in events(path) if e["event"] == "experiment"][0]["commit"]

@@ -53,6 +53,7 @@ class Verdict(str, Enum):
     UNNORMALISED = "unnormalised"   # a loss model's implied probabilities sum over 1, or differ from the scored ones
     REFUSED = "refused"             # the exported archive or graph is not one the verifier runs
     OVERFIT = "overfit"             # the val gain is not matched on the held-out data (decided by the runner)
+    SEED_PINNED = "seed_pinned"     # its runs agree exactly under the runner's different seeds (decided by the runner)
 
     def __str__(self) -> str:
         return self.value
