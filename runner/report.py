@@ -16,6 +16,7 @@ from pathlib import Path, PurePath
 from sandbox.fsafe import open_beneath
 
 from .ledger import Ledger, RowStatus
+from .reruns import load_noise
 
 # USD per million tokens (input, output); a model not listed reports tokens only.
 PRICES_PER_MTOK = {
@@ -42,6 +43,7 @@ class ReportData:
     verdicts: dict = field(default_factory=dict)        # verdict -> experiments (verified runs only)
     heldout: dict | None = None  # the best kept experiment's val_bpb and held-out bpb, when the verifier had held-out data
     damaged: list[str] = field(default_factory=list)  # events.jsonl lines the report skipped
+    noise: dict | None = None  # the baseline's spread over seeds (min_delta auto), when measured
 
 
 def collect(repo_root: Path, tag: str) -> ReportData:
@@ -59,8 +61,9 @@ def collect(repo_root: Path, tag: str) -> ReportData:
     best = None
     for e in experiments:
         row = e.row
+        seeds = [r.get("seed", 0) for r in (*e.runs, e.run) if isinstance(r, dict)]
         data.points.append({"iteration": e.iteration, "val_bpb": row.val_bpb, "status": row.status,
-                            "description": row.description, "commit": row.commit})
+                            "description": row.description, "commit": row.commit, "seeds": seeds})
         if e.status == RowStatus.KEEP:
             if best is not None:
                 data.improvements.append({"delta": best - row.val_bpb, "description": row.description,
@@ -92,6 +95,12 @@ def collect(repo_root: Path, tag: str) -> ReportData:
         if price:
             data.cost_usd = (data.input_tokens * price[0] + data.output_tokens * price[1]) / 1e6
     data.duty_cycle = data.training_s / data.wall_s if data.wall_s else None
+    try:
+        noise = load_noise(ledger)
+    except (OSError, ValueError):
+        noise = None  # a damaged noise file: the report shows no band
+    if isinstance(noise, dict) and isinstance(noise.get("spread"), (int, float)):
+        data.noise = {"spread": noise["spread"], "n": noise.get("n")}
     return data
 
 
@@ -174,6 +183,12 @@ def summary_lines(data: ReportData) -> list[str]:
         h = data.heldout
         lines.append(f"held-out: best kept {h['commit']} val_bpb {h['val_bpb']:.6f}, held-out {h['heldout_bpb']:.6f} "
                      f"(gap {h['heldout_bpb'] - h['val_bpb']:+.6f})")
+    keeps = [p for p in data.points if p["status"] == "keep" and p["iteration"] > 0]
+    confirmed = [p for p in keeps if len(p.get("seeds") or ()) > 1]
+    lines.append(f"keeps: {len(confirmed)} of {len(keeps)} confirmed over several seeds"
+                 + "".join(f"; {p['commit']} seeds {p['seeds']}" for p in confirmed[:5]))
+    if data.noise:
+        lines.append(f"noise band: val_bpb spread {data.noise['spread']:.6f} over {data.noise['n']} baseline runs (seeds)")
     lines += [f"skipped: {why}" for why in data.damaged]
     return lines
 

@@ -305,6 +305,10 @@ def test_a_would_be_keep_is_confirmed_with_another_seed(tmp_path, data_dir):
     runs = [e for e in events(path) if e["event"] == "experiment"][2]
     assert [r["seed"] for r in runs["runs"]] == [0] and runs["run"]["seed"] == 1
     assert (path / "results.tsv").read_text().count("\n") == 4     # one row per experiment
+    from runner.report import collect, summary_lines
+
+    shown = summary_lines(collect(path, "fake"))
+    assert f"keeps: 1 of 1 confirmed over several seeds; {runs['commit'][:7]} seeds [0, 1]" in shown
 
 
 def _loop_on(path, data_dir, proposals, **overrides):
