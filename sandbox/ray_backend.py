@@ -29,9 +29,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
-from . import naming
-from .backend import RunningRun, SandboxError
+from . import gpu, naming
+from .backend import RunningRun, SandboxError, held_gpus
 from .docker_backend import DockerSandbox
 from .fsafe import write_beneath
 from .spec import EXPORT_FILES, REASON_LOST, GpuAccess, Mount, RunResult, RunSpec
@@ -40,6 +41,9 @@ from .transfer import LayerNames, without_layers
 PLACEMENT_TIMEOUT_S = 120.0
 CONNECT_ATTEMPTS = 4
 RESTART_PATIENCE_S = 300.0  # an actor whose node died is restarted by Ray on a live node meanwhile
+# The CUDA_DEVICE_ORDER under which CUDA numbers a node's GPUs as NVML does (by PCI bus).
+PCI_ORDER = "PCI_BUS_ID"
+_RAYLET_UUIDS = "start its raylet with CUDA_VISIBLE_DEVICES=<UUIDs> (as nvidia-smi -L prints them) and --num-gpus"
 
 
 def _gone(ray) -> tuple[type[BaseException], ...]:
@@ -56,17 +60,24 @@ def _ray():
 
 
 class NodeWorker:
-    """The Ray actor of one slot, on its node: the node's engine, its GPUs, its data."""
+    """The Ray actor of one slot, on its node: the node's engine, its GPUs (exactly those behind
+    the GPU ids Ray gave it: see ray_gpu_uuids), its data."""
 
     def __init__(self, gpu_runtime: str, data_target: str, data_check):
         ray = _ray()
-        from . import gpu
         from .docker_backend import connect
 
-        self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
-        # Other runners on this host see these GPUs as taken, and the watchdog samples them.
-        self.lease = gpu.acquire(",".join(self.gpu_ids)) if self.gpu_ids else gpu.GpuLease.none()
-        self.sandbox = DockerSandbox(connect(), vram_probe=self.lease.vram_probe() if self.gpu_ids else None)
+        self.gpu_ids = tuple(ray.get_gpu_ids())
+        client = connect()
+        self.lease = gpu.GpuLease.none()
+        if self.gpu_ids:
+            nvml = gpu.RealNvml()
+            uuids = ray_gpu_uuids(self.gpu_ids, nvml.devices(), os.environ, nvml.error)
+            # Exactly the GPUs Ray accounts to this actor: one another runner holds (by its lock,
+            # or a running container's label) is an error, never a reason to take another GPU.
+            # Other runners on this host then see them as taken, and the watchdog samples them.
+            self.lease = gpu.acquire(",".join(uuids), nvml=nvml, busy=held_gpus(DockerSandbox(client)))
+        self.sandbox = DockerSandbox(client, vram_probe=self.lease.vram_probe())
         self.access = GpuAccess()
         if self.gpu_ids:
             runtime = self.sandbox.gpu_runtime(gpu_runtime)
@@ -171,6 +182,9 @@ class RayBackend(DockerSandbox):
     def __init__(self, address: str, workers: int | None = None, worker_gpus: float | None = None,
                  worker_cpus: float = 1.0, registry: str | None = None, gpu_runtime: str = "auto",
                  data_target: str = "", data_check=None, client=None, vram_probe=None):
+        if worker_gpus is not None and not (worker_gpus >= 0 and float(worker_gpus).is_integer()):
+            raise SandboxError(f"cluster_worker_gpus must be a whole number of GPUs, got {worker_gpus:g}: "
+                               "a worker leases its GPUs exclusively, so two workers never share one")
         super().__init__(client)
         ray = _ray()
         for attempt in range(CONNECT_ATTEMPTS):
@@ -195,9 +209,11 @@ class RayBackend(DockerSandbox):
         try:
             ray.get([w.where.remote() for w in self.workers], timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
+            self._kill_workers()
             raise SandboxError(f"the cluster at {address} cannot place {count} worker(s) of {self.worker_gpus:g} GPU(s) and "
                                f"{worker_cpus:g} CPU(s): set workers, cluster_worker_gpus or cluster_worker_cpus") from None
-        except ray.exceptions.RayActorError as exc:  # its __init__ failed on the node: no engine there, no NVML
+        except ray.exceptions.RayActorError as exc:  # its __init__ failed on the node: no engine, no NVML, its GPU taken
+            self._kill_workers()
             why = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
             raise SandboxError(f"a cluster worker could not start on its node: {why}") from None
         self._free: queue.Queue = queue.Queue()
@@ -207,6 +223,12 @@ class RayBackend(DockerSandbox):
         self._pushed: dict[str, str] = {}     # image id -> registry reference by digest
         self._node_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+
+    def _kill_workers(self) -> None:
+        """End every worker of this backend: the placed ones hold their GPUs, and leases, till then."""
+        ray = _ray()
+        for w in self.workers:
+            ray.kill(w)
 
     # --- runs --------------------------------------------------------------------------
 
@@ -352,6 +374,65 @@ class RayBackend(DockerSandbox):
     def nodes(self) -> list[dict]:
         """Where the workers are now (node id, address, host name, engine version)."""
         return [where for _, where in self._each("where")]
+
+
+def ray_gpu_uuids(ray_ids: Iterable[int | str], devices: Sequence[gpu.GpuDevice], env: Mapping[str, str],
+                  nvml_error: str | None = None) -> tuple[str, ...]:
+    """The NVML UUIDs of the GPUs behind an actor's Ray GPU ids, in NVML's order.
+
+    Ray numbers a node's GPUs as CUDA does: an id is a CUDA index, or, on a raylet started under
+    CUDA_VISIBLE_DEVICES, one entry of it (an index or a UUID, as a string). NVML numbers GPUs
+    by PCI bus. CUDA does too under CUDA_DEVICE_ORDER=PCI_BUS_ID, and by default (fastest first)
+    on a node whose GPUs are all one model, since it breaks ties by PCI bus; on a node of mixed
+    models its default order is a ranking NVML cannot reproduce.
+
+    Args:
+        ray_ids: ray.get_gpu_ids() in the actor.
+        devices: the node's GPUs and MIG slices, as Nvml.devices() lists them.
+        env: the actor's environment, which is its raylet's (CUDA_DEVICE_ORDER).
+        nvml_error: why NVML lists nothing, where it cannot start.
+
+    Raises:
+        GpuError: an id names no device NVML lists here, two ids name one, or an index cannot be
+            told apart (mixed models without CUDA_DEVICE_ORDER=PCI_BUS_ID, GPUs in MIG mode); the
+            message says how to start the raylet.
+    """
+    ray_ids = list(ray_ids)
+    by_uuid = {d.uuid: d for d in devices}
+    whole = [d for d in devices if d.mig is None]  # NVML index order
+    found = []
+    for raw in ray_ids:
+        text = str(raw).strip()
+        if text in by_uuid:
+            found.append(by_uuid[text])
+            continue
+        if text.startswith(("GPU-", "MIG-")):
+            raise gpu.GpuError(f"Ray's GPU {text} (its raylet's CUDA_VISIBLE_DEVICES) is no GPU or MIG slice NVML lists "
+                               f"on this node ({', '.join(by_uuid) or nvml_error or 'none'}); a GPU in MIG mode is "
+                               "named by its slices' MIG- UUIDs")
+        if not text.isdigit():
+            raise gpu.GpuError(f"Ray's GPU id {text!r} is neither an index nor a GPU-/MIG- UUID: {_RAYLET_UUIDS}")
+        if not devices:
+            raise gpu.GpuError(f"Ray gave this worker GPU {text}, but NVML lists no GPU on this node "
+                               f"({nvml_error or 'none listed'}): check the driver (nvidia-smi), or start the raylet "
+                               "with --num-gpus 0 to run on the CPU")
+        if len(whole) < len(devices):
+            raise gpu.GpuError(f"Ray's GPU {text} is a CUDA index, and CUDA numbers a node with GPUs in MIG mode unlike "
+                               f"NVML: {_RAYLET_UUIDS} (MIG- UUIDs for the slices)")
+        if int(text) >= len(whole):
+            raise gpu.GpuError(f"Ray's GPU {text} is not on this node, where NVML lists {len(whole)} GPU(s): "
+                               f"start its raylet with --num-gpus {len(whole)} or fewer")
+        models = sorted({d.name for d in whole})
+        if len(models) > 1 and env.get("CUDA_DEVICE_ORDER", "").strip() != PCI_ORDER:
+            raise gpu.GpuError(f"Ray's GPU {text} is a CUDA index, and on this node of mixed models ({', '.join(models)}) "
+                               f"CUDA numbers GPUs fastest first, NVML by PCI bus: start its raylet with "
+                               f"CUDA_DEVICE_ORDER={PCI_ORDER}, or with CUDA_VISIBLE_DEVICES=<UUIDs> (as nvidia-smi -L "
+                               "prints them)")
+        found.append(whole[int(text)])
+    if len({d.uuid for d in found}) < len(found):
+        raise gpu.GpuError(f"Ray's GPU ids {', '.join(map(str, ray_ids))} name one GPU twice: {_RAYLET_UUIDS}")
+    order = {d.uuid: i for i, d in enumerate(devices)}
+    return tuple(sorted((d.uuid for d in found), key=order.__getitem__))
 
 
 def _node_name(node: dict) -> str:

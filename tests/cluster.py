@@ -127,17 +127,20 @@ class RayCluster:
         log = open(self.root / f"{name}.log", "wb")
         p = subprocess.Popen([*prefix, _RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                               "--object-store-memory=2000000000", *args],
-                             env={**os.environ, **_RAY_ENV, **env}, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, **_RAY_ENV, **env, "PYTHONPATH": _pythonpath(env)}, stdout=log,
+                             stderr=subprocess.STDOUT,
                              start_new_session=True)
         self.processes.append(p)
         return p
 
-    def start_head(self, docker_host: str | None = None) -> None:
+    def start_head(self, docker_host: str | None = None, env: dict | None = None, args: tuple[str, ...] = ()) -> None:
+        """`env`: more of the head's environment (a PYTHONPATH given comes before
+        tests/ray_loopback); `args`: more `ray start` options (--num-gpus)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        env = {"DOCKER_HOST": docker_host} if docker_host else {}
+        env = {**({"DOCKER_HOST": docker_host} if docker_host else {}), **(env or {})}
         self._start(["--head", f"--port={self.port}", f"--ray-client-server-port={self.client_port}",
                      "--include-dashboard=false", f"--temp-dir={self.root / 'tmp'}",
-                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"], env, "head")
+                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *args], env, "head")
         self.wait_nodes(1)
         self._wait_client()
 
@@ -156,15 +159,18 @@ class RayCluster:
                     raise
                 time.sleep(1)
 
-    def add_node(self, docker_host: str, name: str = "node2", overlay: tuple[Path, Path] | None = None) -> subprocess.Popen:
-        """A node whose runs go to `docker_host`. `overlay` (source, target): in the node's own
-        mount namespace, `target` shows `source` (a host whose data differs)."""
+    def add_node(self, docker_host: str | None, name: str = "node2", overlay: tuple[Path, Path] | None = None,
+                 env: dict | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """A node whose runs go to `docker_host` (None: this process's engine). `overlay`
+        (source, target): in the node's own mount namespace, `target` shows `source` (a host
+        whose data differs). `env` and `args`: as for start_head."""
         prefix = ()
         if overlay:
             prefix = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
                       'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(overlay[0]), str(overlay[1]))
+        env = {**({"DOCKER_HOST": docker_host} if docker_host else {}), **(env or {})}
         p = self._start([f"--address=127.0.0.1:{self.port}", f"--dashboard-agent-listen-port={free_port()}",
-                         f"--metrics-export-port={free_port()}"], {"DOCKER_HOST": docker_host}, name, prefix)
+                         f"--metrics-export-port={free_port()}", *args], env, name, prefix)
         self.wait_nodes(len(self.processes))
         return p
 
@@ -194,6 +200,11 @@ class RayCluster:
         for p in reversed(self.processes):
             _stop(p)
 
+
+
+def _pythonpath(env: dict) -> str:
+    """A node's PYTHONPATH: `env`'s (a fake pynvml first), then the loopback patch, always."""
+    return os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _LOOPBACK]))
 
 
 def _descendants(pid: int) -> list[int]:
