@@ -37,6 +37,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from sandbox.gpu import GpuError
     from sandbox.naming import TagError
 
+    from .ablate import AblateError
     from .config import ConfigError
     from .data import DataError
     from .ledger import LedgerError
@@ -45,7 +46,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .repo import RepoError
 
     return (SandboxError, GpuError, TagError, ConfigError, DataError, LedgerError, LoopError, RepoError, ProposerError,
-            UnsafePathError)
+            UnsafePathError, AblateError)
 
 
 def cli_command(fn):
@@ -335,6 +336,37 @@ def noise(
     ledger.event("noise", **result, min_delta=2 * result["spread"])
     typer.echo(f"baseline {image.commit[:7]}: {n} reruns, mean {result['mean']:.6f}, stdev {result['stdev']:.6f}, "
                f"spread {result['spread']:.6f} -> --min-delta auto = {2 * result['spread']:.6f} (saved {path})")
+
+
+@app.command("ablate")
+@cli_command
+def ablate(
+    tag: str = typer.Option(..., help="The run whose keeps to ablate."),
+    seeds: Optional[int] = typer.Option(None, help="Runs per variant, seed offsets 0..N-1 (default: as many as a keep needs)."),
+    repo: Path = RepoOpt,
+    data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
+    gpus: Optional[str] = typer.Option(None, help="none | all | a count like 4 | indices like 0,2 (default: runner.yaml's)"),
+) -> None:
+    """On a run's final best, revert each kept change alone, run each with the same seeds, and say
+    which keeps still help, by how much, and which could be dropped (also in report.html)."""
+    from . import ablate as abl
+    from .engine import Engine
+    from .ledger import Ledger
+
+    cfg = _config(repo, data_dir=data_dir, gpus=gpus)
+    n = seeds if seeds is not None else 1 + cfg.confirm_runs
+    if n < 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"--seeds must be at least 1, got {n}")
+    research = _open_repo(cfg.repo)
+    ledger = Ledger(cfg.repo, tag)
+    with _leased(cfg.gpus) as lease:
+        engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
+        report = abl.ablate(engine, research, ledger, n, cfg.min_delta if isinstance(cfg.min_delta, float) else 0.0,
+                            progress=lambda m: typer.echo(m, err=True))
+    for line in report.lines():
+        typer.echo(line)
 
 
 @images_app.callback(invoke_without_command=True)

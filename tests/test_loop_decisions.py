@@ -354,3 +354,27 @@ def test_runs_that_ignore_the_runners_seeds_are_not_confirmed(tmp_path, data_dir
     rows = [e["row"] for e in events(path) if e["event"] == "experiment"]
     assert rows[-1]["status"] == "discard" and rows[-1]["description"] == "pinned (2 runs) [seed_pinned]"
     assert gitmodule.Repo(path).head.commit.hexsha == [e for e in events(path) if e["event"] == "experiment"][0]["commit"]
+
+
+def test_ablate_reports_a_keep_that_does_nothing_as_droppable(tmp_path, data_dir):
+    """Two keeps: VALUE 2.0 -> 1.5 (real), then NOOP 0 -> 1, kept on one lucky run (its first run
+    only is 0.2 better). Reverting each alone on the final best with the same seeds: the first
+    helps by 0.5, the second is droppable."""
+    from runner import ablate
+
+    counter = tmp_path / "noop-runs"
+    train = TRAIN.replace("CRASH = 0", f"CRASH = 0\nNOOP = 0\nimport pathlib\n_c = pathlib.Path({str(counter)!r})\n"
+                          "LUCK = 0.0\nif NOOP:\n    LUCK = 0.2 if not _c.exists() else 0.0\n    _c.write_text('x')\n"
+                          "VALUE = VALUE - LUCK")
+    path = make_repo(tmp_path / "abl", train)
+    real = train.replace("VALUE = 2.0", "VALUE = 1.5")
+    noop = real.replace("NOOP = 0", "NOOP = 1")
+    loop = _loop_on(path, data_dir, [(real, "lower VALUE"), (noop, "set NOOP")], max_experiments=2, confirm="off")
+    loop.run()
+    assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep", "keep"]
+    report = ablate.ablate(loop.engine, loop.repo, loop.ledger, seeds=2, min_delta=0.0, progress=lambda m: None)
+    assert report.best_values == (1.5, 1.5)
+    assert [(a.description, a.verdict, a.delta) for a in report.ablations] == [
+        ("lower VALUE", "helps", 0.5), ("set NOOP", "droppable", 0.0)]
+    assert ablate.load(loop.ledger)["ablations"][1]["verdict"] == "droppable"
+    assert loop.repo.head().sha == report.best                      # the branch is where the night left it
