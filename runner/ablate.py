@@ -15,13 +15,15 @@ import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .engine import Engine
 from .ledger import Ledger, RowStatus
-from .repo import ResearchRepo
 from .reruns import load_noise
 from .summary import STATUS_OK, VERDICT_OK
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .repo import ResearchRepo
 
 ABLATION_FILE = "ablation.json"
 

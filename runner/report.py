@@ -15,6 +15,7 @@ from pathlib import Path, PurePath
 
 from sandbox.fsafe import open_beneath
 
+from . import ablate
 from .ledger import Ledger, RowStatus
 from .reruns import load_noise
 
@@ -44,6 +45,7 @@ class ReportData:
     heldout: dict | None = None  # the best kept experiment's val_bpb and held-out bpb, when the verifier had held-out data
     damaged: list[str] = field(default_factory=list)  # events.jsonl lines the report skipped
     noise: dict | None = None  # the baseline's spread over seeds (min_delta auto), when measured
+    ablation: dict | None = None  # `runner ablate`'s last result for this tag
 
 
 def collect(repo_root: Path, tag: str) -> ReportData:
@@ -101,6 +103,8 @@ def collect(repo_root: Path, tag: str) -> ReportData:
         noise = None  # a damaged noise file: the report shows no band
     if isinstance(noise, dict) and isinstance(noise.get("spread"), (int, float)):
         data.noise = {"spread": noise["spread"], "n": noise.get("n")}
+    ablation = ablate.load(ledger)
+    data.ablation = ablation if isinstance(ablation, dict) and isinstance(ablation.get("ablations"), list) else None
     return data
 
 
@@ -189,6 +193,13 @@ def summary_lines(data: ReportData) -> list[str]:
                  + "".join(f"; {p['commit']} seeds {p['seeds']}" for p in confirmed[:5]))
     if data.noise:
         lines.append(f"noise band: val_bpb spread {data.noise['spread']:.6f} over {data.noise['n']} baseline runs (seeds)")
+    if data.ablation:
+        for a in data.ablation["ablations"]:
+            if isinstance(a, dict):
+                worth = a.get("delta")
+                lines.append(f"ablation: {str(a.get('commit', ''))[:7]} {a.get('verdict')} "
+                             + ("" if not isinstance(worth, (int, float)) else f"(reverting it costs {worth:+.6f}) ")
+                             + str(a.get("description", "")))
     lines += [f"skipped: {why}" for why in data.damaged]
     return lines
 

@@ -377,4 +377,8 @@ def test_ablate_reports_a_keep_that_does_nothing_as_droppable(tmp_path, data_dir
     assert [(a.description, a.verdict, a.delta) for a in report.ablations] == [
         ("lower VALUE", "helps", 0.5), ("set NOOP", "droppable", 0.0)]
     assert ablate.load(loop.ledger)["ablations"][1]["verdict"] == "droppable"
+    from runner.report import collect, summary_lines
+
+    shown = summary_lines(collect(path, "fake"))
+    assert any(line.startswith("ablation: ") and "droppable" in line and "set NOOP" in line for line in shown)
     assert loop.repo.head().sha == report.best                      # the branch is where the night left it
