@@ -37,7 +37,6 @@ from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
 LOG_TAIL_FOR_FIX = 50  # lines of a crashed run's output offered to the proposer
-NOISE_RERUNS = 2  # extra baseline runs when --min-delta auto has no noise floor yet
 PROPOSER_BACKOFF_S = 15  # first wait after a failed proposal; doubles, capped at 10 minutes
 PROPOSER_MAX_ERRORS = 12  # failed proposals in a row (about 1.5 hours of backoff) before giving up
 # An engine or NVML hiccup while an experiment runs: the experiment is run again after these
@@ -308,12 +307,13 @@ class Loop:
             self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
 
     def measure_noise(self, slot: Slot | None = None) -> None:
-        """Rerun the baseline until NOISE_RERUNS more results are in (a crashed rerun is tried
+        """Rerun the baseline until noise_runs more results are in (a crashed rerun is tried
         again, up to twice as many runs); keeps must then beat 2 x the spread. Without enough
         results nothing is saved, and the next start measures again."""
         baseline = next(e for e in self.ledger.experiments() if e.iteration == 0)
         values, attempts = [baseline.row.val_bpb], 0
-        while len(values) <= NOISE_RERUNS and attempts < 2 * NOISE_RERUNS and not self.stop.is_set():
+        wanted = self.cfg.noise_runs
+        while len(values) <= wanted and attempts < 2 * wanted and not self.stop.is_set():
             attempts += 1
             # Each rerun with another seed: the spread is what seeds alone move the number by.
             run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log", slot=slot,
@@ -322,7 +322,7 @@ class Loop:
                 values.append(run.outcome.val_bpb)
             elif run.result.reason != REASON_INTERRUPTED:
                 self.ledger.event("noise_run_failed", attempt=attempts, reason=run.outcome.reason)
-        if len(values) <= NOISE_RERUNS:
+        if len(values) <= wanted:
             if not self.stop.is_set():
                 self.ledger.event("noise_failed", results=len(values), attempts=attempts)
                 self.out(f"noise floor: only {len(values)} baseline results in {attempts} reruns; min_delta stays "

@@ -56,7 +56,8 @@ def make(tmp_path, data_dir, proposals, backend=None, **overrides):
 
     path = make_repo(tmp_path / "repo", TRAIN)
     # confirmation runs are tested on their own below; elsewhere one run decides, as autoresearch's
-    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "confirm": "off", **overrides})
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "confirm": "off", "min_delta": 0.0,
+                             **overrides})
     repo = ResearchRepo(path)
     backend = backend or FakeBackend()
     lines: list[str] = []
@@ -208,7 +209,7 @@ def test_resume_restores_a_lost_row_that_another_tag_has_to_the_letter(tmp_path,
     first, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
     first.run()
     first.repo.checkout("main")
-    cfg = load_config(path, {"tag": "two", "data_dir": data_dir, "budget_s": 5, "max_experiments": 0})
+    cfg = load_config(path, {"tag": "two", "data_dir": data_dir, "budget_s": 5, "max_experiments": 0, "min_delta": 0.0})
 
     def loop():
         return Loop(cfg, first.repo, Engine(cfg, first.repo, progress=lambda m: None, sandbox=FakeBackend()),
@@ -317,7 +318,7 @@ def _loop_on(path, data_dir, proposals, **overrides):
     from runner.loop import Loop
     from runner.repo import ResearchRepo
 
-    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, **overrides})
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "min_delta": 0.0, **overrides})
     repo = ResearchRepo(path)
     return Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Scripted(proposals),
                 out=lambda line: None)
