@@ -86,8 +86,8 @@ class RunConfig:
     max_turns: int = 30                  # tool-use turns per proposal
     seed: int = 0                        # offline proposer seed
     max_experiments: int | None = None   # stop after this many experiments (baseline excluded)
-    min_delta: float | str = "auto"      # keep needs val_bpb < best - min_delta; "auto" = 2 x the baseline's spread over seeds
-    noise_runs: int = 2                  # with min_delta auto: baseline reruns (other seeds) before the first proposal
+    min_delta: float | str = 0.0         # keep needs val_bpb < best - min_delta; "auto" = 2 x the baseline's spread over seeds
+    noise_runs: int = 2                  # baseline reruns (other seeds) before the first proposal, once per tag; 0 = none
     stale_after: int = 10                # experiments without improvement before widening the search
     confirm: int | str = "auto"          # extra runs (other seeds) a would-be keep needs: auto = 1, off = 0, or N
     gpus: str = "auto"                   # auto | all | none | "0,2" (indices) | "4" (a count), as docker --gpus
@@ -275,8 +275,10 @@ def validate(cfg: RunConfig) -> None:
     if not (cfg.confirm is False or cfg.confirm in ("auto", "off") or (isinstance(cfg.confirm, int) and not isinstance(cfg.confirm, bool)
                                                and 0 <= cfg.confirm <= 10)):
         raise ConfigError(f"confirm must be auto, off or a number of extra runs from 0 to 10, got {cfg.confirm!r}")
-    if not (isinstance(cfg.noise_runs, int) and 1 <= cfg.noise_runs <= 20):
-        raise ConfigError(f"noise_runs must be a number of baseline reruns from 1 to 20, got {cfg.noise_runs!r}")
+    if not (isinstance(cfg.noise_runs, int) and not isinstance(cfg.noise_runs, bool) and 0 <= cfg.noise_runs <= 20):
+        raise ConfigError(f"noise_runs must be a number of baseline reruns from 0 to 20, got {cfg.noise_runs!r}")
+    if cfg.min_delta == "auto" and not cfg.noise_runs:
+        raise ConfigError("min_delta auto is twice the baseline's spread over seeds: set noise_runs to 1 or more")
     if isinstance(cfg.min_delta, str) and cfg.min_delta != "auto":
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:

@@ -307,9 +307,11 @@ class Loop:
             self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
 
     def measure_noise(self, slot: Slot | None = None) -> None:
-        """Rerun the baseline until noise_runs more results are in (a crashed rerun is tried
-        again, up to twice as many runs); keeps must then beat 2 x the spread. Without enough
-        results nothing is saved, and the next start measures again."""
+        """Rerun the baseline, each time with another seed, until noise_runs more results are in
+        (a crashed rerun is tried again, up to twice as many runs). The spread is the report's
+        noise band, tells confirmation whether this repo moves with the seed (seed_pinned), and
+        with min_delta auto sets min_delta to twice it. Without enough results nothing is saved,
+        and the next start measures again."""
         baseline = next(e for e in self.ledger.experiments() if e.iteration == 0)
         values, attempts = [baseline.row.val_bpb], 0
         wanted = self.cfg.noise_runs
@@ -330,9 +332,11 @@ class Loop:
             return
         noise = noise_floor(values)
         save_noise(self.ledger, noise)
-        self.min_delta = 2 * noise["spread"]
+        if self.cfg.min_delta == "auto":
+            self.min_delta = 2 * noise["spread"]
         self.ledger.event("noise", **noise, min_delta=self.min_delta)
-        self.out(f"noise floor: {len(values)} baseline runs, spread {noise['spread']:.6f} -> min_delta {self.min_delta:.6f}")
+        self.out(f"noise floor: {len(values)} baseline runs (other seeds), spread {noise['spread']:.6f}; "
+                 f"min_delta {self.min_delta:.6f}")
 
     # --- jobs: propose -> commit -> run -> settle ------------------------------------
 
@@ -520,7 +524,7 @@ class Loop:
             # GPU peak (the default VRAM ceiling) and its speed are measured on the same share.
             if self.state.best_commit is None and not self.stop.is_set():
                 self.baseline(slots[0])
-            if (self.cfg.min_delta == "auto" and self.state.best_commit is not None and not self.stop.is_set()
+            if (self.cfg.noise_runs and self.state.best_commit is not None and not self.stop.is_set()
                     and load_noise(self.ledger) is None):
                 self.measure_noise(slots[0])
             failure = None

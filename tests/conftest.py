@@ -89,7 +89,7 @@ def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str
             return Summary([], [])
 
     cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": budget_s, "max_experiments": 1, "verify": "on",
-                              "min_delta": 0.0})
+                              "noise_runs": 0})
     research = ResearchRepo(clone)
     loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), OneProposal(), out=lambda line: None)
     loop.run()

@@ -61,7 +61,7 @@ def make_loop(repo_path, proposer_factory, data_dir, **overrides):
     from runner.loop import Loop
     from runner.repo import ResearchRepo
 
-    cfg = load_config(repo_path, {"tag": "t", "data_dir": data_dir, "budget_s": 1, "confirm": "off", "min_delta": 0.0,
+    cfg = load_config(repo_path, {"tag": "t", "data_dir": data_dir, "budget_s": 1, "confirm": "off", "noise_runs": 0,
                                   **overrides})
     repo = ResearchRepo(repo_path)
     lines = []

@@ -56,7 +56,7 @@ def make(tmp_path, data_dir, proposals, backend=None, **overrides):
 
     path = make_repo(tmp_path / "repo", TRAIN)
     # confirmation runs are tested on their own below; elsewhere one run decides, as autoresearch's
-    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "confirm": "off", "min_delta": 0.0,
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "confirm": "off", "noise_runs": 0,
                              **overrides})
     repo = ResearchRepo(path)
     backend = backend or FakeBackend()
@@ -126,7 +126,7 @@ def test_resume_keeps_the_default_vram_ceiling(tmp_path, data_dir):
 
 def test_a_crashed_noise_run_is_run_again(tmp_path, data_dir):
     backend = FakeBackend(crash_runs={2})  # run 1 is the baseline, run 2 the first noise rerun
-    loop, path, _ = make(tmp_path, data_dir, [], backend=backend, max_experiments=0, min_delta="auto")
+    loop, path, _ = make(tmp_path, data_dir, [], backend=backend, max_experiments=0, min_delta="auto", noise_runs=2)
     loop.run()
     kinds = [e["event"] for e in events(path)]
     assert "noise_run_failed" in kinds and "noise" in kinds
@@ -209,7 +209,7 @@ def test_resume_restores_a_lost_row_that_another_tag_has_to_the_letter(tmp_path,
     first, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
     first.run()
     first.repo.checkout("main")
-    cfg = load_config(path, {"tag": "two", "data_dir": data_dir, "budget_s": 5, "max_experiments": 0, "min_delta": 0.0})
+    cfg = load_config(path, {"tag": "two", "data_dir": data_dir, "budget_s": 5, "max_experiments": 0, "noise_runs": 0})
 
     def loop():
         return Loop(cfg, first.repo, Engine(cfg, first.repo, progress=lambda m: None, sandbox=FakeBackend()),
@@ -318,7 +318,7 @@ def _loop_on(path, data_dir, proposals, **overrides):
     from runner.loop import Loop
     from runner.repo import ResearchRepo
 
-    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "min_delta": 0.0, **overrides})
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "noise_runs": 0, **overrides})
     repo = ResearchRepo(path)
     return Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Scripted(proposals),
                 out=lambda line: None)
@@ -350,7 +350,7 @@ def test_runs_that_ignore_the_runners_seeds_are_not_confirmed(tmp_path, data_dir
 
     path = make_repo(tmp_path / "seeded", seeded([2.0, 2.01, 2.02]))
     pinned = seeded([2.0, 2.01, 2.02]).replace("VALUE = VALUES[SEED % 3]", "VALUE = 1.5")
-    loop = _loop_on(path, data_dir, [(pinned, "pinned")], max_experiments=1, min_delta="auto")
+    loop = _loop_on(path, data_dir, [(pinned, "pinned")], max_experiments=1, min_delta="auto", noise_runs=2)
     loop.run()
     rows = [e["row"] for e in events(path) if e["event"] == "experiment"]
     assert rows[-1]["status"] == "discard" and rows[-1]["description"] == "pinned (2 runs) [seed_pinned]"

@@ -103,7 +103,7 @@ def test_export_then_import_on_a_clean_engine_reruns(finished_run, tmp_path, doc
 def test_noise_floor_and_min_delta_auto(tmp_path, data_dir):
     path = make_repo(tmp_path / "r", MINI_TRAIN)
     loop, _, lines = make_loop(path, lambda repo: Scripted(repo, [(variant(VALUE=1.9999999), "tiny gain")]),
-                               data_dir, max_experiments=1, min_delta="auto", tag="nz")
+                               data_dir, max_experiments=1, min_delta="auto", noise_runs=2, tag="nz")
     loop.run()
     noise = [e for e in loop.ledger.events("noise")]
     assert noise and noise[0]["n"] == 3 and noise[0]["spread"] == 0.0

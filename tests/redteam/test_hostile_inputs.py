@@ -56,7 +56,7 @@ def test_malformed_proposals_are_refused_and_the_night_goes_on(tmp_path, data_di
     from conftest import make_repo
 
     path = make_repo(tmp_path / "repo", TRAIN)
-    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "max_experiments": 4, "min_delta": 0.0})
+    cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "max_experiments": 4, "noise_runs": 0})
     repo = ResearchRepo(path)
     Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Malformed([]),
          out=lambda line: None).run()
