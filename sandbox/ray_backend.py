@@ -5,8 +5,8 @@ One Ray actor per parallel worker holds the resources of one slot (`worker_gpus`
 `worker_cpus` CPUs): Ray places the actors, accounts for the GPUs, and notices a node that dies.
 On its node the actor runs this project's own DockerSandbox against that node's local engine,
 with the node's GPU leases and NVML watchdog, so every host gives the same guarantees. A run
-whose node dies mid-run comes back with reason `lost` (the loop retries it once; Ray restarts
-the actor on a live node).
+whose node dies mid-run, or hangs well past the run's deadline, comes back with reason `lost`
+(the engine runs it once more, on a live node: Ray restarts the actor there).
 
 Images move by content. With a registry, an image is pushed once and each node pulls it by
 digest (layers it holds are not fetched again). Without one, the image's save archive minus
@@ -31,15 +31,20 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import docker.errors
+import requests
+
 from . import gpu, naming
 from .backend import RunningRun, SandboxError, held_gpus
 from .docker_backend import DockerSandbox
 from .fsafe import write_beneath
-from .spec import EXPORT_FILES, REASON_LOST, GpuAccess, Mount, RunResult, RunSpec
+from .spec import EXPORT_FILES, REASON_INTERRUPTED, REASON_LOST, GpuAccess, Mount, RunResult, RunSpec
 from .transfer import LayerNames, without_layers
 
 PLACEMENT_TIMEOUT_S = 120.0
 CONNECT_ATTEMPTS = 4
+PORT_WAIT_S = 20.0         # a head just started opens its port within seconds; nothing there after this is an error
+NODE_ANSWER_MARGIN_S = 120.0  # past a run's deadline (and again past its stop), a silent node is hung
 RESTART_PATIENCE_S = 300.0  # an actor whose node died is restarted by Ray on a live node meanwhile
 # The CUDA_DEVICE_ORDER under which CUDA numbers a node's GPUs as NVML does (by PCI bus).
 PCI_ORDER = "PCI_BUS_ID"
@@ -187,6 +192,7 @@ class RayBackend(DockerSandbox):
                                "a worker leases its GPUs exclusively, so two workers never share one")
         super().__init__(client)
         ray = _ray()
+        _wait_for_port(address)
         for attempt in range(CONNECT_ATTEMPTS):
             if ray.is_initialized():
                 break
@@ -233,11 +239,25 @@ class RayBackend(DockerSandbox):
     # --- runs --------------------------------------------------------------------------
 
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
-        worker = self._free.get()
+        worker = None
+        while worker is None:  # every worker busy: wait for one, or for the stop
+            if stop is not None and stop.is_set():
+                return self._interrupted(spec)
+            try:
+                worker = self._free.get(timeout=0.5)
+            except queue.Empty:
+                continue
         try:
             return self._run_with(worker, spec, stop)
         finally:
             self._free.put(worker)
+
+    @staticmethod
+    def _interrupted(spec: RunSpec) -> RunResult:
+        """A run stopped before a worker was free: it never started."""
+        return RunResult(exit_code=None, reason=REASON_INTERRUPTED, wall_s=0.0, log_path=spec.log_path, output_tail="",
+                         log_bytes=0, log_truncated=False, peak_mem_bytes=None, peak_vram_mb=None, image_id="",
+                         container_name=spec.name)
 
     def run_on_every_node(self, spec: RunSpec) -> list[RunResult]:
         """`spec` once on each node the workers are on, one after the other; each node's log
@@ -262,15 +282,27 @@ class RayBackend(DockerSandbox):
             files = {m.target: _tar_folder(m.source) for m in spec.mounts if _below(m.source, spec.log_root)}
             key = uuid.uuid4().hex
             ref = worker.run.remote(spec, files, key, self._data_digest(spec))
+            # The node's own watchdog ends the run at its deadline; a node that does not answer
+            # well after that is hung, which the driver treats as lost (run once more elsewhere).
+            deadline = time.monotonic() + spec.limits.deadline_s + spec.limits.kill_grace_s + NODE_ANSWER_MARGIN_S
+            stopped_at = None
             while not ray.wait([ref], timeout=0.5)[0]:
-                if stop is not None and stop.is_set():
+                now = time.monotonic()
+                if stopped_at is None and ((stop is not None and stop.is_set()) or now > deadline):
                     worker.stop.remote(key)
+                    stopped_at = now
+                if stopped_at is not None and now - stopped_at > spec.limits.kill_grace_s + NODE_ANSWER_MARGIN_S:
+                    ray.cancel(ref, force=True)
+                    raise TimeoutError(f"node {_node_name(node)} did not answer "
+                                       f"{spec.limits.kill_grace_s + NODE_ANSWER_MARGIN_S:g} s after its run was stopped")
             result, log, collected = ray.get(ref)
-        except _gone(ray) as exc:
+        except _gone(ray) + (ray.exceptions.GetTimeoutError, TimeoutError) as exc:
             return self._lost(spec, t0, exc, node)
         except ray.exceptions.RayTaskError as exc:  # the node's harness failed (its data, its engine)
             cause = getattr(exc, "cause", None)
             raise SandboxError(str(cause) if isinstance(cause, SandboxError) else str(exc).strip().splitlines()[-1]) from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:  # shipping, on this host
+            raise SandboxError(f"Docker engine error shipping {spec.image} to its node: {exc}") from None
         write_beneath(spec.log_path, spec.log_root, log)
         for name, data in collected.items():
             write_beneath(spec.collect_dir / name, spec.log_root, data)
@@ -374,6 +406,27 @@ class RayBackend(DockerSandbox):
     def nodes(self) -> list[dict]:
         """Where the workers are now (node id, address, host name, engine version)."""
         return [where for _, where in self._each("where")]
+
+
+def _wait_for_port(address: str, wait_s: float | None = None) -> None:
+    """Wait until something listens at the cluster's address: ray.init spends half a minute per
+    try on a port where nothing does, a wrong --cluster would take minutes to say so.
+
+    Raises:
+        SandboxError: nothing listens there within PORT_WAIT_S.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + (PORT_WAIT_S if wait_s is None else wait_s)
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except (OSError, ValueError) as exc:
+            if time.monotonic() > deadline:
+                raise SandboxError(f"no Ray cluster answers at {address} ({exc.__class__.__name__}: nothing listens "
+                                   "there): start it with `ray start --head` and pass its address") from None
+            time.sleep(0.5)
 
 
 def ray_gpu_uuids(ray_ids: Iterable[int | str], devices: Sequence[gpu.GpuDevice], env: Mapping[str, str],

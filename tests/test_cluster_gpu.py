@@ -233,3 +233,39 @@ def test_a_gpu_leased_elsewhere_is_an_error_never_another_gpu(gpu_cluster):
     _wait_unleased(hosts)  # the workers the backend killed, gone
     with _backend(cluster, hosts, worker_gpus=1) as leases:  # freed, and nothing left over holds the others
         assert taken in {u for lease in leases for u in lease["lease"]}
+
+
+def test_a_wrong_cluster_address_is_one_clear_error_in_seconds(monkeypatch):
+    """Nothing listens at the address: said at once (after a short wait for a head that is just
+    starting), not after ray.init's half a minute per try."""
+    import socket
+    import time
+
+    from sandbox import ray_backend
+    from sandbox.backend import SandboxError
+
+    with socket.socket() as s:  # a port on this machine where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(SandboxError, match=f"no Ray cluster answers at ray://127.0.0.1:{port} .*nothing listens"):
+        ray_backend._wait_for_port(f"ray://127.0.0.1:{port}", wait_s=1.0)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_run_waiting_for_a_busy_cluster_stops_when_asked(tmp_path):
+    """Every worker busy and the loop asked to stop: the run returns `interrupted` at once
+    instead of blocking on a free worker for ever."""
+    import queue
+    import threading
+
+    from sandbox.ray_backend import RayBackend
+    from sandbox.spec import Limits, RunSpec
+
+    backend = RayBackend.__new__(RayBackend)
+    backend._free = queue.Queue()  # no free worker
+    stop = threading.Event()
+    stop.set()
+    spec = RunSpec(image="x", command=("true",), limits=Limits(time_budget_s=5), log_path=tmp_path / "log", name="n")
+    result = backend.run(spec, stop)
+    assert result.reason == "interrupted" and result.exit_code is None
