@@ -51,12 +51,17 @@ def _events(repo: Path, tag: str) -> list[dict]:
 # --- NVML, leases and device access (no engine) ----------------------------------------------
 
 
-def test_real_nvml_lists_gpus_and_mig_slices(tmp_path, monkeypatch):
-    h = FakeGpuHost(tmp_path / "host", gpus=2)
-    h.machine["devices"][1]["mig"] = [{"uuid": "MIG-aaaa-1", "gi": 1, "ci": 0, "memory_mb": 9856},
-                                      {"uuid": "MIG-aaaa-2", "gi": 2, "ci": 0, "memory_mb": 9856}]
+def _mig_host(tmp_path, monkeypatch, gpus: int, uuids: tuple[str, str]) -> FakeGpuHost:
+    """A host whose last GPU is in MIG mode with two slices (GPU instances 1 and 2)."""
+    h = FakeGpuHost(tmp_path / "host", gpus=gpus)
+    h.machine["devices"][-1]["mig"] = [{"uuid": uuid, "gi": gi, "ci": 0, "memory_mb": 9856} for gi, uuid in enumerate(uuids, 1)]
     h.write()
     h.install(monkeypatch)
+    return h
+
+
+def test_real_nvml_lists_gpus_and_mig_slices(tmp_path, monkeypatch):
+    h = _mig_host(tmp_path, monkeypatch, 2, ("MIG-aaaa-1", "MIG-aaaa-2"))
     devices = gpu.RealNvml().devices()
     assert [(d.index, d.uuid, d.minor, d.mig) for d in devices] == [
         (0, h.uuids[0], 0, None), (1, "MIG-aaaa-1", 1, (1, 0)), (1, "MIG-aaaa-2", 1, (2, 0))]
@@ -71,11 +76,7 @@ def test_real_nvml_lists_gpus_and_mig_slices(tmp_path, monkeypatch):
 
 
 def test_mig_devices_access_passes_only_the_slices_own_capabilities(tmp_path, monkeypatch):
-    h = FakeGpuHost(tmp_path / "host", gpus=1)
-    h.machine["devices"][0]["mig"] = [{"uuid": "MIG-s1", "gi": 1, "ci": 0, "memory_mb": 9856},
-                                      {"uuid": "MIG-s2", "gi": 2, "ci": 0, "memory_mb": 9856}]
-    h.write()
-    h.install(monkeypatch)
+    h = _mig_host(tmp_path, monkeypatch, 1, ("MIG-s1", "MIG-s2"))
     minors = tmp_path / "mig-minors"
     minors.write_text("config 1\nmonitor 2\ngpu0/gi1/access 12\ngpu0/gi1/ci0/access 13\n"
                       "gpu0/gi2/access 21\ngpu0/gi2/ci0/access 22\n")

@@ -73,30 +73,12 @@ _PATCHES = {"torch": _patch_torch, "numpy.random": _patch_numpy_random, "random"
 
 def install() -> None:
     """Offset seeds in this process (a no-op when the offset is 0)."""
-    import importlib.abc
-    import importlib.machinery
+    import after_import  # next to this file, root-owned
 
     k = offset()
     if k == 0:
         return
-
-    class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name not in _PATCHES:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-                return spec
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                _PATCHES[name](module, k)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
     for name, patch in _PATCHES.items():  # already imported (random, by site): patch it now
         if name in sys.modules:
             patch(sys.modules[name], k)
-    sys.meta_path.insert(0, Finder())
+    after_import.install({name: functools.partial(patch, k=k) for name, patch in _PATCHES.items()})

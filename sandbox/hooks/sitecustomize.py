@@ -126,28 +126,10 @@ def _wrap(module, name):
 
 
 def _install():
-    import importlib.abc
-    import importlib.machinery
+    import after_import  # next to this file, root-owned
 
     module_name, _, func = _TARGET.rpartition(".")
-
-    class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != module_name:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-                return spec
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                _wrap(module, func)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, Finder())
+    after_import.install({module_name: lambda module: _wrap(module, func)})
 
 
 if _TARGET and "." in _TARGET:
