@@ -106,7 +106,7 @@ class RunConfig:
     data_dir: Path = field(default_factory=default_data_dir)  # prepared data, mounted read-only
     hf_cache: Path | None = None         # Hugging Face hub cache (HF_HUB_CACHE); null = the host's default hub cache
     hf_prefetch: tuple[str, ...] = ()    # Hub repos `runner prepare` fetches besides those found in the code
-    verify: str = "auto"                 # auto | on | off | sample: keeps need a val_bpb trusted code computed (see README)
+    verify: str = "auto"                 # auto | on | all | off: keeps need a val_bpb trusted code computed (see README)
     verify_target: str = "prepare.evaluate_bpb"  # the repo's evaluation function; the model it is given is exported
     verify_args: dict[str, str] = field(default_factory=dict)  # how the verifier rebuilds an argument, e.g. tokenizer: Tokenizer.from_directory()
     verify_data: Path | None = field(default_factory=default_heldout_dir)  # held-out data: prepare writes it, only the verifier reads it
@@ -242,8 +242,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"proposer must be auto, offline or claude, got {cfg.proposer!r}")
     if isinstance(cfg.prefetch, str) and cfg.prefetch != "auto":
         raise ConfigError(f"prefetch must be a number or 'auto', got {cfg.prefetch!r}")
-    if cfg.verify not in ("auto", "on", "off", "sample"):
-        raise ConfigError(f"verify must be auto, on, off or sample, got {cfg.verify!r}")
+    if cfg.verify not in ("auto", "on", "all", "off", "sample"):  # sample: what `on` now does (older runner.yaml)
+        raise ConfigError(f"verify must be auto, on, all or off, got {cfg.verify!r}")
     if "." not in cfg.verify_target:
         raise ConfigError(f"verify_target must be module.function, got {cfg.verify_target!r}")
     for name, recipe in cfg.verify_args.items():

@@ -212,7 +212,7 @@ class Loop:
                 with self.lock:
                     self.ledger.event("lost", iteration=iteration, commit=commit,
                                       run=dataclasses.replace(run, result=run.lost, outcome=judge(run.lost)).to_dict())
-            if self._needs_verification(run):
+            if self._needs_verification(run, job):
                 run = self.engine.verify(run, self.tag, iteration, stop=self.stop, slot=slot)
         finally:
             self.reporter.finished(iteration)
@@ -221,14 +221,17 @@ class Loop:
                 self.repo.respawn_git()
         return run
 
-    def _needs_verification(self, run: ExperimentRun) -> bool:
-        """verify on: every result; sample: only a result that could be kept (the others decide nothing)."""
+    def _needs_verification(self, run: ExperimentRun, job: "Job | None") -> bool:
+        """Verify where it decides: the baseline, a result that could be kept (better than the best
+        by more than min_delta: a keep, or a near-miss to re-apply), and every confirmation run.
+        A result that is not verified is never kept: the best only gets better, so one that could
+        not be kept when it finished cannot be later. `verify: all` verifies every result."""
         if self.verify_mode == "off" or run.outcome.status != STATUS_OK or self.stop.is_set():
             return False
-        if self.verify_mode == "sample":
-            with self.lock:
-                return run.outcome.val_bpb < self.state.best_val_bpb - self.min_delta
-        return True
+        if self.verify_mode == "all" or job is None or job.runs:
+            return True
+        with self.lock:
+            return run.outcome.val_bpb < self.state.best_val_bpb - self.min_delta
 
     def _record(self, iteration: int, run: ExperimentRun, status: RowStatus, description: str,
                 proposal: Proposal | None, parent: str | None = None, verifies: int | None = None,

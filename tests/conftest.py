@@ -65,7 +65,8 @@ def run_json(repo: Path, data_dir: Path, *extra: str) -> tuple[dict, str]:
     return record, Path(record["log"]).read_text(errors="replace")
 
 
-def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str, tag: str, budget_s: float = 2):
+def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str, tag: str, budget_s: float = 2,
+                           verify: str = "on"):
     """A copy of `repo` run through the real loop (verify on): its baseline, then one experiment
     whose proposal is `train_py`. Returns (the finished Loop, the copy's ResearchRepo)."""
     import shutil
@@ -88,7 +89,7 @@ def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str
         def summarize(self, ctx, rows):
             return Summary([], [])
 
-    cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": budget_s, "max_experiments": 1, "verify": "on",
+    cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": budget_s, "max_experiments": 1, "verify": verify,
                               "noise_runs": 0})
     research = ResearchRepo(clone)
     loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), OneProposal(), out=lambda line: None)

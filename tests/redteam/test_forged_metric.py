@@ -202,3 +202,17 @@ def test_experiments_never_see_the_held_out_data(run_train, tmp_path):
     run = run_train("import os\nprint('SEEN', os.path.exists('/home/heldout'), os.environ.get('AUTORESEARCH_HELDOUT_DIR'))\n"
                     + SUMMARY, verify_data=heldout)
     assert "SEEN False None" in run.result.log_path.read_text()
+
+
+@pytest.mark.parametrize("verify,verified", [("on", False), ("all", True)])
+def test_a_discard_is_verified_only_in_an_audit(tinylm, tmp_path, verify, verified):
+    """Verification where it decides: the baseline always, a result that could not be kept (an
+    untrained model, far worse than the baseline) not at all under `on`, every result under `all`."""
+    repo, data = tinylm
+    worse = (repo / "train.py").read_text().replace("LEARNING_RATE = 0.003", "LEARNING_RATE = 1e-9")
+    loop, _ = loop_with_one_proposal(repo, data, tmp_path, worse, "no learning", f"gate{verify}", verify=verify)
+    baseline, discard = loop.ledger.experiments()
+    assert baseline.run["verdict"] == "ok" and baseline.run["verify_s"] > 0
+    assert discard.row.status == "discard"
+    assert (discard.run["verdict"] == "ok" and discard.run["verify_s"] > 0) if verified else \
+        (discard.run["verdict"] == "" and discard.run["verify_s"] == 0)
