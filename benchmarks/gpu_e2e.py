@@ -972,7 +972,7 @@ class Run:
         figures = run_figures(log_text)  # the runner's record wins where both have a figure (val_bpb: the verified one)
         figures.update(outcome=record.get("status"), **{k: record.get(k) for k in (
             "reason", "val_bpb", "verdict", "wall_s", "total_s", "overhead_s", "training_seconds", "peak_vram_mb",
-            "memory_gb", "verify_s", "duty_cycle", "image")})
+            "memory_gb", "verify_s", "training_share", "image")})
         figures["gpu"] = gpu_evidence(record.get("peak_vram_mb"), log_text)
         self.say(f"sandbox: {figures['outcome']} val_bpb {figures['val_bpb']} wall {figures['wall_s']} s "
                  f"compile {figures['compile_s']} s peak_vram_mb {figures['peak_vram_mb']}")

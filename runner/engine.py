@@ -58,8 +58,9 @@ class ExperimentRun:
         return round(max(self.total_s - self.result.wall_s, 0.0), 3)
 
     @property
-    def duty_cycle(self) -> float | None:
-        """Training seconds / container wall seconds: how much of the run the accelerator trained."""
+    def training_share(self) -> float | None:
+        """Training seconds / this container's wall seconds: how much of one run trained (the
+        night's duty cycle is policy.duty_cycle, over the night's wall time)."""
         m = self.outcome.metrics
         if not m or not m.training_seconds or not self.result.wall_s:
             return None
@@ -91,7 +92,7 @@ class ExperimentRun:
             "training_seconds": m.training_seconds if m else None,
             "peak_mem_bytes": self.result.peak_mem_bytes,
             "peak_vram_mb": self.result.peak_vram_mb,
-            "duty_cycle": self.duty_cycle,
+            "training_share": self.training_share,
             "log": str(self.result.log_path),
             "log_bytes": self.result.log_bytes,
             "log_truncated": self.result.log_truncated,

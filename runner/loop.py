@@ -26,7 +26,7 @@ from .config import RunConfig
 from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
 from .ledger import ExperimentRecord, Ledger, Row, RowStatus
-from .policy import RunState, confirm, decide, seed_only_change
+from .policy import RunState, confirm, decide, duty_cycle, seed_only_change
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
@@ -665,11 +665,11 @@ class Loop:
             context = self.context()
         summary = self.proposer.summarize(context, rows)
         wall_s = time.monotonic() - self.started
-        duty = self.state.training_s / (wall_s * workers) if wall_s > 0 else 0.0
+        duty = duty_cycle(self.state.training_s, wall_s, workers) or 0.0
         self.ledger.event("summary", experiments=len(rows), best_commit=self.state.best_commit,
                           best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb,
                           trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage,
-                          wall_s=round(wall_s, 1), training_s=round(self.state.training_s, 1), workers=workers,
+                          wall_s=round(wall_s, 3), training_s=round(self.state.training_s, 3), workers=workers,
                           duty_cycle=round(duty, 4))
         self.out(format_summary(self.tag, rows, self.state, summary, duty))
         return summary

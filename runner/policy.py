@@ -43,6 +43,13 @@ class RunState:
         return state
 
 
+def duty_cycle(training_s: float, wall_s: float, workers: int = 1) -> float | None:
+    """The accelerator duty cycle, the one definition every view uses: seconds the workers spent
+    training (what the runs report as training_seconds) over the seconds the night had for them
+    (its wall time x workers). None before any time has passed."""
+    return training_s / (wall_s * max(workers, 1)) if wall_s > 0 else None
+
+
 class JobLike(Protocol):
     parent: str          # the commit the edit was proposed on
     retry_fix: bool      # a crash may still be sent back to the proposer once

@@ -17,6 +17,7 @@ from sandbox.fsafe import open_beneath
 
 from . import ablate
 from .ledger import Ledger, RowStatus
+from .policy import duty_cycle
 from .reruns import load_noise
 
 # USD per million tokens (input, output); a model not listed reports tokens only.
@@ -38,6 +39,7 @@ class ReportData:
     cost_usd: float | None = None
     model: str | None = None
     duty_cycle: float | None = None
+    night_s: float = 0.0          # wall seconds of the sessions that ended with a summary
     training_s: float = 0.0
     wall_s: float = 0.0
     counts: dict = field(default_factory=dict)
@@ -96,7 +98,12 @@ def collect(repo_root: Path, tag: str) -> ReportData:
         price = next((p for prefix, p in PRICES_PER_MTOK.items() if data.model.startswith(prefix)), None)
         if price:
             data.cost_usd = (data.input_tokens * price[0] + data.output_tokens * price[1]) / 1e6
-    data.duty_cycle = data.training_s / data.wall_s if data.wall_s else None
+    # The night's duty cycle (policy.duty_cycle), over every session of this tag that ended with
+    # a summary: its workers' training seconds over its wall time x workers.
+    nights = [e for e in ledger.events("summary") if all(isinstance(e.get(k), (int, float)) for k in ("training_s", "wall_s"))]
+    capacity = sum(e["wall_s"] * max(int(e.get("workers") or 1), 1) for e in nights)
+    data.night_s = sum(e["wall_s"] for e in nights)
+    data.duty_cycle = duty_cycle(sum(e["training_s"] for e in nights), capacity) if nights else None
     try:
         noise = load_noise(ledger)
     except (OSError, ValueError):
@@ -177,8 +184,9 @@ def summary_lines(data: ReportData) -> list[str]:
         f"experiments: {len(data.points)} ({data.counts['keep']} keep, {data.counts['discard']} discard, "
         f"{data.counts['crash']} crash), keep rate {100 * data.keep_rate:.1f}%",
         f"best val_bpb: {min((p['val_bpb'] for p in data.points if p['status'] == 'keep'), default=0):.6f}",
-        "duty cycle: " + ("-" if data.duty_cycle is None else f"{100 * data.duty_cycle:.1f}% "
-                          f"({data.training_s:.0f}s training / {data.wall_s:.0f}s in containers)"),
+        "accelerator duty cycle: " + ("-" if data.duty_cycle is None else f"{100 * data.duty_cycle:.1f}% of "
+                                      f"{data.night_s:.0f}s of night (containers ran {data.wall_s:.0f}s, "
+                                      f"training {data.training_s:.0f}s)"),
         f"tokens: {data.input_tokens:,} in, {data.output_tokens:,} out"
         + ("" if data.cost_usd is None else f", about ${data.cost_usd:.2f} ({data.model})"),
         "verified: " + (", ".join(f"{n} {v}" for v, n in sorted(data.verdicts.items())) or "none (verify off or unavailable)"),

@@ -383,3 +383,18 @@ def test_ablate_reports_a_keep_that_does_nothing_as_droppable(tmp_path, data_dir
     shown = summary_lines(collect(path, "fake"))
     assert any(line.startswith("ablation: ") and "droppable" in line and "set NOOP" in line for line in shown)
     assert loop.repo.head().sha == report.best                      # the branch is where the night left it
+
+
+def test_one_duty_cycle_in_the_summary_and_the_report(tmp_path, data_dir):
+    """The night's summary and `runner report` say the same accelerator duty cycle (training
+    seconds over the night's wall time x workers), and the words mean nothing else anywhere."""
+    from runner.report import collect, summary_lines
+
+    loop, path, lines = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better")], max_experiments=1)
+    loop.run()
+    [summary] = [e for e in events(path) if e["event"] == "summary"]
+    data = collect(path, "fake")
+    assert data.duty_cycle == pytest.approx(summary["duty_cycle"], rel=1e-3)
+    assert f"accelerator duty cycle: {100 * summary['duty_cycle']:.1f}%" in lines[-1]
+    assert any(line.startswith(f"accelerator duty cycle: {100 * data.duty_cycle:.1f}% of") for line in summary_lines(data))
+    assert all("duty_cycle" not in e["run"] for e in events(path) if e["event"] == "experiment")
