@@ -193,7 +193,9 @@ class Loop:
         )
 
     def _run(self, job: "Job | None", commit: str, iteration: int, log_path: Path | None = None,
-             slot: Slot | None = None, seed: int | None = None) -> ExperimentRun:
+             slot: Slot | None = None, seed: int | None = None, decides: bool = True) -> ExperimentRun:
+        """One run of `commit` (a job's, else the baseline's); `decides`: False for a run whose
+        number decides nothing (a noise rerun), which is then neither exported nor verified."""
         seed = (job.seed if job else 0) if seed is None else seed
         log_path = log_path or self.ledger.log_path(iteration, commit, seed)
         self.reporter.started(iteration, commit, job.proposal.description if job else "baseline", log_path,
@@ -205,14 +207,14 @@ class Loop:
                                                          data_digest(self.cfg.data_dir), sources=job.sources)
             run = self.engine.run_commit(commit, self.tag, log_path, iteration=iteration, stop=self.stop,
                                          image=job.image if job else None, slot=slot,
-                                         export=self.verify_mode != "off", seed=seed)
+                                         export=decides and self.verify_mode != "off", seed=seed)
             if run.lost is not None:
                 # Its node died (a cluster) and the engine ran it once more on a live node: an
                 # event records the loss; the experiment is counted once, by that second try.
                 with self.lock:
                     self.ledger.event("lost", iteration=iteration, commit=commit,
                                       run=dataclasses.replace(run, result=run.lost, outcome=judge(run.lost)).to_dict())
-            if self._needs_verification(run, job):
+            if decides and self._needs_verification(run, job):
                 run = self.engine.verify(run, self.tag, iteration, stop=self.stop, slot=slot)
         finally:
             self.reporter.finished(iteration)
@@ -322,7 +324,7 @@ class Loop:
             attempts += 1
             # Each rerun with another seed: the spread is what seeds alone move the number by.
             run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log", slot=slot,
-                            seed=attempts)
+                            seed=attempts, decides=False)
             if run.outcome.status == STATUS_OK:
                 values.append(run.outcome.val_bpb)
             elif run.result.reason != REASON_INTERRUPTED:
