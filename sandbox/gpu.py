@@ -232,7 +232,8 @@ def acquire(request: str, nvml: Nvml | None = None, busy: set[str] | None = None
         why = cpu_host_reason(nvml, dev or DEV_DIR)
         if mode == "auto":
             return GpuLease.none(why)
-        raise GpuError(f"--gpus {request} asks for GPUs and {why[0].lower() + why[1:]}: pass --gpus none to run on the CPU")
+        if mode == "all":
+            raise GpuError(f"--gpus all asks for every GPU of this host, and it has none ({why}): pass --gpus none to run on the CPU")
     if mode == "indices":
         indices = {d.index for d in devices}
         missing = [i for i in arg if i not in indices]
@@ -244,7 +245,7 @@ def acquire(request: str, nvml: Nvml | None = None, busy: set[str] | None = None
         by_uuid = {d.uuid: d for d in devices}
         missing = [u for u in arg if u not in by_uuid]
         if missing:
-            raise GpuError(f"no GPU or MIG slice {missing[0]} on this host (here: {', '.join(by_uuid)}); "
+            raise GpuError(f"no GPU or MIG slice {missing[0]} on this host (here: {', '.join(by_uuid) or 'none'}); "
                            "a GPU in MIG mode is leased by its slices' MIG- UUIDs")
         wanted = [by_uuid[u] for u in arg]
     elif mode == "count" and arg > len(devices):

@@ -34,7 +34,7 @@ def test_claude_proposes_edits_and_summarises_through_the_sdk(tmp_path, data_dir
     assert r.returncode == 0, r.stderr
     rows = (path / "results.tsv").read_text().splitlines()[1:]
     assert [row.split("\t")[1:] for row in rows] == [
-        ["2.000000", rows[0].split("\t")[2], "keep", "baseline"], ["1.000000", rows[1].split("\t")[2], "keep", "halve VALUE"]]
+        ["2.000000", rows[0].split("\t")[2], "keep", "baseline"], ["1.000000", rows[1].split("\t")[2], "keep", "halve VALUE (2 runs)"]]  # confirmed with a second seed
     first = fake.requests[1]  # the retry after the 429
     assert first == fake.requests[0]
     assert "# test program" in first["system"] and "untrusted_log" in first["system"]

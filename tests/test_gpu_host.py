@@ -117,7 +117,7 @@ def test_auto_says_why_it_runs_on_the_cpu_and_never_hides_a_broken_driver(tmp_pa
     # a host without the driver: the CPU, and the lease says why
     lease = gpu.acquire("auto", lock_dir=h.locks, dev=tmp_path / "empty-dev")
     assert lease.devices == () and "Driver Not Loaded" in lease.cpu_reason
-    with pytest.raises(GpuError, match="--gpus all asks for GPUs and nVML cannot start: Driver Not Loaded: pass --gpus none"):
+    with pytest.raises(GpuError, match=r"--gpus all asks for every GPU of this host, and it has none \(NVML cannot start: Driver Not Loaded\): pass --gpus none"):
         gpu.acquire("all", lock_dir=h.locks, dev=tmp_path / "empty-dev")
 
 
