@@ -75,11 +75,6 @@ def _open_repo(path: Path):
     return ResearchRepo(path)
 
 
-# A host without the NVIDIA library is a CPU host, nothing to say about it; anything else that
-# leaves a run on the CPU (NVML up and no GPU, NVML failing) is printed.
-CPU_HOST_REASONS = ("NVML Shared Library Not Found", "nvidia-ml-py is not installed", "--gpus none", "--gpus 0")
-
-
 @contextlib.contextmanager
 def _leased(request: str):
     """GPUs leased for the `with` block (see _lease), released after it."""
@@ -102,15 +97,16 @@ def _lease(request: str):
     from sandbox.backend import held_gpus
 
     if gpu.parse_request(request)[0] == "none":
-        return gpu.GpuLease.none("--gpus none")
+        return gpu.GpuLease.none("--gpus none", expected=True)
     backend = _backend()
     lease = gpu.acquire(request, busy=held_gpus(backend))
     if not lease.devices:
         if backend.owner.startswith("container:") and backend.gpu_runtime("auto") == "toolkit":
             raise gpu.GpuError(f"this runner's container sees no GPU ({lease.cpu_reason}) on an engine with the nvidia "
                                "runtime: run it with --gpus all --pid host (see the README), or pass --gpus none to run on the CPU")
-        if not any(plain in lease.cpu_reason for plain in CPU_HOST_REASONS):
+        if not lease.cpu_expected:
             # NVML is there and sees no GPU, or fails without the driver's nodes: said, never silent
+            # (a host without the NVIDIA library at all is a CPU host, nothing to say about it)
             typer.echo(f"no GPU leased ({lease.cpu_reason}): experiments run on the CPU", err=True)
     return lease
 

@@ -63,16 +63,18 @@ class RealNvml:
 
     def __init__(self):
         self.error: str | None = None
+        self.library_missing = False  # no NVML on this host at all: a plain CPU host
         try:
             import pynvml
         except ImportError:
-            self.nv, self.error = None, "nvidia-ml-py is not installed"
+            self.nv, self.error, self.library_missing = None, "nvidia-ml-py is not installed", True
             return
         self.nv = pynvml
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
             self.error = f"NVML cannot start: {exc}"
+            self.library_missing = getattr(exc, "value", None) == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
 
     @property
     def ok(self) -> bool:
@@ -150,11 +152,12 @@ class GpuLease:
     model: str | None = None
     nvml: Nvml | None = None
     cpu_reason: str = ""  # with no devices: why the runs go to the CPU, for the user to read
+    cpu_expected: bool = False  # no devices because none were asked for, or the host has no NVML at all
     _locks: list = field(default_factory=list, repr=False)
 
     @classmethod
-    def none(cls, cpu_reason: str = "") -> "GpuLease":
-        return cls(cpu_reason=cpu_reason)
+    def none(cls, cpu_reason: str = "", expected: bool = False) -> "GpuLease":
+        return cls(cpu_reason=cpu_reason, cpu_expected=expected)
 
     def vram_probe(self) -> Callable[[str], float] | None:
         """container id -> MiB of VRAM its processes hold on the leased GPUs; None without GPUs."""
@@ -224,14 +227,14 @@ def acquire(request: str, nvml: Nvml | None = None, busy: set[str] | None = None
     """
     mode, arg = parse_request(request)
     if mode == "none" or (mode == "count" and arg == 0):
-        return GpuLease.none(f"--gpus {request}")
+        return GpuLease.none(f"--gpus {request}", expected=True)
     nvml = nvml or RealNvml()
     devices = nvml.devices()
     busy = busy or set()
     if not devices:
         why = cpu_host_reason(nvml, dev or DEV_DIR)
         if mode == "auto":
-            return GpuLease.none(why)
+            return GpuLease.none(why, expected=getattr(nvml, "library_missing", False))
         if mode == "all":
             raise GpuError(f"--gpus all asks for every GPU of this host, and it has none ({why}): pass --gpus none to run on the CPU")
     if mode == "indices":

@@ -116,7 +116,12 @@ def test_auto_says_why_it_runs_on_the_cpu_and_never_hides_a_broken_driver(tmp_pa
         gpu.acquire("auto", lock_dir=h.locks, dev=h.dev)
     # a host without the driver: the CPU, and the lease says why
     lease = gpu.acquire("auto", lock_dir=h.locks, dev=tmp_path / "empty-dev")
-    assert lease.devices == () and "Driver Not Loaded" in lease.cpu_reason
+    assert lease.devices == () and "Driver Not Loaded" in lease.cpu_reason and not lease.cpu_expected  # said
+    h.machine["fail"] = {"nvmlInit": "LIBRARY_NOT_FOUND"}  # no NVIDIA library at all: a plain CPU host
+    h.write()
+    assert gpu.acquire("auto", lock_dir=h.locks, dev=tmp_path / "empty-dev").cpu_expected
+    h.machine["fail"] = {"nvmlInit": "DRIVER_NOT_LOADED"}
+    h.write()
     with pytest.raises(GpuError, match=r"--gpus all asks for every GPU of this host, and it has none \(NVML cannot start: Driver Not Loaded\): pass --gpus none"):
         gpu.acquire("all", lock_dir=h.locks, dev=tmp_path / "empty-dev")
 
