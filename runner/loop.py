@@ -666,12 +666,14 @@ class Loop:
             rows = self._rows_of_this_tag()
             context = self.context()
         summary = self.proposer.summarize(context, rows)
-        wall_s = time.monotonic() - self.started
-        duty = duty_cycle(self.state.training_s, wall_s, workers) or 0.0
+        # The ledger keeps both to the millisecond; the duty cycle is computed from what it keeps,
+        # so `runner report` (which reads them back) says the same figure on a short night too.
+        wall_s, training_s = round(time.monotonic() - self.started, 3), round(self.state.training_s, 3)
+        duty = duty_cycle(training_s, wall_s, workers) or 0.0
         self.ledger.event("summary", experiments=len(rows), best_commit=self.state.best_commit,
                           best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb,
                           trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage,
-                          wall_s=round(wall_s, 3), training_s=round(self.state.training_s, 3), workers=workers,
+                          wall_s=wall_s, training_s=training_s, workers=workers,
                           duty_cycle=round(duty, 4))
         self.out(format_summary(self.tag, rows, self.state, summary, duty))
         return summary
