@@ -98,10 +98,12 @@ def _lease(request: str):
 
     if gpu.parse_request(request)[0] == "none":
         return gpu.GpuLease.none("--gpus none", expected=True)
-    backend = _backend()
-    lease = gpu.acquire(request, busy=held_gpus(backend))
+    with _backend() as backend:  # GPUs of this host: its engine's runs hold them
+        lease = gpu.acquire(request, busy=held_gpus(backend.executor))
+        in_container_with_toolkit = (backend.executor.owner.startswith("container:")
+                                     and backend.executor.gpu_runtime("auto") == "toolkit")
     if not lease.devices:
-        if backend.owner.startswith("container:") and backend.gpu_runtime("auto") == "toolkit":
+        if in_container_with_toolkit:
             raise gpu.GpuError(f"this runner's container sees no GPU ({lease.cpu_reason}) on an engine with the nvidia "
                                "runtime: run it with --gpus all --pid host (see the README), or pass --gpus none to run on the CPU")
         if not lease.cpu_expected:
@@ -111,10 +113,18 @@ def _lease(request: str):
     return lease
 
 
-def _backend(name: str = "docker"):
-    from sandbox.backend import open_backend
+@contextlib.contextmanager
+def _backend(repo: Path | None = None):
+    """The image store and executor for a command that looks at, cleans or moves what runs:
+    those `repo`'s runner.yaml names (a cluster's nodes where `cluster:` is set), else this
+    host's engine. Opened without placing cluster workers; closed after the `with` block."""
+    from sandbox.backend import BackendSettings, open_backend
 
-    return open_backend(name)
+    backend = open_backend(_config(repo).backend_settings() if repo is not None else BackendSettings(), runs=False)
+    try:
+        yield backend
+    finally:
+        backend.close()
 
 
 @app.command("version")
@@ -143,18 +153,17 @@ def prepare(repo: Path = RepoOpt, data_dir: Optional[Path] = typer.Option(None, 
 
     cfg = _config(repo, data_dir=data_dir, cluster=cluster)
     research = _open_repo(cfg.repo)
-    engine = Engine(cfg, research, progress=typer.echo)
     files = RunnerFiles(research.path)
     log = files.prepare_log
-    result = engine.prepare_data(log)
+    with Engine(cfg, research, progress=typer.echo) as engine:  # a cluster's workers go at the end
+        result = engine.prepare_data(log)
+        fetch, report = engine.fetch_hub(files.hub_fetch_log) if result.exit_code == 0 and not result.reason else (None, None)
     if result.exit_code != 0 or result.reason:
         typer.echo(f"error: prepare.py failed ({result.reason or 'exit ' + str(result.exit_code)}); read {result.log_path}:\n"
                    f"{block(result.tail_lines(15))}", err=True)
         raise typer.Exit(2)
     typer.echo(block(result.tail_lines(5)))
     typer.echo(f"data ready in {cfg.data_dir}")
-    hub_log = files.hub_fetch_log
-    fetch, report = engine.fetch_hub(hub_log)
     for label in report.fetched:
         typer.echo(f"hub: fetched {label} into {cfg.hf_cache}")
     for line in report.failed:
@@ -188,11 +197,11 @@ def run(
     research.ensure_clean()
     sha = research.resolve(commit).sha
     with _leased(cfg.gpus) as lease:
-        engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
-        log = RunnerFiles(research.path).adhoc_run_log(sha)
-        result = engine.run_commit(sha, tag, log, seed=seed_offset)
-        if cfg.verify != "off":
-            result = engine.verify(result, tag)
+        with Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True)) as engine:
+            log = RunnerFiles(research.path).adhoc_run_log(sha)
+            result = engine.run_commit(sha, tag, log, seed=seed_offset)
+            if cfg.verify != "off":
+                result = engine.verify(result, tag)
     record = result.to_dict()
     if as_json:
         typer.echo(json.dumps(record, sort_keys=True))
@@ -238,23 +247,22 @@ def start(
                   confirm=int(confirm) if confirm and confirm.isdigit() else confirm)
     research = _open_repo(cfg.repo)
     if cfg.cluster:  # the nodes lease their own GPUs; this host only builds images and decides
-        engine = Engine(cfg, research, progress=typer.echo)
-        slots = [Slot(f"cluster worker {i}") for i in range(len(engine.sandbox.workers))]
-        typer.echo(f"cluster {cfg.cluster}: {len(slots)} worker(s) on " +
-                   ", ".join(sorted({f"{n['host']} ({n['ip']})" for n in engine.sandbox.nodes()})))
-        reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
-        Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter).run(resume=resume, slots=slots)
+        with Engine(cfg, research, progress=typer.echo) as engine:
+            slots = [Slot(f"cluster worker {i}") for i in range(engine.executor.slots or 1)]
+            typer.echo(f"cluster {cfg.cluster}: {len(slots)} worker(s) on " + ", ".join(engine.executor.nodes()))
+            reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
+            Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter).run(resume=resume, slots=slots)
         return
     with _leased(cfg.gpus) as lease:
         slots = make_slots(lease.devices, cfg.workers, cpuset_cpus(cfg.limits.cpuset))
         cfg, fitted = fit_to_host(cfg, len(slots))
         if fitted:
             typer.echo(fitted)
-        engine = Engine(cfg, research, gpus=lease, progress=typer.echo)
-        # A live panel on a terminal; plain [EXP] lines when piped or logged.
-        reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
-        loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter)
-        loop.run(resume=resume, slots=slots)
+        with Engine(cfg, research, gpus=lease, progress=typer.echo) as engine:
+            # A live panel on a terminal; plain [EXP] lines when piped or logged.
+            reporter = LiveReporter(cfg.tag) if sys.stdout.isatty() else Reporter(typer.echo)
+            loop = Loop(cfg, research, engine, make_proposer(cfg, research), out=reporter)
+            loop.run(resume=resume, slots=slots)
 
 
 def _float(text: str, name: str) -> float:
@@ -287,12 +295,12 @@ def rerun(
 
     cfg = _config(repo, data_dir=data_dir, gpus=gpus)
     with _leased(cfg.gpus) as lease:
-        engine = Engine(cfg, None, gpus=lease, progress=lambda m: typer.echo(m, err=True))
-        image = reruns.find_experiment_image(engine.sandbox, what, tag)
-        root = repo.resolve() if RunnerFiles(repo).dir.exists() else None
-        record = reruns.recorded_result(root, image)
-        log_dir = RunnerFiles(root or Path(tempfile.gettempdir())).reruns_dir
-        out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
+        with Engine(cfg, None, gpus=lease, progress=lambda m: typer.echo(m, err=True)) as engine:
+            image = reruns.find_experiment_image(engine.store, what, tag)
+            root = repo.resolve() if RunnerFiles(repo).dir.exists() else None
+            record = reruns.recorded_result(root, image)
+            log_dir = RunnerFiles(root or Path(tempfile.gettempdir())).reruns_dir
+            out = reruns.compare(image, record, reruns.rerun(engine, image, n, log_dir))
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -327,9 +335,9 @@ def noise(
 
         raise LoopError(f"run {tag} has no baseline yet: start it first (`runner start --tag {tag}`)")
     with _leased(cfg.gpus) as lease:
-        engine = Engine(cfg, None, gpus=lease, progress=typer.echo)
-        image = reruns.find_experiment_image(engine.sandbox, baseline.commit, tag)
-        runs = reruns.rerun(engine, image, n, ledger.runs_dir)
+        with Engine(cfg, None, gpus=lease, progress=typer.echo) as engine:
+            image = reruns.find_experiment_image(engine.store, baseline.commit, tag)
+            runs = reruns.rerun(engine, image, n, ledger.runs_dir)
     values = [r.outcome.val_bpb for r in runs if r.outcome.status == "ok"]
     if len(values) < 2:
         typer.echo("error: fewer than 2 reruns succeeded; read their logs under .autoresearch/", err=True)
@@ -365,9 +373,9 @@ def ablate(
     research = _open_repo(cfg.repo)
     ledger = Ledger(cfg.repo, tag)
     with _leased(cfg.gpus) as lease:
-        engine = Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True))
-        report = abl.ablate(engine, research, ledger, n, cfg.min_delta if isinstance(cfg.min_delta, float) else 0.0,
-                            progress=lambda m: typer.echo(m, err=True))
+        with Engine(cfg, research, gpus=lease, progress=lambda m: typer.echo(m, err=True)) as engine:
+            report = abl.ablate(engine, research, ledger, n, cfg.min_delta if isinstance(cfg.min_delta, float) else 0.0,
+                                progress=lambda m: typer.echo(m, err=True))
     for line in report.lines():
         typer.echo(line)
 
@@ -384,7 +392,8 @@ def images_list(
         return
     from . import reruns
 
-    found = reruns.experiment_images(_backend(), tag)
+    with _backend() as backend:  # images are built, kept and listed on this host
+        found = reruns.experiment_images(backend.store, tag)
     root = repo.resolve()
     typer.echo(f"{'image':48} {'status':8} {'val_bpb':>9} {'added':>10}")
     for img in found:
@@ -409,16 +418,18 @@ def images_gc(
     whose status is unknown, never another tool's images."""
     from . import reruns
 
-    backend = _backend()
-    found = reruns.experiment_images(backend, tag)
-    statuses = reruns.statuses_from_ledger(repo.resolve(), {i.tag for i in found})
-    doomed = reruns.gc_plan(found, statuses, keep_discarded)
-    freed = 0
-    for img in doomed:
-        freed += img.size_added_bytes
+    with _backend(repo) as backend:
+        found = reruns.experiment_images(backend.store, tag)
+        statuses = reruns.statuses_from_ledger(repo.resolve(), {i.tag for i in found})
+        doomed = reruns.gc_plan(found, statuses, keep_discarded)
+        freed = sum(img.size_added_bytes for img in doomed)
+        copies = 0
         if not dry_run:
-            backend.remove_image(img.ref)
+            copies = backend.executor.release_images([img.id for img in doomed])  # a cluster's nodes hold copies
+            for img in doomed:
+                backend.store.remove_image(img.ref)
     typer.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} image(s), {freed / 1024:.1f} KiB"
+               + (f" (and {copies} cop{'y' if copies == 1 else 'ies'} on cluster nodes)" if copies else "")
                + "".join(f"\n  {i.ref}" for i in doomed))
 
 
@@ -433,9 +444,9 @@ def export(
     """Write an experiment image and its recorded result to one file, for `runner import` elsewhere."""
     from . import reruns
 
-    backend = _backend()
-    image = reruns.find_experiment_image(backend, what, tag)
-    reruns.export_image(backend, image, reruns.recorded_result(repo.resolve(), image), output)
+    with _backend() as backend:  # images are built and kept on this host, cluster or not
+        image = reruns.find_experiment_image(backend.store, what, tag)
+        reruns.export_image(backend.store, image, reruns.recorded_result(repo.resolve(), image), output)
     typer.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): {image.ref}")
 
 
@@ -445,7 +456,8 @@ def import_(file: Path = typer.Argument(..., help="A file written by `runner exp
     """Load an exported experiment; `runner rerun <image>` then runs it on this host."""
     from . import reruns
 
-    image = reruns.import_image(_backend(), file)
+    with _backend() as backend:
+        image = reruns.import_image(backend.store, file)
     typer.echo(f"imported {image.ref} (commit {image.commit[:7]}); run it with: runner rerun {image.ref}")
 
 
@@ -476,11 +488,13 @@ def report(
 
 @app.command("status")
 @cli_command
-def status(tag: Optional[str] = typer.Option(None, help="Only this run tag.")) -> None:
-    """What runs on this host now, for every user: tags, GPUs, commit, elapsed; best so far from the ledgers."""
+def status(tag: Optional[str] = typer.Option(None, help="Only this run tag."), repo: Path = RepoOpt) -> None:
+    """What runs now, for every user: tags, GPUs, commit, elapsed; best so far from the ledgers.
+    On this host, or on every node of the cluster the repo's runner.yaml names."""
     from .status import running
 
-    rows = running(_backend(), tag)
+    with _backend(repo) as backend:
+        rows = running(backend.executor, tag)
     if not rows:
         typer.echo("no experiments running")
         return
@@ -494,9 +508,11 @@ def status(tag: Optional[str] = typer.Option(None, help="Only this run tag.")) -
 
 @app.command("clean")
 @cli_command
-def clean(tag: Optional[str] = typer.Option(None, help="Only this tag's containers.")) -> None:
-    """Remove this user's leftover experiment containers whose runner has died."""
-    removed = _backend().cleanup(tag=tag)
+def clean(tag: Optional[str] = typer.Option(None, help="Only this tag's containers."), repo: Path = RepoOpt) -> None:
+    """Remove this user's leftover experiment containers whose runner has died: on this host,
+    and on every node of the cluster the repo's runner.yaml names."""
+    with _backend(repo) as backend:
+        removed = backend.executor.cleanup(tag=tag)
     typer.echo(f"removed {len(removed)} container(s)" + (": " + ", ".join(removed) if removed else ""))
 
 
@@ -528,7 +544,8 @@ def base_image_build(
     links = find_links or _env_path("PIP_FIND_LINKS", file=False)
     recipe = images.BaseRecipe(suite=suite, mirror=mirror, python_packages=(torch,),
                                extra_index_url=torch_index or (None if links else images.TORCH_CPU_INDEX))
-    ref = _backend().build_base_image(recipe, ca, links, typer.echo, force=force)
+    with _backend() as backend:
+        ref = backend.store.build_base_image(recipe, ca, links, typer.echo, force=force)
     typer.echo(ref)
 
 
@@ -542,7 +559,8 @@ def agent_image_build(
     from .config import default_ca_bundle
 
     project = Path(__file__).resolve().parent.parent
-    built = _backend().build_agent_image(project, base, ca_bundle or default_ca_bundle(), typer.echo)
+    with _backend() as backend:
+        built = backend.store.build_agent_image(project, base, ca_bundle or default_ca_bundle(), typer.echo)
     typer.echo(f"{built.ref} ({'reused' if built.reused else f'built in {built.build_s:.0f}s'})")
 
 

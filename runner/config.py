@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from sandbox.backend import EXECUTORS, BackendSettings
 from sandbox.spec import GiB, MiB, Limits
 
 from .errors import ConfigError  # noqa: F401  (raised here, and imported from here by most callers)
@@ -94,7 +95,7 @@ class RunConfig:
     gpu_runtime: str = "auto"            # auto | toolkit (nvidia-container-toolkit) | devices (device nodes + driver libs)
     workers: int | None = None           # parallel experiments; null = one per leased GPU, else 1
     prefetch: int | str = "auto"         # proposals prepared while others train; auto = 1 for claude or >1 worker
-    backend: str = "docker"              # where experiments run (sandbox.backend.BACKENDS)
+    backend: str = "docker"              # where experiments run (sandbox.backend.EXECUTORS); cluster: implies ray
     cluster: str | None = None           # a Ray cluster (ray://HOST:PORT or HOST:PORT): experiments run on its nodes
     registry: str | None = None          # HOST:PORT of a registry that moves images to cluster nodes; null = Ray's object store
     cluster_worker_gpus: float | None = None  # GPUs per cluster worker; null = 1 on a cluster with GPUs, else 0
@@ -144,6 +145,15 @@ class RunConfig:
             nofile=lim.nofile,
             runtime=self.runtime,
         )
+
+    def backend_settings(self, data_target: str = "", data_check=None) -> BackendSettings:
+        """What sandbox.backend.open_backend opens for this config: the cluster's executor where
+        `cluster:` is set, else the `backend:` named. `data_target`/`data_check`: the data mount
+        every node must hold the same digest of."""
+        return BackendSettings(executor="ray" if self.cluster else self.backend, address=self.cluster,
+                               workers=self.workers, worker_gpus=self.cluster_worker_gpus,
+                               worker_cpus=self.cluster_worker_cpus, registry=self.registry,
+                               gpu_runtime=self.gpu_runtime, data_target=data_target, data_check=data_check)
 
     def to_dict(self) -> dict:
         def plain(v):
@@ -262,6 +272,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"verify_data ({heldout}) must be outside data_dir ({data}): experiments see data_dir")
     if cfg.gpu_runtime not in ("auto", "toolkit", "devices"):
         raise ConfigError(f"gpu_runtime must be auto, toolkit or devices, got {cfg.gpu_runtime!r}")
+    if cfg.backend not in EXECUTORS:
+        raise ConfigError(f"backend must be one of {', '.join(sorted(EXECUTORS))}, got {cfg.backend!r}")
+    if cfg.backend == "ray" and not cfg.cluster:
+        raise ConfigError("backend: ray needs the cluster's address: set cluster: HOST:PORT (ray start --head prints it)")
     if cfg.cluster is not None and not re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", cfg.cluster):
         raise ConfigError(f"cluster must be ray://HOST:PORT or HOST:PORT, got {cfg.cluster!r}")
     if cfg.registry is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", cfg.registry):

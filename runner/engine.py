@@ -240,13 +240,15 @@ class Engine:
     the trainer image, the limits, and the RunSpecs of experiments, prepare and the verifier."""
 
     def __init__(self, cfg: RunConfig, repo: ResearchRepo | None, gpus: GpuLease | None = None, progress=print,
-                 sandbox: Backend | None = None):
-        """`repo` may be None for reruns of existing images, which need no sources. `sandbox`:
-        the backend to run on (tests inject one); default the one runner.yaml names."""
+                 backend: Backend | None = None):
+        """`repo` may be None for reruns of existing images, which need no sources. `backend`:
+        the image store and executor to use (tests inject one); default what runner.yaml names."""
         self.cfg = cfg
         self.repo = repo
         self.gpus = gpus or GpuLease.none()
-        self.sandbox = sandbox or self._open_backend()
+        self.backend = backend or open_backend(cfg.backend_settings(DATA_MOUNT, data_digest),
+                                               vram_probe=self.gpus.vram_probe())
+        self.store, self.executor = self.backend.store, self.backend.executor
         self.progress = progress
         self._trainer: images.BuiltImage | None = None
         self._base_id = ""  # set with the trainer
@@ -255,23 +257,21 @@ class Engine:
         self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
         self.verifier = Verifier(self)
 
-    def _open_backend(self) -> Backend:
-        if not self.cfg.cluster:
-            return open_backend(self.cfg.backend, vram_probe=self.gpus.vram_probe())
-        # Runs go to the cluster's nodes, each checking it holds the data this host prepared.
-        return open_backend("ray", address=self.cfg.cluster, workers=self.cfg.workers, worker_gpus=self.cfg.cluster_worker_gpus,
-                            worker_cpus=self.cfg.cluster_worker_cpus, registry=self.cfg.registry,
-                            gpu_runtime=self.cfg.gpu_runtime, data_target=DATA_MOUNT, data_check=data_digest)
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.backend.close()  # a cluster's workers, their GPU leases and scratch folders
 
     # --- images ----------------------------------------------------------------------
 
     def trainer(self) -> images.BuiltImage:
         if self._trainer is None:
             # a cluster's nodes may have the GPUs this host lacks
-            want_gpu = bool(self.gpus.devices) or bool(getattr(self.sandbox, "worker_gpus", 0))
-            base = self.sandbox.resolve_base(self.cfg.base_image, want_gpu=want_gpu)
+            want_gpu = bool(self.gpus.devices) or bool(self.executor.gpus_per_slot)
+            base = self.store.resolve_base(self.cfg.base_image, want_gpu=want_gpu)
             deps = resolve_dependencies(self.repo.committed_text, self.cfg.dependencies)
-            self._trainer = self.sandbox.ensure_trainer(base, deps, self.cfg.ca_bundle, self.progress)
+            self._trainer = self.store.ensure_trainer(base, deps, self.cfg.ca_bundle, self.progress)
             self._base_id = base.id
         return self._trainer
 
@@ -312,7 +312,7 @@ class Engine:
                 naming.L_BASE: self._base_id,
             },
         )
-        return self.sandbox.ensure_experiment(
+        return self.store.ensure_experiment(
             naming.experiment_image_ref(tag, commit), trainer, sources or self.repo.snapshot_tars(commit), labels
         )
 
@@ -331,7 +331,7 @@ class Engine:
         if not devices:
             return GpuAccess()
         if devices not in self._gpu_access:
-            runtime = self.sandbox.gpu_runtime(self.cfg.gpu_runtime)
+            runtime = self.executor.gpu_runtime(self.cfg.gpu_runtime)
             self._gpu_access[devices] = (GpuAccess("toolkit") if runtime == "toolkit"
                                          else devices_access(devices, self.gpus.nvml or RealNvml()))
         return self._gpu_access[devices]
@@ -388,7 +388,7 @@ class Engine:
         if image is None:
             built = self.experiment_image(commit, tag, limits, data_digest(self.cfg.data_dir))
         elif isinstance(image, str):
-            found = self.sandbox.image(image)
+            found = self.store.image(image)
             if found is None:
                 raise SandboxError(f"image {image} is not on this engine: `runner images` lists them, `runner import` brings one")
             built = images.BuiltImage(image, found.id, True, 0.0)
@@ -411,7 +411,7 @@ class Engine:
         """The RunSpec of one untrusted (or verifying) run: a uid of its own, the allow-listed
         environment, the caches read-only, no network. `export`: the verification variables in
         the environment (the hook exports, the verifier reads the target)."""
-        uid = naming.run_uid({int(r.labels.get(naming.L_UID, "0") or 0) for r in self.sandbox.running()})
+        uid = naming.run_uid({int(r.labels.get(naming.L_UID, "0") or 0) for r in self.executor.running()})
         return RunSpec(
             image=image_ref,
             command=command,
@@ -426,7 +426,7 @@ class Engine:
                 **{
                     naming.L_TAG: tag,
                     naming.L_COMMIT: commit,
-                    naming.L_OWNER: self.sandbox.owner,
+                    naming.L_OWNER: self.executor.owner,
                     naming.L_ITERATION: str(iteration),
                     naming.L_GPUS: ",".join(devices),
                     naming.L_REPO: str(self.repo.path) if self.repo else "",
@@ -458,15 +458,15 @@ class Engine:
         return (Mount(path, HELDOUT_MOUNT, read_only=not writable),), {HELDOUT_ENV: HELDOUT_MOUNT}
 
     def run_spec(self, make_spec, stop: threading.Event | None) -> tuple[RunResult, RunResult | None]:
-        """sandbox.run of `make_spec()`, once more (a fresh spec: its own name and uid) when the
+        """executor.run of `make_spec()`, once more (a fresh spec: its own name and uid) when the
         node running it died (a cluster backend; Ray restarts the worker on a live node).
         Returns (the result, the lost run or None)."""
         spec = make_spec()
-        result = self.sandbox.run(spec, stop)
+        result = self.executor.run(spec, stop)
         if result.reason != REASON_LOST or (stop is not None and stop.is_set()):
             return result, None
         print(f"{spec.name} lost with its node: running it once more", file=sys.stderr)
-        return self.sandbox.run(make_spec(), stop), result
+        return self.executor.run(make_spec(), stop), result
 
     def _trusted_run(self, command: tuple[str, ...], log_path: Path, heldout: bool = False) -> list[RunResult]:
         """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on
@@ -493,13 +493,13 @@ class Engine:
             log_path=log_path,
             log_root=self.repo.path if self.repo else None,
             name=naming.container_name("prepare", "prepare", head),
-            labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.sandbox.owner, naming.L_COMMIT: head}),
+            labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.executor.owner, naming.L_COMMIT: head}),
             env=env,
             mounts=self.mounts(writable=True) + heldout_mounts,
             user=f"{os.getuid()}:{os.getgid()}",
             network=True,
         )
-        return self.sandbox.run_on_every_node(spec)  # on a cluster every node fills its own caches
+        return self.executor.run_on_every_node(spec)  # on a cluster every node fills its own caches
 
     @staticmethod
     def _first_failure(results: list[RunResult]) -> RunResult:

@@ -164,7 +164,7 @@ class Loop:
 
     def _sweep(self) -> None:
         """Remove containers that this user's dead runners left (any tag; never another user's)."""
-        swept = self.engine.sandbox.cleanup()
+        swept = self.engine.executor.cleanup()
         if swept:
             self.out(f"removed {len(swept)} container(s) left by dead runners")
             if self.ledger.events_path.parent.exists():
@@ -545,7 +545,7 @@ class Loop:
             # The second Ctrl-C: stop now. Workers may still be inside a run; remove this
             # runner's containers rather than leave them to a sweep that spares live owners.
             self.stop.set()
-            self.engine.sandbox.cleanup(owner=self.engine.sandbox.owner)
+            self.engine.executor.cleanup(owner=self.engine.executor.owner)
             self.ledger.event("interrupted", iteration=None, commit=None, forced=True)
             raise
         finally:

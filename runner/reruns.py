@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sandbox import naming
 from sandbox.fsafe import open_beneath
-from sandbox.backend import Backend, ImageRecord
+from sandbox.backend import ImageRecord, ImageStore
 from sandbox.spec import Limits
 
 from .data import DataError, data_digest
@@ -41,12 +41,12 @@ class ExperimentImage:
     created: str
 
     @classmethod
-    def of(cls, backend: Backend, image: ImageRecord) -> "ExperimentImage":
+    def of(cls, store: ImageStore, image: ImageRecord) -> "ExperimentImage":
         labels = image.labels
         below = labels.get(naming.L_SOURCES) or labels.get(naming.L_TRAINER, "")
         return cls(ref=image.ref, id=image.id, tag=labels.get(naming.L_TAG, ""), commit=labels.get(naming.L_COMMIT, ""),
                    data_digest=labels.get(naming.L_DATA, ""), limits=recorded_limits(labels.get(naming.L_LIMITS, "{}")),
-                   size_added_bytes=backend.added_bytes(image.id, below), created=image.created)
+                   size_added_bytes=store.added_bytes(image.id, below), created=image.created)
 
 
 def recorded_limits(label: str) -> Limits:
@@ -60,26 +60,26 @@ def recorded_limits(label: str) -> Limits:
     return Limits(**{k: v for k, v in (recorded if isinstance(recorded, dict) else {}).items() if k in known})
 
 
-def experiment_images(backend: Backend, tag: str | None = None) -> list[ExperimentImage]:
+def experiment_images(store: ImageStore, tag: str | None = None) -> list[ExperimentImage]:
     labels = {naming.L_TAG: tag} if tag else {}
-    found = backend.images(naming.KIND_EXPERIMENT, **labels)
-    return sorted((ExperimentImage.of(backend, i) for i in found), key=lambda e: e.created)
+    found = store.images(naming.KIND_EXPERIMENT, **labels)
+    return sorted((ExperimentImage.of(store, i) for i in found), key=lambda e: e.created)
 
 
-def find_experiment_image(backend: Backend, what: str, tag: str | None = None) -> ExperimentImage:
+def find_experiment_image(store: ImageStore, what: str, tag: str | None = None) -> ExperimentImage:
     """An experiment image by reference, id, or (a prefix of) its commit.
 
     Raises:
         RepoError: nothing matches, or a commit prefix matches several tags (say --tag).
     """
     if ":" in what or "/" in what:
-        image = backend.image(what)
+        image = store.image(what)
         if image is None:
             raise RepoError(f"no image {what} on this engine: `runner images` lists them, `runner import` brings one")
         if image.labels.get(naming.L_KIND) != naming.KIND_EXPERIMENT:
             raise RepoError(f"{what} is not an autoresearch-runner experiment image")
-        return ExperimentImage.of(backend, image)
-    matches = [e for e in experiment_images(backend, tag) if e.commit.startswith(what.lower())]
+        return ExperimentImage.of(store, image)
+    matches = [e for e in experiment_images(store, tag) if e.commit.startswith(what.lower())]
     if not matches:
         raise RepoError(f"no experiment image for commit {what}: `runner images` lists them")
     if len({e.ref for e in matches}) > 1:
@@ -208,11 +208,11 @@ def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, str]:
 # --- moving between hosts --------------------------------------------------------------------
 
 
-def export_image(backend: Backend, image: ExperimentImage, record: dict | None, out: Path) -> Path:
-    """One file: the image (saved by the backend, streamed) and its recorded result."""
+def export_image(store: ImageStore, image: ExperimentImage, record: dict | None, out: Path) -> Path:
+    """One file: the image (saved by the image store, streamed) and its recorded result."""
     out = Path(out)
     with tempfile.TemporaryFile() as saved:
-        backend.save_image(image.id, saved)
+        store.save_image(image.id, saved)
         size = saved.tell()
         saved.seek(0)
         with tarfile.open(out, "w") as tar:
@@ -267,7 +267,7 @@ def _quarantined(saved: tarfile.TarFile) -> tuple[dict, tempfile.SpooledTemporar
     return labels, copy
 
 
-def import_image(backend: Backend, path: Path) -> ExperimentImage:
+def import_image(store: ImageStore, path: Path) -> ExperimentImage:
     """Load an exported experiment (checked in quarantine: see _quarantined) under its own name,
     which must not exist yet, and keep its record, marked imported, for `runner rerun`.
 
@@ -293,18 +293,18 @@ def import_image(backend: Backend, path: Path) -> ExperimentImage:
     except naming.TagError:
         raise RepoError(f"the file's image names the tag {tag!r}, which is not usable here: refused") from None
     with copy:
-        images = backend.load_images(copy)
+        images = store.load_images(copy)
     if len(images) != 1:
         raise RepoError(f"{path} loaded {len(images)} images: an export holds exactly one")
     image = images[0]
     ref = naming.experiment_image_ref(tag, commit)
-    existing = backend.image(ref)
+    existing = store.image(ref)
     if existing is not None and existing.id != image.id:
         raise RepoError(f"{ref} already exists on this engine as another image: an import never replaces a name "
                         f"(remove it first if you mean to)")
-    backend.tag_image(image.id, ref)
+    store.tag_image(image.id, ref)
     if meta.get("record"):
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
         record = {**meta["record"], "source": "imported"}
         (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(record))
-    return ExperimentImage.of(backend, backend.image(ref))
+    return ExperimentImage.of(store, store.image(ref))

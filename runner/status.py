@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sandbox import naming
-from sandbox.backend import Backend
+from sandbox.backend import Executor
 
 from .ledger import Ledger, RowStatus
 
@@ -32,10 +32,10 @@ def _elapsed(started_at: str) -> float:
     return (datetime.now(timezone.utc) - started).total_seconds() if started else 0.0
 
 
-def running(backend: Backend, tag: str | None = None) -> list[Running]:
+def running(executor: Executor, tag: str | None = None) -> list[Running]:
     labels = {naming.L_TAG: tag} if tag else {}
     out = []
-    for run in backend.running(**labels):
+    for run in executor.running(**labels):
         lab = run.labels
         repo = lab.get(naming.L_REPO, "")
         best, kept = None, 0

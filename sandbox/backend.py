@@ -1,6 +1,8 @@
-"""The Sandbox contract. Backends (Docker, Ray over Docker nodes; a Kubernetes Job tomorrow)
-only implement it. tests/test_conformance.py holds the backends listed in its BACKENDS to the
-same promises: today the Docker one; the Ray backend is tested by tests/test_cluster.py.
+"""The Sandbox contract, and the two halves of a backend: an Executor (runs, what runs now,
+every-node calls) and an ImageStore (the images runs start from, on this host). Docker gives
+both; Ray gives an executor over Docker nodes beside the local Docker store (a Kubernetes Job
+tomorrow: one module and one EXECUTORS line). tests/test_conformance.py holds every executor
+to the same promises.
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .spec import RunResult, RunSpec
 
@@ -90,26 +93,60 @@ class RunningRun:
     started_at: str = ""
 
 
-class Backend(Sandbox):
-    """Everything the runner asks of an execution backend: runs (Sandbox), the images they run
-    in, and what is running now. `runner/` talks to nothing else; every engine, HTTP or driver
-    error comes out of these methods as SandboxError.
+class Executor(Sandbox):
+    """Where runs happen: the Sandbox contract, what is running now, and the calls that reach
+    every host it runs on. Docker runs on one engine; Ray runs on a cluster's nodes, each with
+    its own engine. Every engine, driver or network error comes out as SandboxError.
+
+    A new executor is one module with a class like this and an opener (see EXECUTORS).
     """
 
     owner: str  # the label value that marks containers this process starts
+    # Parallel runs it was opened for (a cluster's placed workers); None: one per GPU the caller
+    # leases on this host, else 1 (the loop decides).
+    slots: int | None = None
+    # GPUs each of those runs holds on its node (a cluster's); 0: the caller's lease decides.
+    gpus_per_slot: float = 0.0
 
     def run_on_every_node(self, spec: RunSpec) -> list[RunResult]:
-        """Run `spec` once on every host this backend runs experiments on (trusted steps such
+        """Run `spec` once on every host this executor runs experiments on (trusted steps such
         as prepare.py, which every host's data cache needs); one host here."""
         return [self.run(spec)]
+
+    @abc.abstractmethod
+    def running(self, **labels: str) -> list[RunningRun]:
+        """Run containers alive now on every host, every user's, whose labels match `labels`."""
 
     @abc.abstractmethod
     def gpu_runtime(self, requested: str) -> str:
         """`toolkit` or `devices` for a gpu_runtime setting (auto | toolkit | devices)."""
 
     @abc.abstractmethod
+    def version(self) -> str:
+        """The executor's own version (its engine's, a cluster's), for `runner doctor`."""
+
+    def nodes(self) -> list[str]:
+        """The hosts runs go to, one line each (`runner start` and `runner status` name them);
+        empty for the local engine."""
+        return []
+
+    def release_images(self, image_ids: list[str]) -> int:
+        """Remove the copies of these images the executor made on its hosts (a cluster's nodes
+        hold what was shipped to them); the image store's own are the caller's. Returns how
+        many copies were removed: none on the local engine, where the store's are the ones run."""
+        return 0
+
+    def close(self) -> None:
+        """Give back what opening it took (a cluster's workers, their GPUs, their folders)."""
+
+
+class ImageStore(abc.ABC):
+    """The images runs start from, on the host the runner is on: built, named, listed, saved
+    and loaded there. An executor whose hosts are elsewhere moves them itself, by content."""
+
+    @abc.abstractmethod
     def resolve_base(self, requested: str, want_gpu: bool) -> ImageRecord:
-        """The base image ("auto" or a reference) present on this backend.
+        """The base image ("auto" or a reference) present in the store.
 
         Raises:
             SandboxError: it is missing, with the command that makes it.
@@ -154,10 +191,6 @@ class Backend(Sandbox):
         """Load images saved by save_image; returns what was loaded."""
 
     @abc.abstractmethod
-    def running(self, **labels: str) -> list[RunningRun]:
-        """Run containers alive now, every user's, whose labels match `labels`."""
-
-    @abc.abstractmethod
     def build_base_image(self, recipe, ca_bundle, find_links, progress, force: bool = False) -> str:
         """Make the registry-less CPU base image (images.BaseRecipe); returns its reference."""
 
@@ -167,30 +200,65 @@ class Backend(Sandbox):
 
     @abc.abstractmethod
     def version(self) -> str:
-        """The backend's own version, for `runner doctor`."""
+        """The store's engine version, for `runner doctor`."""
 
 
-def held_gpus(backend: Backend) -> set[str]:
-    """GPUs that running experiments of any runner on this backend hold (by label)."""
+@dataclass(frozen=True)
+class Backend:
+    """What the runner is given to work with: the image store on this host and the executor
+    runs go to. `runner/` talks to nothing else."""
+
+    store: ImageStore
+    executor: Executor
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Which executor to open, and how (runner.yaml's backend:, cluster: and cluster_* keys)."""
+
+    executor: str = "docker"          # a key of EXECUTORS
+    address: str | None = None        # the cluster's (ray): HOST:PORT or ray://HOST:PORT
+    workers: int | None = None        # parallel runs on the cluster; None: one per GPU, else one per node
+    worker_gpus: float | None = None  # GPUs per cluster worker; None: 1 on a cluster with GPUs, else 0
+    worker_cpus: float = 1.0          # CPUs Ray reserves per cluster worker
+    registry: str | None = None       # HOST:PORT of a registry that moves images to nodes
+    gpu_runtime: str = "auto"         # auto | toolkit | devices, on every host
+    data_target: str = ""             # the data mount's target: nodes check they hold the same data
+    data_check: Callable[[Path], str] | None = None  # the digest of a data folder (runner.data.data_digest)
+
+
+def held_gpus(executor: Executor) -> set[str]:
+    """GPUs that running experiments of any runner on this executor hold (by label)."""
     from . import naming
 
-    return {d for r in backend.running() for d in r.labels.get(naming.L_GPUS, "").split(",") if d}
+    return {d for r in executor.running() for d in r.labels.get(naming.L_GPUS, "").split(",") if d}
 
 
-# Backends by name (runner.yaml `backend:`): a module:class path, imported when chosen, so a
-# host without one backend's client library can still use another.
-BACKENDS = {"docker": "sandbox.docker_backend:DockerSandbox", "ray": "sandbox.ray_backend:RayBackend"}
+# Executors by name (runner.yaml `backend:`, or `ray` where `cluster:` is set): a module:function
+# path, imported when chosen so a host without one executor's client library can use another.
+# The function opens a Backend: (settings, vram_probe, runs) -> Backend; `runs` False opens it
+# only to look at and clean what runs (runner status, clean, images gc), which places no workers.
+EXECUTORS = {"docker": "sandbox.docker_backend:open_docker", "ray": "sandbox.ray_backend:open_ray"}
 
 
-def open_backend(name: str = "docker", **kwargs) -> Backend:
-    """The backend called `name`, connected.
+def open_backend(settings: BackendSettings = BackendSettings(), vram_probe=None, runs: bool = True) -> Backend:
+    """The image store on this host and the executor `settings` name, connected.
+
+    Args:
+        settings: which executor, and its options.
+        vram_probe: samples a container's VRAM on this host (gpu.GpuLease.vram_probe), for the
+            watchdog of the local engine's runs; a cluster's nodes use their own.
+        runs: False to open it only for what runs now (no cluster workers placed).
 
     Raises:
-        SandboxError: no such backend, or it cannot be reached.
+        SandboxError: no such executor, or it cannot be reached.
     """
     import importlib
 
-    if name not in BACKENDS:
-        raise SandboxError(f"unknown backend {name!r}: use one of {', '.join(sorted(BACKENDS))}")
-    module, _, cls = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    if settings.executor not in EXECUTORS:
+        raise SandboxError(f"unknown backend {settings.executor!r}: use one of {', '.join(sorted(EXECUTORS))}")
+    module, _, opener = EXECUTORS[settings.executor].partition(":")
+    return getattr(importlib.import_module(module), opener)(settings, vram_probe=vram_probe, runs=runs)

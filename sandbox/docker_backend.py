@@ -1,4 +1,5 @@
-"""The Sandbox on a local Docker engine, through the Docker SDK.
+"""The Docker backend, through the Docker SDK: DockerImageStore (images on this host's engine)
+and DockerExecutor (runs on it); open_docker pairs them on one connection.
 
 Lifecycle, explicitly: create -> attach -> start -> our own deadline and watchdogs ->
 reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
@@ -25,7 +26,7 @@ import docker.types
 import requests.exceptions
 
 from . import images, naming
-from .backend import Backend, ImageRecord, RunningRun, SandboxError
+from .backend import Backend, BackendSettings, Executor, ImageRecord, ImageStore, RunningRun, SandboxError
 from .cgroups import memory_files
 from .collect import COLLECT_TIMEOUT_S, TAR_OVERHEAD_BYTES, Refused, receive_regular_files, tar_command
 from .gpu import NVIDIA_LIB_DIR
@@ -199,29 +200,27 @@ def _engine_errors(what: str):
     return wrap
 
 
+def engine_version(client: docker.DockerClient) -> str:
+    v = client.version()
+    return f"Docker engine {v.get('Version')} (API {v.get('ApiVersion')})"
+
+
 def _record(image) -> ImageRecord:
     ref = next((t for t in image.tags if t.startswith(naming.REPO + "/")), image.id)
     return ImageRecord(ref, image.id, dict(image.labels or {}), image.attrs.get("Created", ""))
 
 
-class DockerSandbox(Backend):
-    """The Backend on a local (or DOCKER_HOST) Docker engine."""
+def open_docker(settings: BackendSettings, vram_probe: VramProbe | None = None, runs: bool = True) -> Backend:
+    """The local engine (DOCKER_HOST, else the default socket) as store and executor."""
+    client = connect()
+    return Backend(DockerImageStore(client), DockerExecutor(client, vram_probe=vram_probe))
 
-    def __init__(self, client: docker.DockerClient | None = None, vram_probe: VramProbe | None = None):
-        """
-        Raises:
-            SandboxError: GPUs are to be watched (`vram_probe`) from a runner container that does
-                not share the host's PID namespace: NVML names processes by host PID, and without
-                it the watchdog would see none of them and enforce nothing.
-        """
+
+class DockerImageStore(ImageStore):
+    """The images on a local (or DOCKER_HOST) Docker engine."""
+
+    def __init__(self, client: docker.DockerClient | None = None):
         self.client = client or connect()
-        self.vram_probe = vram_probe
-        self.owner = runner_owner(self.client)
-        if vram_probe is not None and self.owner.startswith("container:"):
-            me = self.client.containers.get(self.owner.split(":", 1)[1])
-            if (me.attrs.get("HostConfig") or {}).get("PidMode") != "host":
-                raise SandboxError("the VRAM watchdog maps GPU processes by host PID, which this runner's container "
-                                   "cannot see: run it with --pid host (see the README's docker run)")
 
     # --- images ------------------------------------------------------------------------
 
@@ -287,6 +286,30 @@ class DockerSandbox(Backend):
     def build_agent_image(self, project_dir, base_ref: str, ca_bundle, progress) -> images.BuiltImage:
         return images.build_agent_image(self.client, project_dir, base_ref, ca_bundle, progress=progress)
 
+    @_engine_errors("asking for its version")
+    def version(self) -> str:
+        return engine_version(self.client)
+
+
+class DockerExecutor(Executor):
+    """Runs on a local (or DOCKER_HOST) Docker engine."""
+
+    def __init__(self, client: docker.DockerClient | None = None, vram_probe: VramProbe | None = None):
+        """
+        Raises:
+            SandboxError: GPUs are to be watched (`vram_probe`) from a runner container that does
+                not share the host's PID namespace: NVML names processes by host PID, and without
+                it the watchdog would see none of them and enforce nothing.
+        """
+        self.client = client or connect()
+        self.vram_probe = vram_probe
+        self.owner = runner_owner(self.client)
+        if vram_probe is not None and self.owner.startswith("container:"):
+            me = self.client.containers.get(self.owner.split(":", 1)[1])
+            if (me.attrs.get("HostConfig") or {}).get("PidMode") != "host":
+                raise SandboxError("the VRAM watchdog maps GPU processes by host PID, which this runner's container "
+                                   "cannot see: run it with --pid host (see the README's docker run)")
+
     # --- what runs now -----------------------------------------------------------------
 
     @_engine_errors("listing running experiments")
@@ -296,8 +319,7 @@ class DockerSandbox(Backend):
 
     @_engine_errors("asking for its version")
     def version(self) -> str:
-        v = self.client.version()
-        return f"Docker engine {v.get('Version')} (API {v.get('ApiVersion')})"
+        return engine_version(self.client)
 
     @_engine_errors("asking for its runtimes")
     def gpu_runtime(self, requested: str) -> str:
@@ -560,29 +582,48 @@ class DockerSandbox(Backend):
 
     @_engine_errors("during cleanup")
     def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
+        removed = []
+        for c in self._leftovers(tag, owner):
+            if owner is None and only_dead_owners and owner_alive(self.client, c.labels.get(naming.L_OWNER, "")):
+                continue
+            try:
+                c.remove(force=True, v=True)
+            except docker.errors.NotFound:
+                continue  # removed meanwhile (its own run, or another cleanup): the goal is met
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: its removal is already in progress
+                    raise
+            removed.append(c.name)
+        return removed
+
+    @_engine_errors("listing leftover containers")
+    def owners(self, tag: str | None = None) -> set[str]:
+        """The owners (naming.owner) of this user's run and prepare containers here, alive or not."""
+        return {c.labels.get(naming.L_OWNER, "") for c in self._leftovers(tag, None)}
+
+    def _leftovers(self, tag: str | None, owner: str | None) -> list:
         # Only this user's containers: on a shared host, another user's leftovers are theirs.
         labels = {naming.L_USER: str(os.getuid())}
         if tag:
             labels[naming.L_TAG] = tag
         if owner:
             labels[naming.L_OWNER] = owner
-            only_dead_owners = False
-        removed = []
-        try:
-            for kind in (naming.KIND_RUN, naming.KIND_PREPARE):
-                for c in self.client.containers.list(all=True, filters=naming.managed_filter(kind, **labels)):
-                    if only_dead_owners and _owner_alive(self.client, c.labels.get(naming.L_OWNER, "")):
-                        continue
-                    try:
-                        c.remove(force=True, v=True)
-                    except docker.errors.NotFound:
-                        continue  # removed meanwhile (its own run, or another cleanup): the goal is met
-                    except docker.errors.APIError as exc:
-                        if exc.status_code != 409:  # 409: its removal is already in progress
-                            raise
-                    removed.append(c.name)
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"Docker engine error during cleanup: {exc}") from None
+        return [c for kind in (naming.KIND_RUN, naming.KIND_PREPARE)
+                for c in self.client.containers.list(all=True, filters=naming.managed_filter(kind, **labels))]
+
+    @_engine_errors("removing images")
+    def remove_images(self, image_ids: list[str]) -> int:
+        """Remove these images where no container uses them; returns how many were removed."""
+        removed = 0
+        for image_id in image_ids:
+            try:
+                self.client.images.remove(image_id, force=True, noprune=False)
+                removed += 1
+            except docker.errors.ImageNotFound:
+                continue
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: a container still uses it; the next gc takes it
+                    raise
         return removed
 
 
@@ -604,7 +645,7 @@ def runner_owner(client: docker.DockerClient) -> str:
     return naming.owner()
 
 
-def _owner_alive(client: docker.DockerClient, owner: str) -> bool:
+def owner_alive(client: docker.DockerClient, owner: str) -> bool:
     """True unless `owner` (see naming.owner) is known to be gone.
 
     A runner in a container is alive while that container runs. A runner on this host is alive

@@ -1,12 +1,14 @@
 """Experiments on a Ray cluster: the loop stays where it was started (ledger, git, proposer,
-keep decisions, image builds on this host's engine); each run goes to a node.
+keep decisions, image builds in this host's DockerImageStore); each run goes to a node.
 
 One Ray actor per parallel worker holds the resources of one slot (`worker_gpus` GPUs,
 `worker_cpus` CPUs): Ray places the actors, accounts for the GPUs, and notices a node that dies.
-On its node the actor runs this project's own DockerSandbox against that node's local engine,
+On its node the actor runs this project's own DockerExecutor against that node's local engine,
 with the node's GPU leases and NVML watchdog, so every host gives the same guarantees. A run
 whose node dies mid-run, or hangs well past the run's deadline, comes back with reason `lost`
-(the engine runs it once more, on a live node: Ray restarts the actor there).
+(the runner's engine runs it once more, on a live node: Ray restarts the actor there). Calls
+that must reach every node (prepare, status, clean, images gc) go to one resource-free actor
+pinned to each live node, so they reach nodes no worker was placed on.
 
 Images move by content. With a registry, an image is pushed once and each node pulls it by
 digest (layers it holds are not fetched again). Without one, the image's save archive minus
@@ -35,8 +37,8 @@ import docker.errors
 import requests
 
 from . import gpu, naming
-from .backend import RunningRun, SandboxError, held_gpus
-from .docker_backend import DockerSandbox
+from .backend import Backend, BackendSettings, Executor, RunningRun, SandboxError, held_gpus
+from .docker_backend import DockerExecutor, DockerImageStore, connect, owner_alive
 from .fsafe import write_beneath
 from .spec import EXPORT_FILES, REASON_INTERRUPTED, REASON_LOST, GpuAccess, Mount, RunResult, RunSpec
 from .transfer import LayerNames, without_layers
@@ -48,6 +50,8 @@ NODE_ANSWER_MARGIN_S = 120.0  # past a run's deadline (and again past its stop),
 RESTART_PATIENCE_S = 300.0  # an actor whose node died is restarted by Ray on a live node meanwhile
 # The CUDA_DEVICE_ORDER under which CUDA numbers a node's GPUs as NVML does (by PCI bus).
 PCI_ORDER = "PCI_BUS_ID"
+NODE_CALL_TIMEOUT_S = 60.0  # a node's answer to a short call (where, running, cleanup); silent past it: left out
+NODE_DIR_PREFIX = "autoresearch-node-"  # + the actor's pid: a node's scratch folder, swept once that pid is gone
 _RAYLET_UUIDS = "start its raylet with CUDA_VISIBLE_DEVICES=<UUIDs> (as nvidia-smi -L prints them) and --num-gpus"
 
 
@@ -70,8 +74,6 @@ class NodeWorker:
 
     def __init__(self, gpu_runtime: str, data_target: str, data_check):
         ray = _ray()
-        from .docker_backend import connect
-
         self.gpu_ids = tuple(ray.get_gpu_ids())
         client = connect()
         self.lease = gpu.GpuLease.none()
@@ -81,22 +83,29 @@ class NodeWorker:
             # Exactly the GPUs Ray accounts to this actor: one another runner holds (by its lock,
             # or a running container's label) is an error, never a reason to take another GPU.
             # Other runners on this host then see them as taken, and the watchdog samples them.
-            self.lease = gpu.acquire(",".join(uuids), nvml=nvml, busy=held_gpus(DockerSandbox(client)))
-        self.sandbox = DockerSandbox(client, vram_probe=self.lease.vram_probe())
+            self.lease = gpu.acquire(",".join(uuids), nvml=nvml, busy=held_gpus(DockerExecutor(client)))
+        self.sandbox = DockerExecutor(client, vram_probe=self.lease.vram_probe())
         self.access = GpuAccess()
         if self.gpu_ids:
             runtime = self.sandbox.gpu_runtime(gpu_runtime)
             self.access = GpuAccess("toolkit") if runtime == "toolkit" else gpu.devices_access(
                 self.lease.devices, self.lease.nvml or gpu.RealNvml())
         self.data_target, self.data_check = data_target, data_check
-        self.root = Path(tempfile.mkdtemp(prefix="autoresearch-node-"))
+        _sweep_node_dirs(Path(tempfile.gettempdir()))
+        self.root = Path(tempfile.mkdtemp(prefix=f"{NODE_DIR_PREFIX}{os.getpid()}-"))
         self.stops: dict[str, threading.Event] = {}
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                     "host": socket.gethostname(), "engine": self.sandbox.version()}
+                     "host": socket.gethostname(), "engine": self.sandbox.version(),
+                     "engine_id": client.info().get("ID", "")}
 
     def where(self) -> dict:
         return self.node
 
+    def close(self) -> None:
+        """Before the actor ends: its scratch folder goes (the next actor on this host sweeps
+        it if this one is killed first), its GPU leases are given back."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.lease.release()
 
     def has_image(self, image_id: str) -> bool:
         return self.sandbox.image(image_id) is not None
@@ -129,6 +138,12 @@ class NodeWorker:
 
     def cleanup(self, tag, owner) -> list[str]:
         return self.sandbox.cleanup(tag=tag, owner=owner)
+
+    def owners(self, tag) -> set[str]:
+        return self.sandbox.owners(tag)
+
+    def remove_images(self, image_ids: list[str]) -> int:
+        return self.sandbox.remove_images(image_ids)
 
     def stop(self, key: str) -> None:
         if key in self.stops:
@@ -180,18 +195,41 @@ class NodeWorker:
                                f"run `runner prepare --cluster` so every node has the same data")
 
 
-class RayBackend(DockerSandbox):
-    """The Backend on a Ray cluster: images are built and kept on this host's engine (inherited
-    from DockerSandbox); runs, what is running and cleanup happen on the nodes' engines."""
+def open_ray(settings: BackendSettings, vram_probe=None, runs: bool = True) -> Backend:
+    """This host's Docker engine as the image store, the cluster at `settings.address` as the
+    executor. `vram_probe` is this host's and unused: every node watches its runs with its own."""
+    if not settings.address:
+        raise SandboxError("backend: ray needs the cluster's address: set cluster: HOST:PORT in runner.yaml "
+                           "(or pass --cluster)")
+    client = connect()
+    return Backend(DockerImageStore(client), RayExecutor(settings, client, runs=runs))
 
-    def __init__(self, address: str, workers: int | None = None, worker_gpus: float | None = None,
-                 worker_cpus: float = 1.0, registry: str | None = None, gpu_runtime: str = "auto",
-                 data_target: str = "", data_check=None, client=None, vram_probe=None):
+
+class RayExecutor(Executor):
+    """Runs on a Ray cluster's nodes, each on its own engine; images come from this host's store
+    (`client`'s engine) and are shipped by content (_Shipper)."""
+
+    def __init__(self, settings: BackendSettings, client, runs: bool = True):
+        """
+        Args:
+            settings: the cluster's address and the workers' shape.
+            client: this host's Docker engine: the image store's, and where the loop's own
+                containers (if any) run.
+            runs: False: connect only to look at and clean what runs (no workers placed).
+
+        Raises:
+            SandboxError: no cluster answers, or it cannot place the workers.
+        """
+        worker_gpus = settings.worker_gpus
         if worker_gpus is not None and not (worker_gpus >= 0 and float(worker_gpus).is_integer()):
             raise SandboxError(f"cluster_worker_gpus must be a whole number of GPUs, got {worker_gpus:g}: "
                                "a worker leases its GPUs exclusively, so two workers never share one")
-        super().__init__(client)
+        self.local = DockerExecutor(client)  # this host: its leftovers, and the owner label runs carry
+        self.owner = self.local.owner
+        self.client = client
+        self.settings = settings
         ray = _ray()
+        address = settings.address
         _wait_for_port(address)
         for attempt in range(CONNECT_ATTEMPTS):
             if ray.is_initialized():
@@ -203,38 +241,48 @@ class RayBackend(DockerSandbox):
                     raise SandboxError(f"no Ray cluster answers at {address} ({type(exc).__name__}): start it with "
                                        "`ray start --head` and pass its address") from None
                 time.sleep(5)  # a head just started takes seconds to open its Ray Client port
-        self.address, self.registry = address, registry
-        self.data_target, self.data_check = data_target, data_check
+        self.shipper = _Shipper(client, settings.registry)
+        self._pinned: list | None = None  # one resource-free actor per live node, made when first needed
         total_gpus = ray.cluster_resources().get("GPU", 0)
-        self.worker_gpus = (1.0 if total_gpus else 0.0) if worker_gpus is None else worker_gpus
+        self.gpus_per_slot = (1.0 if total_gpus else 0.0) if worker_gpus is None else float(worker_gpus)
+        self.workers: list = []
+        self._free: queue.Queue = queue.Queue()
+        if runs:
+            self._place_workers(settings, total_gpus)
+        self.slots = len(self.workers) if runs else None
+
+    def _place_workers(self, settings: BackendSettings, total_gpus: float) -> None:
+        ray = _ray()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        count = workers or (int(total_gpus // self.worker_gpus) if self.worker_gpus else len(nodes))
-        actor = ray.remote(NodeWorker).options(num_cpus=worker_cpus, num_gpus=self.worker_gpus,
+        count = settings.workers or (int(total_gpus // self.gpus_per_slot) if self.gpus_per_slot else len(nodes))
+        actor = ray.remote(NodeWorker).options(num_cpus=settings.worker_cpus, num_gpus=self.gpus_per_slot,
                                                max_restarts=-1, max_task_retries=0, max_concurrency=8)
-        self.workers = [actor.remote(gpu_runtime, data_target, data_check) for _ in range(max(1, count))]
+        self.workers = [actor.remote(settings.gpu_runtime, settings.data_target, settings.data_check)
+                        for _ in range(max(1, count))]
         try:
             ray.get([w.where.remote() for w in self.workers], timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            self._kill_workers()
-            raise SandboxError(f"the cluster at {address} cannot place {count} worker(s) of {self.worker_gpus:g} GPU(s) and "
-                               f"{worker_cpus:g} CPU(s): set workers, cluster_worker_gpus or cluster_worker_cpus") from None
+            self.close()
+            raise SandboxError(f"the cluster at {settings.address} cannot place {count} worker(s) of {self.gpus_per_slot:g} "
+                               f"GPU(s) and {settings.worker_cpus:g} CPU(s): set workers, cluster_worker_gpus or "
+                               "cluster_worker_cpus") from None
         except ray.exceptions.RayActorError as exc:  # its __init__ failed on the node: no engine, no NVML, its GPU taken
-            self._kill_workers()
+            self.close()
             why = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
             raise SandboxError(f"a cluster worker could not start on its node: {why}") from None
-        self._free: queue.Queue = queue.Queue()
         for w in self.workers:
             self._free.put(w)
-        self._names = LayerNames()
-        self._pushed: dict[str, str] = {}     # image id -> registry reference by digest
-        self._node_locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
 
-    def _kill_workers(self) -> None:
-        """End every worker of this backend: the placed ones hold their GPUs, and leases, till then."""
+    def close(self) -> None:
+        """End every actor of this executor: placed workers hold their GPUs, and leases, till
+        then; each removes its scratch folder first."""
         ray = _ray()
-        for w in self.workers:
-            ray.kill(w)
+        actors = self.workers + (self._pinned or [])
+        closing = [a.close.remote() for a in actors]
+        ray.wait(closing, num_returns=len(closing), timeout=30)
+        for a in actors:
+            ray.kill(a)
+        self.workers, self._pinned = [], []
 
     # --- runs --------------------------------------------------------------------------
 
@@ -262,11 +310,8 @@ class RayBackend(DockerSandbox):
     def run_on_every_node(self, spec: RunSpec) -> list[RunResult]:
         """`spec` once on each node the workers are on, one after the other; each node's log
         beside spec.log_path, named after the node."""
-        by_node = {}
-        for worker, where in self._each("where"):
-            by_node.setdefault(where["node_id"], (worker, where))
         results = []
-        for worker, where in by_node.values():
+        for worker, where in self._each("where", pinned=True):
             name = f"{where['host']}-{where['node_id'][:8]}"
             log = spec.log_path.with_name(f"{spec.log_path.stem}.{name}{spec.log_path.suffix}")
             results.append(self._run_with(worker, dataclasses.replace(spec, log_path=log), None))
@@ -277,7 +322,7 @@ class RayBackend(DockerSandbox):
         t0, node = time.monotonic(), None
         try:
             node = self._where(worker)
-            image_id, moved = self._ship(worker, node, spec.image)
+            image_id, moved = self.shipper.ship(worker, node, spec.image)
             spec = dataclasses.replace(spec, image=image_id)  # by content on the node
             files = {m.target: _tar_folder(m.source) for m in spec.mounts if _below(m.source, spec.log_root)}
             key = uuid.uuid4().hex
@@ -321,13 +366,101 @@ class RayBackend(DockerSandbox):
         data = _source_of(spec, self.data_target)
         return self.data_check(data) if data is not None and self.data_check is not None else ""
 
-    # --- images ------------------------------------------------------------------------
+    # --- what runs where ---------------------------------------------------------------
 
-    def _ship(self, worker, node: dict, image_ref: str) -> tuple[str, int]:
+    def _where(self, worker) -> dict:
+        """Where `worker` is, waiting while Ray restarts it after its node died."""
+        ray = _ray()
+        deadline = time.monotonic() + RESTART_PATIENCE_S
+        while True:
+            try:
+                return ray.get(worker.where.remote(), timeout=RESTART_PATIENCE_S)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def _pinned_actors(self) -> list:
+        """One actor on each live node (no CPUs, no GPUs reserved: it only asks the node's engine)."""
+        ray = _ray()
+        if self._pinned is None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            actor = ray.remote(NodeWorker)
+            self._pinned = [actor.options(num_cpus=0, num_gpus=0, max_concurrency=8, scheduling_strategy=
+                                          NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                            .remote(self.settings.gpu_runtime, self.settings.data_target, self.settings.data_check)
+                            for n in ray.nodes() if n.get("Alive")]
+        return self._pinned
+
+    def _each(self, method: str, *args, pinned: bool = False) -> list[tuple]:
+        """(actor, answer) of every worker (or, `pinned`, every node's actor) that answers
+        `method`; one whose node is gone (or that is being restarted) is left out."""
+        return _ask(self._pinned_actors() if pinned else self.workers, method, *args)
+
+    def running(self, **labels: str) -> list[RunningRun]:
+        found = {}
+        for batch in [runs for _, runs in self._each("running", labels, pinned=True)] + [self.local.running(**labels)]:
+            for r in batch:
+                found[(r.labels.get(naming.L_OWNER), r.labels.get(naming.L_UID), r.started_at)] = r
+        return list(found.values())
+
+    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
+        """This host's leftovers, then every node's: the runs a node holds carry this host's
+        owner labels, whose liveness only this host can tell."""
+        removed = self.local.cleanup(tag, only_dead_owners, owner)
+        if owner:
+            owners = {owner}
+        else:
+            owners = set().union(*[o for _, o in self._each("owners", tag, pinned=True)])
+            if only_dead_owners:
+                owners = {o for o in owners if not owner_alive(self.client, o)}
+        for o in sorted(owners):
+            for _, names in self._each("cleanup", tag, o, pinned=True):
+                removed += names
+        return removed
+
+    def release_images(self, image_ids: list[str]) -> int:
+        """The shipped copies on every node whose engine is not this host's (that one holds the
+        store's own images)."""
+        here = self.client.info().get("ID", "")
+        others = [actor for actor, where in self._each("where", pinned=True) if where.get("engine_id") != here]
+        return sum(count for _, count in _ask(others, "remove_images", image_ids))
+
+    def nodes(self) -> list[str]:
+        """Where the workers are (or, opened without workers, every live node)."""
+        wheres = [where for _, where in self._each("where", pinned=not self.workers)]
+        return sorted({f"{w['host']} ({w['ip']})" for w in wheres})
+
+    def gpu_runtime(self, requested: str) -> str:
+        """This host's engine's; each node decides its own for the runs it holds (NodeWorker)."""
+        return self.local.gpu_runtime(requested)
+
+    def version(self) -> str:
+        ray = _ray()
+        return f"Ray {ray.__version__} cluster at {self.settings.address} ({len(self.nodes())} node(s))"
+
+
+class _Shipper:
+    """Moves images from this host's engine to a node's, by content: through a registry (pushed
+    once, pulled by digest) or Ray's object store (the save archive minus the layers the node
+    holds)."""
+
+    def __init__(self, client, registry: str | None):
+        self.client, self.registry = client, registry
+        self._names = LayerNames()
+        self._pushed: dict[str, str] = {}     # image id -> registry reference by digest
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def ship(self, worker, node: dict, image_ref: str) -> tuple[str, int]:
         """Make `image_ref` (on this host's engine) present on `node`'s engine, by content;
         returns its id and the bytes that went through the object store for it."""
         ray = _ray()
-        image = self.client.images.get(image_ref)
+        try:
+            image = self.client.images.get(image_ref)
+        except docker.errors.ImageNotFound:
+            raise SandboxError(f"image {image_ref} is not on this engine: build it first (runner run builds it)") from None
         with self._lock:
             lock = self._node_locks.setdefault(node["node_id"], threading.Lock())
         with lock:
@@ -362,50 +495,31 @@ class RayBackend(DockerSandbox):
         self._pushed[image.id] = f"{repo}@{digest}"
         return self._pushed[image.id]
 
-    # --- what runs where ---------------------------------------------------------------
+def _ask(actors: list, method: str, *args) -> list[tuple]:
+    """(actor, answer) of each of `actors` that answers `method` within a minute."""
+    ray = _ray()
+    refs = [(a, getattr(a, method).remote(*args)) for a in actors]
+    answers = []
+    for actor, ref in refs:
+        try:
+            answers.append((actor, ray.get(ref, timeout=NODE_CALL_TIMEOUT_S)))
+        except _gone(ray) + (ray.exceptions.GetTimeoutError,):
+            continue
+    return answers
 
-    def _where(self, worker) -> dict:
-        """Where `worker` is, waiting while Ray restarts it after its node died."""
-        ray = _ray()
-        deadline = time.monotonic() + RESTART_PATIENCE_S
-        while True:
-            try:
-                return ray.get(worker.where.remote(), timeout=RESTART_PATIENCE_S)
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
 
-    def _each(self, method: str, *args) -> list[tuple]:
-        """(worker, answer) of every worker that answers `method`; one whose node is gone (or
-        that is being restarted) is left out."""
-        ray = _ray()
-        refs = [(w, getattr(w, method).remote(*args)) for w in self.workers]
-        answers = []
-        for worker, ref in refs:
-            try:
-                answers.append((worker, ray.get(ref, timeout=60)))
-            except _gone(ray) + (ray.exceptions.GetTimeoutError,):
-                continue
-        return answers
-
-    def running(self, **labels: str) -> list[RunningRun]:
-        found = {}
-        for batch in [runs for _, runs in self._each("running", labels)] + [super().running(**labels)]:
-            for r in batch:
-                found[(r.labels.get(naming.L_OWNER), r.labels.get(naming.L_UID), r.started_at)] = r
-        return list(found.values())
-
-    def cleanup(self, tag: str | None = None, only_dead_owners: bool = True, owner: str | None = None) -> list[str]:
-        removed = super().cleanup(tag, only_dead_owners, owner)
-        if owner:  # a runner forced to stop removes its own containers on every node
-            for _, names in self._each("cleanup", tag, owner):
-                removed += names
-        return removed
-
-    def nodes(self) -> list[dict]:
-        """Where the workers are now (node id, address, host name, engine version)."""
-        return [where for _, where in self._each("where")]
+def _sweep_node_dirs(tmp: Path) -> None:
+    """Remove the scratch folders of this host's node actors that are gone (killed before close)."""
+    for folder in tmp.glob(f"{NODE_DIR_PREFIX}*"):
+        pid = folder.name[len(NODE_DIR_PREFIX):].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's actor, alive
 
 
 def _wait_for_port(address: str, wait_s: float | None = None) -> None:

@@ -19,12 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-from sandbox.backend import Backend, ImageRecord, SandboxError
+from sandbox.backend import Backend, Executor, ImageRecord, ImageStore, SandboxError
 from sandbox.images import BuiltImage
 from sandbox.spec import REASON_EXIT, REASON_INTERRUPTED, REASON_TIMEOUT, RunResult, RunSpec
 
 
-class FakeBackend(Backend):
+class FakeBackend(ImageStore, Executor):
     def __init__(self, fail_on_run: int | None = None, crash_runs: set[int] = frozenset(), fail_from: int | None = None):
         """`fail_on_run`: the n-th run (1-based) raises SandboxError, as an engine hiccup would;
         `fail_from`: that run and every later one do, as a dead engine would.
@@ -35,6 +35,10 @@ class FakeBackend(Backend):
         self.runs: list[RunSpec] = []
         self.fail_on_run, self.fail_from = fail_on_run, fail_from
         self.crash_runs = set(crash_runs)
+
+    def pair(self) -> Backend:
+        """This fake as both halves of a Backend (what Engine takes)."""
+        return Backend(self, self)
 
     def gpu_runtime(self, requested: str) -> str:
         return "devices" if requested == "auto" else requested

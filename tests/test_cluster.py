@@ -91,6 +91,53 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     assert any(e.run["image_id"] in there for e in experiments)
     moved = sorted(e.run["image_transfer_bytes"] for e in experiments if e.run["image_transfer_bytes"])
     assert moved and moved[0] < 1 << 20, moved
+    # the node actors' scratch folders went with them
+    assert not [f for f in Path(tempfile.gettempdir()).glob("autoresearch-node-*") if not _alive(f)]
+
+    _commands_reach_every_node(repo, ray.client_address, engine2, experiments)
+
+
+def _alive(folder: Path) -> bool:
+    try:
+        os.kill(int(folder.name.split("-")[2]), 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _commands_reach_every_node(repo: Path, address: str, engine2, experiments) -> None:
+    """With `cluster:` in runner.yaml, status, clean and images gc act on the second node's
+    engine too: what runs there is listed, a dead runner's leftovers there are removed, and the
+    copies of collected images shipped there go with them."""
+    (repo / "runner.yaml").write_text(f"cluster: {address}\n")
+    image = experiments[0].run["image_id"]
+    host = naming.owner().rsplit(":", 1)[0]
+
+    def there(name: str, owner: str):
+        labels = naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "spread", naming.L_OWNER: owner,
+                                                           naming.L_COMMIT: "c" * 40, naming.L_ITERATION: "7"})
+        return engine2.containers.create(image, ["sleep", "120"], name=naming.container_name("run", "spread", name),
+                                         labels=labels)
+
+    live, dead = there("live0000", naming.owner()), there("dead0000", f"{host}:999999999")
+    live.start()
+    try:
+        r = runner_cli("status", "--repo", str(repo), env=DRIVER_ENV, timeout=300)
+        assert r.returncode == 0 and any(line.startswith("spread ") and " 7 " in line for line in r.stdout.splitlines()), r.stdout + r.stderr
+        r = runner_cli("clean", "--repo", str(repo), env=DRIVER_ENV, timeout=300)
+        assert r.returncode == 0 and dead.name in r.stdout and live.name not in r.stdout, r.stdout + r.stderr
+        assert {c.name for c in engine2.containers.list(all=True)} >= {live.name}
+        assert dead.name not in {c.name for c in engine2.containers.list(all=True)}
+    finally:
+        live.remove(force=True)
+
+    discarded = {e.run["image_id"] for e in experiments if e.row.status != "keep"} - {e.run["image_id"] for e in experiments if e.row.status == "keep"}
+    shipped = discarded & {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=spread"})}
+    assert shipped, "no discarded experiment's image reached the second node"
+    r = runner_cli("images", "gc", "--repo", str(repo), env=DRIVER_ENV, timeout=300)
+    assert r.returncode == 0 and "on cluster nodes" in r.stdout, r.stdout + r.stderr
+    left = {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=spread"})}
+    assert not shipped & left
 
 
 def test_a_node_with_other_data_is_one_clear_error(cluster, tinylm, tmp_path):

@@ -25,7 +25,7 @@ from gpuhost import FakeGpuHost
 
 from runner.config import ConfigError, load_config
 from sandbox import gpu, ray_backend
-from sandbox.backend import SandboxError
+from sandbox.backend import BackendSettings, SandboxError
 from sandbox.gpu import GpuDevice, GpuError
 
 H100, L4 = "Fake H100", "Fake L4"
@@ -92,7 +92,7 @@ def test_fractional_worker_gpus_are_refused(tmp_path):
     assert load_config(tmp_path).cluster_worker_gpus == 2
     # refused before any engine or cluster is asked
     with pytest.raises(SandboxError, match="whole number of GPUs, got 1.5"):
-        ray_backend.RayBackend("127.0.0.1:1", worker_gpus=1.5, client=object())
+        ray_backend.RayExecutor(BackendSettings("ray", "127.0.0.1:1", worker_gpus=1.5), client=object())
 
 
 # --- real Ray nodes on fake GPU hosts --------------------------------------------------------
@@ -179,19 +179,23 @@ def _wait_unleased(hosts: dict, timeout_s: float = 30) -> None:
 
 @contextmanager
 def _backend(cluster: RayCluster, hosts: dict, **options):
-    """A RayBackend on the cluster (leases of its workers: see _lease_of); after, its workers
-    are gone and their leases with them."""
-    import ray
-
+    """A RayExecutor on the cluster (leases of its workers: see _lease_of); after, it is closed:
+    its workers are gone and their leases with them."""
     try:
-        backend = ray_backend.RayBackend(cluster.client_address, gpu_runtime="devices", **options)
+        executor = _executor(cluster, **options)
         try:
-            yield [_lease_of(w) for w in backend.workers]
+            yield [_lease_of(w) for w in executor.workers]
         finally:
-            for w in backend.workers:
-                ray.kill(w)
+            executor.close()
     finally:
         _wait_unleased(hosts)
+
+
+def _executor(cluster: RayCluster, **options) -> ray_backend.RayExecutor:
+    from sandbox.docker_backend import connect
+
+    return ray_backend.RayExecutor(BackendSettings("ray", cluster.client_address, gpu_runtime="devices", **options),
+                                   client=connect())
 
 
 @pytest.mark.docker
@@ -227,7 +231,7 @@ def test_a_gpu_leased_elsewhere_is_an_error_never_another_gpu(gpu_cluster):
     try:
         leased = f"could not start on its node: .*GPU 0 \\({taken}\\) is leased by another runner"
         with pytest.raises(SandboxError, match=leased):
-            ray_backend.RayBackend(cluster.client_address, gpu_runtime="devices", worker_gpus=1)
+            _executor(cluster, worker_gpus=1)
     finally:
         other.release()
     _wait_unleased(hosts)  # the workers the backend killed, gone
@@ -259,10 +263,10 @@ def test_a_run_waiting_for_a_busy_cluster_stops_when_asked(tmp_path):
     import queue
     import threading
 
-    from sandbox.ray_backend import RayBackend
+    from sandbox.ray_backend import RayExecutor
     from sandbox.spec import Limits, RunSpec
 
-    backend = RayBackend.__new__(RayBackend)
+    backend = RayExecutor.__new__(RayExecutor)
     backend._free = queue.Queue()  # no free worker
     stop = threading.Event()
     stop.set()

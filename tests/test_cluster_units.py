@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
 import tarfile
 
 import pytest
@@ -91,3 +93,37 @@ def test_losses_that_are_not_probabilities_are_unnormalised():
     assert judged.verdict == "unnormalised" and "4.2" in judged.detail and judged.heldout_bpb == 0.6
     honest = apply_verification(outcome, VerifyReport(Verdict.OK, val_bpb=0.5, heldout_bpb=0.6), 0.002)
     assert honest.verdict == "ok" and honest.heldout_bpb == 0.6
+
+
+def test_backend_ray_without_a_cluster_address_is_one_clear_config_error(tmp_path):
+    """`backend: ray` names the executor; the address is cluster:'s. Without it: one line that
+    says what to set (it was a TypeError deep in the backend)."""
+    (tmp_path / "runner.yaml").write_text("backend: ray\n")
+    with pytest.raises(ConfigError, match="backend: ray needs the cluster's address: set cluster: HOST:PORT"):
+        load_config(tmp_path)
+    (tmp_path / "runner.yaml").write_text("backend: kubernetes\n")
+    with pytest.raises(ConfigError, match="backend must be one of docker, ray, got 'kubernetes'"):
+        load_config(tmp_path)
+    (tmp_path / "runner.yaml").write_text("backend: ray\ncluster: 127.0.0.1:6379\n")
+    settings = load_config(tmp_path).backend_settings()
+    assert (settings.executor, settings.address) == ("ray", "127.0.0.1:6379")
+    (tmp_path / "runner.yaml").write_text("cluster: ray://10.0.0.1:10001\nworkers: 3\n")
+    settings = load_config(tmp_path).backend_settings()  # cluster: alone means the Ray executor
+    assert (settings.executor, settings.address, settings.workers) == ("ray", "ray://10.0.0.1:10001", 3)
+    assert load_config(tmp_path / "nothing-here").backend_settings().executor == "docker"
+
+
+def test_a_node_actors_scratch_folder_is_swept_once_its_process_is_gone(tmp_path):
+    """A node actor killed before it could close leaves its folder; the next actor on the host
+    removes it, and never one whose process still runs."""
+    from sandbox.ray_backend import NODE_DIR_PREFIX, _sweep_node_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{NODE_DIR_PREFIX}{gone.pid}-abc"
+    alive = tmp_path / f"{NODE_DIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{NODE_DIR_PREFIX}notapid"
+    for folder in (dead, alive, other):
+        (folder / "mount0").mkdir(parents=True)
+    _sweep_node_dirs(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()

@@ -1,15 +1,20 @@
 """The sandbox contract (the promises in sandbox/backend.py's Sandbox.run) as one suite that every
-Sandbox backend must pass.
+executor must pass: the local Docker engine's, and a Ray cluster's (one node, on the tests'
+engine, so the containers it starts are visible here).
 
-A new backend joins by adding itself to BACKENDS; the tests speak only the Sandbox interface.
+A new executor joins by adding itself to EXECUTORS; the tests speak only the Sandbox interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import docker
 import pytest
@@ -21,19 +26,44 @@ from sandbox.spec import Limits, RunSpec
 pytestmark = pytest.mark.docker
 
 
-def _docker_backend(client):
-    from sandbox.docker_backend import DockerSandbox
+@contextlib.contextmanager
+def _docker(client):
+    from sandbox.docker_backend import DockerExecutor
 
-    image = images.ensure_trainer_image(client, images.CPU_BASE_ALIAS)
-    return DockerSandbox(client), image.ref
-
-
-BACKENDS = {"docker": _docker_backend}
+    yield DockerExecutor(client)
 
 
-@pytest.fixture(params=sorted(BACKENDS), scope="module")
+@contextlib.contextmanager
+def _ray(client):
+    import ray
+    from cluster import RayCluster
+
+    from sandbox.backend import BackendSettings
+    from sandbox.ray_backend import RayExecutor
+
+    root = Path(tempfile.mkdtemp(prefix="ar-conf-", dir="/tmp"))  # Ray's socket paths must stay short
+    cluster = RayCluster(root)
+    try:
+        cluster.start_head()
+        executor = RayExecutor(BackendSettings("ray", cluster.client_address, workers=1), client)
+        try:
+            yield executor
+        finally:
+            executor.close()
+            ray.shutdown()
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+EXECUTORS = {"docker": _docker, "ray": _ray}
+
+
+@pytest.fixture(params=sorted(EXECUTORS), scope="module")
 def backend(request, docker_client) -> tuple[Sandbox, str]:
-    return BACKENDS[request.param](docker_client)
+    image = images.ensure_trainer_image(docker_client, images.CPU_BASE_ALIAS)
+    with EXECUTORS[request.param](docker_client) as executor:
+        yield executor, image.ref
 
 
 LIMITS = Limits(time_budget_s=1, timeout_factor=1, startup_grace_s=3, kill_grace_s=1,

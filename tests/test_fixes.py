@@ -71,9 +71,9 @@ def test_prepare_leaves_no_image_that_reruns_mistake_for_an_experiment(tinylm, d
     import git
 
     head = git.Repo(repo).head.commit.hexsha
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor, DockerImageStore
 
-    tags = {e.tag for e in reruns.experiment_images(DockerSandbox(docker_client)) if e.commit == head}
+    tags = {e.tag for e in reruns.experiment_images(DockerImageStore(docker_client)) if e.commit == head}
     assert "prepare" not in tags
 
 
@@ -96,7 +96,7 @@ def test_a_run_silent_longer_than_the_client_timeout_keeps_its_output(tmp_path, 
     import docker
 
     from sandbox import naming
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor, DockerImageStore
     from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
     from sandbox.spec import Limits, RunSpec
 
@@ -106,7 +106,7 @@ def test_a_run_silent_longer_than_the_client_timeout_keeps_its_output(tmp_path, 
                    limits=Limits(time_budget_s=10), log_path=tmp_path / "log", workdir="/tmp",
                    name=naming.container_name("run", "silent", "0" * 8),
                    labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "silent", naming.L_OWNER: naming.owner()}))
-    result = DockerSandbox(short).run(spec)
+    result = DockerExecutor(short).run(spec)
     assert result.exit_code == 0
     assert "after the silence" in result.output_tail
 
@@ -309,7 +309,7 @@ def test_a_broken_wait_is_not_an_exit(tmp_path, docker_client, monkeypatch):
     import requests
 
     from sandbox import naming
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor, DockerImageStore
     from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
     from sandbox.spec import Limits, RunSpec
 
@@ -328,5 +328,5 @@ def test_a_broken_wait_is_not_an_exit(tmp_path, docker_client, monkeypatch):
                    limits=Limits(time_budget_s=30), log_path=tmp_path / "log", workdir="/tmp",
                    name=naming.container_name("run", "waittest", "0" * 8),
                    labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "waittest", naming.L_OWNER: naming.owner()}))
-    result = DockerSandbox(docker_client).run(spec)
+    result = DockerExecutor(docker_client).run(spec)
     assert broken["n"] == 2 and result.exit_code == 3 and result.reason == "exit_code" and result.wall_s >= 3

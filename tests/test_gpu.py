@@ -108,7 +108,7 @@ def test_vram_is_summed_over_the_container_processes_only():
 @pytest.mark.docker
 def test_watchdog_kills_a_container_above_the_vram_ceiling(tmp_path, docker_client):
     """A real container; the fake NVML says its (real) host PID holds 5 GiB on a leased GPU."""
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor
     from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
     from sandbox.spec import Limits, RunSpec
 
@@ -122,7 +122,7 @@ def test_watchdog_kills_a_container_above_the_vram_ceiling(tmp_path, docker_clie
             return {c.attrs["State"]["Pid"]: 5120.0 for c in running} | {1: 99999.0}  # pid 1 is not in it
 
     lease = gpu.GpuLease(devices=("GPU-aaaa",), model="Fake H100", nvml=GpuProcessOfContainer())
-    sandbox = DockerSandbox(docker_client, vram_probe=lease.vram_probe())
+    sandbox = DockerExecutor(docker_client, vram_probe=lease.vram_probe())
     spec = RunSpec(image=image.ref, command=("python", "-c", "import time; time.sleep(60)"),
                    limits=Limits(time_budget_s=30, vram_limit_gb=4.0), log_path=tmp_path / "log",
                    name=naming.container_name("run", "vramtest", "0" * 8), workdir="/tmp",
@@ -212,7 +212,7 @@ def test_devices_access_passes_only_the_leased_gpus(tmp_path):
 def test_devices_runtime_gives_a_hardened_container_the_nodes_and_libraries(tmp_path, docker_client):
     """The real engine, no toolkit: the leased GPU's node and the driver's library reach a
     uid-10001, cap-drop-ALL container; the other GPUs' nodes do not; the library is read-only."""
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor
     from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
     from sandbox.spec import Limits, RunSpec
 
@@ -239,7 +239,7 @@ def test_devices_runtime_gives_a_hardened_container_the_nodes_and_libraries(tmp_
                    log_path=tmp_path / "log", name=naming.container_name("run", "devtest", "0" * 8),
                    labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "devtest", naming.L_OWNER: naming.owner()}),
                    gpus=("GPU-bbbb",), gpu_access=access)
-    result = DockerSandbox(docker_client).run(spec)
+    result = DockerExecutor(docker_client).run(spec)
     assert result.exit_code == 0, result.output_tail
     facts = json.loads(next(l for l in result.output_tail.splitlines() if l.startswith("FACTS "))[6:])
     assert facts["nodes"] == ["nvidia-uvm", "nvidia1", "nvidiactl"]
@@ -254,7 +254,7 @@ def test_auto_runtime_uses_device_nodes_on_an_engine_without_the_toolkit(tmp_pat
 
     repo = make_repo(tmp_path / "repo", "print('x')\n", MINI_PREPARE)
     engine = engine_for(repo)
-    assert engine.sandbox.gpu_runtime("auto") == "devices"  # this engine has no nvidia runtime
+    assert engine.executor.gpu_runtime("auto") == "devices"  # this engine has no nvidia runtime
     assert engine_for(repo, gpu_runtime="toolkit").gpu_access(("GPU-aaaa",)).runtime == "toolkit"
     engine.gpus = gpu.GpuLease(devices=("GPU-aaaa",), nvml=FakeNvml())
     with pytest.raises(GpuError, match="nvidiactl does not exist, and CUDA cannot start without it.*gpu_runtime: toolkit"):

@@ -154,7 +154,7 @@ def test_nvml_failing_mid_run_stops_only_a_run_with_a_ceiling(host, tmp_path, do
     """A transient NVML error is retried; one that lasts ends the run it cannot bound (reason
     `unwatched`), never the runner."""
     from sandbox import docker_backend
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor
     from sandbox.images import CPU_BASE_ALIAS, ensure_trainer_image
     from sandbox.spec import Limits, RunSpec
 
@@ -167,7 +167,7 @@ def test_nvml_failing_mid_run_stops_only_a_run_with_a_ceiling(host, tmp_path, do
                    limits=Limits(time_budget_s=30, vram_limit_gb=ceiling), log_path=tmp_path / "log",
                    name=naming.container_name("run", "blindtest", "0" * 8), workdir="/tmp",
                    labels=naming.managed_labels(naming.KIND_RUN, **{naming.L_TAG: "blindtest", naming.L_OWNER: naming.owner()}))
-    result = DockerSandbox(docker_client, vram_probe=lease.vram_probe()).run(spec)
+    result = DockerExecutor(docker_client, vram_probe=lease.vram_probe()).run(spec)
     if ceiling is None:
         assert result.reason == "" and result.exit_code == 0
     else:

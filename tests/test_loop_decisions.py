@@ -61,7 +61,7 @@ def make(tmp_path, data_dir, proposals, backend=None, **overrides):
     repo = ResearchRepo(path)
     backend = backend or FakeBackend()
     lines: list[str] = []
-    loop = Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=backend), Scripted(proposals),
+    loop = Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, backend=backend.pair()), Scripted(proposals),
                 out=lines.append)
     return loop, path, lines
 
@@ -118,7 +118,7 @@ def test_resume_keeps_the_default_vram_ceiling(tmp_path, data_dir):
     loop, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
     loop.run()
     loop.ledger.event("vram_ceiling", gb=3.5)  # what a GPU baseline leaves: twice its NVML peak
-    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, sandbox=FakeBackend()),
+    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, backend=FakeBackend().pair()),
                  Scripted([]), out=lambda line: None)
     again.setup(resume=True)
     assert again.engine.limits().vram_limit_gb == 3.5
@@ -143,7 +143,7 @@ def test_resume_with_local_changes_in_the_way_is_one_clear_error(tmp_path, data_
     g = git.Repo(path)
     g.git.checkout("main")
     (path / "train.py").write_text(variant(VALUE=9.0))  # an edit the branch's train.py would overwrite
-    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, sandbox=FakeBackend()),
+    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, backend=FakeBackend().pair()),
                  Scripted([]), out=lambda line: None)
     with pytest.raises(RepoError, match="git cannot check out autoresearch/fake: .*stash"):
         again.setup(resume=True)
@@ -212,7 +212,7 @@ def test_resume_restores_a_lost_row_that_another_tag_has_to_the_letter(tmp_path,
     cfg = load_config(path, {"tag": "two", "data_dir": data_dir, "budget_s": 5, "max_experiments": 0, "noise_runs": 0})
 
     def loop():
-        return Loop(cfg, first.repo, Engine(cfg, first.repo, progress=lambda m: None, sandbox=FakeBackend()),
+        return Loop(cfg, first.repo, Engine(cfg, first.repo, progress=lambda m: None, backend=FakeBackend().pair()),
                     Scripted([]), out=lambda line: None)
 
     loop().run()
@@ -247,7 +247,7 @@ def test_a_hub_fetch_on_two_nodes_reads_each_nodes_own_log(tmp_path, data_dir):
 
     path = make_repo(tmp_path / "repo", TRAIN)
     cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "hf_prefetch": ("org/m",), "hf_cache": str(tmp_path / "hf")})
-    engine = Engine(cfg, ResearchRepo(path), progress=lambda m: None, sandbox=TwoNodes())
+    engine = Engine(cfg, ResearchRepo(path), progress=lambda m: None, backend=TwoNodes().pair())
     requested = path / ".autoresearch/hub-fetch.log"
     result, report = engine.fetch_hub(requested)
     assert not requested.exists() and result.log_path.name == "hub-fetch.a.log"
@@ -272,7 +272,7 @@ def test_a_damaged_events_line_is_one_clear_error_on_resume_and_skipped_by_the_r
     lines[n] = json.dumps(damaged)
     events_path.write_text("\n".join(lines) + "\n")
 
-    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, sandbox=FakeBackend()),
+    again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, backend=FakeBackend().pair()),
                  Scripted([]), out=lambda line: None)
     with pytest.raises(LedgerError, match=f"events.jsonl line {n + 1} is damaged .*row is not commit, val_bpb"):
         again.setup(resume=True)
@@ -320,7 +320,7 @@ def _loop_on(path, data_dir, proposals, **overrides):
 
     cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "noise_runs": 0, **overrides})
     repo = ResearchRepo(path)
-    return Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Scripted(proposals),
+    return Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, backend=FakeBackend().pair()), Scripted(proposals),
                 out=lambda line: None)
 
 

@@ -76,9 +76,9 @@ def test_gc_never_removes_the_kept_chain(finished_run, docker_client):
     path, _, rows, tag = finished_run
     r = runner_cli("images", "gc", "--tag", tag, "--repo", str(path))
     assert r.returncode == 0, r.stderr
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor, DockerImageStore
 
-    left = {i.commit[:7] for i in experiment_images(DockerSandbox(docker_client), tag)}
+    left = {i.commit[:7] for i in experiment_images(DockerImageStore(docker_client), tag)}
     assert rows[0].commit in left and rows[1].commit in left   # baseline and the keep
     assert rows[2].commit not in left                            # the discard
 

@@ -83,9 +83,9 @@ def test_an_import_renames_nothing_and_a_rerun_takes_this_hosts_limits(docker_cl
     assert docker_client.images.get(ref).labels.get("poisoned") == "yes"
 
     from runner import reruns
-    from sandbox.docker_backend import DockerSandbox
+    from sandbox.docker_backend import DockerExecutor, DockerImageStore
 
-    image = reruns.find_experiment_image(DockerSandbox(docker_client), ref)
+    image = reruns.find_experiment_image(DockerImageStore(docker_client), ref)
     from conftest import MINI_PREPARE, SUMMARY, make_repo
 
     engine = engine_for(make_repo(tmp_path / "repo", SUMMARY, MINI_PREPARE))

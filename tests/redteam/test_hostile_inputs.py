@@ -58,7 +58,7 @@ def test_malformed_proposals_are_refused_and_the_night_goes_on(tmp_path, data_di
     path = make_repo(tmp_path / "repo", TRAIN)
     cfg = load_config(path, {"tag": "fake", "data_dir": data_dir, "budget_s": 5, "max_experiments": 4, "noise_runs": 0})
     repo = ResearchRepo(path)
-    Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, sandbox=FakeBackend()), Malformed([]),
+    Loop(cfg, repo, Engine(cfg, repo, progress=lambda m: None, backend=FakeBackend().pair()), Malformed([]),
          out=lambda line: None).run()
     refused = [e["reason"] for e in events(path) if e["event"] == "refused"]
     assert len(refused) == 3
