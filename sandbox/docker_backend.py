@@ -268,6 +268,22 @@ class DockerImageStore(ImageStore):
         except docker.errors.ImageNotFound:
             pass  # already gone: the goal is met
 
+    @_engine_errors("removing images")
+    def remove_images(self, image_ids: list[str]) -> int:
+        """Remove these images (by id, whatever their names) where no running container uses
+        them; returns how many were removed."""
+        removed = 0
+        for image_id in image_ids:
+            try:
+                self.client.images.remove(image_id, force=True, noprune=False)
+                removed += 1
+            except docker.errors.ImageNotFound:
+                continue
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: a container still uses it; the next gc takes it
+                    raise
+        return removed
+
     @_engine_errors("saving an image")
     def save_image(self, image_id: str, out: BinaryIO) -> None:
         for chunk in self.client.images.get(image_id).save(named=True):
@@ -610,22 +626,6 @@ class DockerExecutor(Executor):
             labels[naming.L_OWNER] = owner
         return [c for kind in (naming.KIND_RUN, naming.KIND_PREPARE)
                 for c in self.client.containers.list(all=True, filters=naming.managed_filter(kind, **labels))]
-
-    @_engine_errors("removing images")
-    def remove_images(self, image_ids: list[str]) -> int:
-        """Remove these images where no container uses them; returns how many were removed."""
-        removed = 0
-        for image_id in image_ids:
-            try:
-                self.client.images.remove(image_id, force=True, noprune=False)
-                removed += 1
-            except docker.errors.ImageNotFound:
-                continue
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409:  # 409: a container still uses it; the next gc takes it
-                    raise
-        return removed
-
 
 def runner_owner(client: docker.DockerClient) -> str:
     """The owner label for containers this process starts.

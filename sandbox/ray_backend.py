@@ -84,10 +84,11 @@ class NodeWorker:
             # or a running container's label) is an error, never a reason to take another GPU.
             # Other runners on this host then see them as taken, and the watchdog samples them.
             self.lease = gpu.acquire(",".join(uuids), nvml=nvml, busy=held_gpus(DockerExecutor(client)))
-        self.sandbox = DockerExecutor(client, vram_probe=self.lease.vram_probe())
+        self.executor = DockerExecutor(client, vram_probe=self.lease.vram_probe())
+        self.store = DockerImageStore(client)  # what was shipped here
         self.access = GpuAccess()
         if self.gpu_ids:
-            runtime = self.sandbox.gpu_runtime(gpu_runtime)
+            runtime = self.executor.gpu_runtime(gpu_runtime)
             self.access = GpuAccess("toolkit") if runtime == "toolkit" else gpu.devices_access(
                 self.lease.devices, self.lease.nvml or gpu.RealNvml())
         self.data_target, self.data_check = data_target, data_check
@@ -95,7 +96,7 @@ class NodeWorker:
         self.root = Path(tempfile.mkdtemp(prefix=f"{NODE_DIR_PREFIX}{os.getpid()}-"))
         self.stops: dict[str, threading.Event] = {}
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                     "host": socket.gethostname(), "engine": self.sandbox.version(),
+                     "host": socket.gethostname(), "engine": self.executor.version(),
                      "engine_id": client.info().get("ID", "")}
 
     def where(self) -> dict:
@@ -108,22 +109,22 @@ class NodeWorker:
         self.lease.release()
 
     def has_image(self, image_id: str) -> bool:
-        return self.sandbox.image(image_id) is not None
+        return self.store.image(image_id) is not None
 
     def layers(self) -> list[str]:
         """The diff IDs of every layer this node's engine holds."""
-        return sorted({layer for image in self.sandbox.client.images.list(all=True)
+        return sorted({layer for image in self.store.client.images.list(all=True)
                        for layer in (image.attrs.get("RootFS") or {}).get("Layers") or []})
 
     def load(self, chunks: list, image_id: str) -> None:
         ray = _ray()
-        for message in self.sandbox.client.api.load_image(ray.get(ref) for ref in chunks):
+        for message in self.store.client.api.load_image(ray.get(ref) for ref in chunks):
             if isinstance(message, dict) and message.get("error"):
                 raise SandboxError(f"node {self.node['ip']}: loading {image_id[:19]} failed: {message['error']}")
         self._expect(image_id)
 
     def pull(self, reference: str, image_id: str, names: list[str]) -> None:
-        image = self.sandbox.client.images.pull(reference)
+        image = self.store.client.images.pull(reference)
         for name in names:
             repo, _, tag = name.rpartition(":")
             image.tag(repo, tag)
@@ -134,16 +135,16 @@ class NodeWorker:
             raise SandboxError(f"node {self.node['ip']}: image {image_id[:19]} is not there after the transfer")
 
     def running(self, labels: dict) -> list[RunningRun]:
-        return self.sandbox.running(**labels)
+        return self.executor.running(**labels)
 
     def cleanup(self, tag, owner) -> list[str]:
-        return self.sandbox.cleanup(tag=tag, owner=owner)
+        return self.executor.cleanup(tag=tag, owner=owner)
 
     def owners(self, tag) -> set[str]:
-        return self.sandbox.owners(tag)
+        return self.executor.owners(tag)
 
     def remove_images(self, image_ids: list[str]) -> int:
-        return self.sandbox.remove_images(image_ids)
+        return self.store.remove_images(image_ids)
 
     def stop(self, key: str) -> None:
         if key in self.stops:
@@ -172,7 +173,7 @@ class NodeWorker:
             here = dataclasses.replace(spec, log_path=work / "run.log", log_root=work, mounts=tuple(mounts),
                                        collect_dir=work / "collect" if spec.collect_dir else None,
                                        gpus=self.lease.devices, gpu_access=self.access, labels=labels)
-            result = self.sandbox.run(here, stop)
+            result = self.executor.run(here, stop)
             log = here.log_path.read_bytes() if here.log_path.exists() else b""
             collected = {name: (here.collect_dir / name).read_bytes() for name in EXPORT_FILES
                          if result.collected and (here.collect_dir / name).is_file()}
@@ -363,8 +364,9 @@ class RayExecutor(Executor):
 
     def _data_digest(self, spec: RunSpec) -> str:
         """The digest of the data this host has at the data mount's path: every node must match it."""
-        data = _source_of(spec, self.data_target)
-        return self.data_check(data) if data is not None and self.data_check is not None else ""
+        check = self.settings.data_check
+        data = _source_of(spec, self.settings.data_target)
+        return check(data) if data is not None and check is not None else ""
 
     # --- what runs where ---------------------------------------------------------------
 
