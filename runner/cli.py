@@ -232,8 +232,11 @@ def start(
     data_dir: Optional[Path] = typer.Option(None, help="Prepared-data cache on the host."),
     cluster: Optional[str] = typer.Option(None, help="Run experiments on a Ray cluster: ray://HOST:PORT (see README)."),
     confirm: Optional[str] = typer.Option(None, help="Extra runs (other seeds) a would-be keep must hold through: auto (1), off, or N."),
+    max_hours: Optional[float] = typer.Option(None, help="Stop proposing after this many hours (runner.yaml: max_hours)."),
+    max_cost_usd: Optional[float] = typer.Option(None, help="Stop proposing once the model spend reaches this many USD."),
 ) -> None:
-    """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)."""
+    """Run the research loop on branch autoresearch/<tag> until stopped (Ctrl-C prints a summary)
+    or a cap is reached (max_experiments, max_hours, max_cost_usd, max_total_tokens)."""
     from sandbox.naming import check_tag
 
     from .engine import Engine, Slot, cpuset_cpus, fit_to_host, make_slots
@@ -244,7 +247,8 @@ def start(
     delta = None if min_delta is None else (min_delta if min_delta == "auto" else _float(min_delta, "--min-delta"))
     cfg = _config(repo, tag=check_tag(tag), max_experiments=max_experiments, budget_s=budget, proposer=proposer,
                   min_delta=delta, seed=seed, gpus=gpus, workers=workers, data_dir=data_dir, cluster=cluster,
-                  confirm=int(confirm) if confirm and confirm.isdigit() else confirm)
+                  confirm=int(confirm) if confirm and confirm.isdigit() else confirm, max_hours=max_hours,
+                  max_cost_usd=max_cost_usd)
     research = _open_repo(cfg.repo)
     if cfg.cluster:  # the nodes lease their own GPUs; this host only builds images and decides
         with Engine(cfg, research, progress=typer.echo) as engine:
@@ -425,9 +429,9 @@ def images_gc(
         freed = sum(img.size_added_bytes for img in doomed)
         copies = 0
         if not dry_run:
-            copies = backend.executor.release_images([img.id for img in doomed])  # a cluster's nodes hold copies
             for img in doomed:
                 backend.store.remove_image(img.ref)
+            copies = backend.executor.release_images([img.id for img in doomed])  # a cluster's nodes hold copies
     typer.echo(f"{'would remove' if dry_run else 'removed'} {len(doomed)} image(s), {freed / 1024:.1f} KiB"
                + (f" (and {copies} cop{'y' if copies == 1 else 'ies'} on cluster nodes)" if copies else "")
                + "".join(f"\n  {i.ref}" for i in doomed))
@@ -467,10 +471,22 @@ def report(
     tag: str = typer.Option(..., help="The run to report on."),
     repo: Path = RepoOpt,
     out: Optional[Path] = typer.Option(None, help="Directory for progress.png and report.html (default: .autoresearch/<tag>/)."),
+    watch: bool = typer.Option(False, help="Rewrite the report as experiments are recorded (the page reloads itself) until Ctrl-C."),
+    every: float = typer.Option(5.0, help="With --watch: seconds between looks at the ledger (and page reloads)."),
 ) -> None:
     """Write progress.png and a self-contained report.html for a run, and print its figures."""
     from . import report as rep
 
+    if watch:
+        if not every > 0:
+            from .config import ConfigError
+
+            raise ConfigError(f"--every must be a positive number of seconds, got {every}")
+        try:
+            rep.watch(repo.resolve(), tag, out, poll_s=every, say=typer.echo)
+        except KeyboardInterrupt:
+            typer.echo("stopped watching")
+        return
     try:
         data = rep.collect(repo.resolve(), tag)
     except ValueError as exc:
@@ -499,11 +515,15 @@ def status(tag: Optional[str] = typer.Option(None, help="Only this run tag."), r
         typer.echo("no experiments running")
         return
     # The GPUs last and whole: a UUID cut short names no GPU (nvidia-smi -L prints them whole).
-    typer.echo(f"{'tag':16} {'iter':>4} {'commit':8} {'elapsed':>8} {'user':>5} {'best':>9} {'kept':>4}  {'repo':30} gpus")
+    typer.echo(f"{'tag':16} {'iter':>4} {'commit':8} {'elapsed':>8} {'user':>5} {'best':>9} {'keep':>4}  {'repo':30} gpus")
     for r in rows:
-        best = "-" if r.best_val_bpb is None else f"{r.best_val_bpb:.6f}"
+        n = r.night
+        best = "-" if n is None or n.best_val_bpb is None else f"{n.best_val_bpb:.6f}"
         typer.echo(f"{r.tag:16} {r.iteration:>4} {r.commit[:7]:8} {r.elapsed_s:>7.0f}s "
-                   f"{r.user:>5} {best:>9} {r.kept:>4}  {r.repo:30} {r.gpus or '-'}")
+                   f"{r.user:>5} {best:>9} {'-' if n is None else n.counts.keep:>4}  {r.repo:30} {r.gpus or '-'}")
+        if n is not None:  # the night so far, in the words of the Ctrl-C summary and the report
+            duty = "-" if n.duty_cycle is None else f"{100 * n.duty_cycle:.1f}%"
+            typer.echo(f"    {n.counts}; accelerator duty cycle {duty}; spend {n.spend}")
 
 
 @app.command("clean")

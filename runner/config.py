@@ -21,6 +21,7 @@ from sandbox.backend import EXECUTORS, BackendSettings
 from sandbox.spec import GiB, MiB, Limits
 
 from .errors import ConfigError  # noqa: F401  (raised here, and imported from here by most callers)
+from .text import redact_url
 
 CONFIG_FILE = "runner.yaml"
 DATA_MOUNT = "/home/runner/.cache/autoresearch"   # where autoresearch's prepare.py looks (~ of the runner user)
@@ -30,6 +31,21 @@ HF_MOUNT = "/home/runner/.cache/huggingface/hub"  # the hub cache only: never HF
 HELDOUT_MOUNT = "/home/heldout/.cache/autoresearch"
 HELDOUT_ENV = "AUTORESEARCH_HELDOUT_DIR"  # names it for prepare.py (writable) and the verifier (read-only)
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+
+# USD per million tokens (input, output), by model-name prefix (the longest prefix that matches
+# wins), as Anthropic publishes them; `prices:` in runner.yaml overrides or adds entries. A model
+# with no price is counted in tokens only.
+DEFAULT_PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
+    "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4": (1.0, 5.0),
+    "claude-3-7-sonnet": (3.0, 15.0),
+    "claude-3-5-haiku": (0.8, 4.0),
+}
+# What a notify target can be told; `digest` comes at the target's digest_at.
+NOTIFY_EVENTS = ("new_best", "crash_streak", "verification_refused", "cap", "stopped", "failed")
+DEFAULT_CRASH_STREAK = 3  # crashes in a row that make a `crash_streak` alert
 
 
 def default_ca_bundle() -> Path | None:
@@ -76,6 +92,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class NotifyTarget:
+    """One entry of `notify:`: where alerts go (exactly one of url, url_env, command) and which."""
+
+    url: str | None = None               # a webhook: each alert is a JSON POST (see runner/notify.py)
+    url_env: str | None = None           # the name of a host environment variable holding the webhook URL
+    command: tuple[str, ...] = ()        # or a command (argv): each alert as JSON on its stdin
+    events: tuple[str, ...] = NOTIFY_EVENTS
+    crash_streak: int = DEFAULT_CRASH_STREAK  # crashes in a row that make a crash_streak alert
+    digest_at: str | None = None         # "HH:MM" local time: a digest of the night every day at that time
+
+
+@dataclass(frozen=True)
 class RunConfig:
     repo: Path = Path(".")
     tag: str | None = None
@@ -86,7 +114,12 @@ class RunConfig:
     api_retries: int = 8                 # Anthropic API retries with backoff
     max_turns: int = 30                  # tool-use turns per proposal
     seed: int = 0                        # offline proposer seed
-    max_experiments: int | None = None   # stop after this many experiments (baseline excluded)
+    max_experiments: int | None = None   # stop after this many experiments (baseline excluded), this session
+    max_hours: float | None = None       # stop proposing after this many hours of this session
+    max_cost_usd: float | None = None    # stop proposing once the tag's model spend reaches this (USD, with `prices`)
+    max_total_tokens: int | None = None  # stop proposing once the tag's model tokens (in + out) reach this
+    prices: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES_PER_MTOK))
+    notify: tuple[NotifyTarget, ...] = ()  # alert targets (webhooks, commands)
     min_delta: float | str = 0.0         # keep needs val_bpb < best - min_delta; "auto" = 2 x the baseline's spread over seeds
     noise_runs: int = 2                  # baseline reruns (other seeds) before the first proposal, once per tag; 0 = none
     stale_after: int = 10                # experiments without improvement before widening the search
@@ -163,6 +196,10 @@ class RunConfig:
                 return list(v)
             return v
         d = dataclasses.asdict(self)
+        # events.jsonl and the report get this dict: a webhook's secret (its path, query or
+        # userinfo) and a command's arguments stay out of it.
+        d["notify"] = [{**t, "url": t["url"] and redact_url(t["url"]), "command": list(t["command"][:1])}
+                       for t in d["notify"]]
         return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v)) for k, v in d.items()}
 
 
@@ -189,11 +226,18 @@ def _check_type(key: str, value, hint):
         return str(value)
     if hint is Path and isinstance(value, str):
         return Path(value).expanduser()
-    if origin is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    args = typing.get_args(hint)
+    if origin is tuple and isinstance(value, list) and args[1:] == (Ellipsis,) and all(isinstance(v, str) for v in value):
         return tuple(value)
+    if origin is tuple and isinstance(value, list) and Ellipsis not in args and len(value) == len(args):
+        return tuple(_check_type(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        if args and args[1] is not str:
+            return {k: _check_type(f"{key}.{k}", v, args[1]) for k, v in value.items()}
         return {k: str(v) for k, v in value.items()}
     name = getattr(hint, "__name__", str(hint))
+    if origin is tuple and args and Ellipsis not in args:
+        name = "[" + ", ".join(a.__name__ for a in args) + "]"
     raise ConfigError(f"{CONFIG_FILE}: key '{key}' must be {name}, got {value!r}")
 
 
@@ -213,6 +257,11 @@ def _build(cls, data: dict, prefix: str = ""):
             raise ConfigError(f"{CONFIG_FILE}: unknown key '{prefix}{key}' (known keys: {', '.join(allowed)})")
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{prefix}{key}.")
+        elif typing.get_origin(hints[key]) is tuple and dataclasses.is_dataclass(typing.get_args(hints[key])[0]):
+            items = [value] if isinstance(value, dict) else value or []  # one target may be written without a list
+            if not isinstance(items, list):
+                raise ConfigError(f"{CONFIG_FILE}: '{prefix}{key}' must be a list of mappings")
+            kwargs[key] = tuple(_build(typing.get_args(hints[key])[0], v, f"{prefix}{key}[{i}].") for i, v in enumerate(items))
         else:
             kwargs[key] = _check_type(prefix + key, value, hints[key])
     return cls(**kwargs)
@@ -243,6 +292,8 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
         cfg = dataclasses.replace(cfg, ca_bundle=default_ca_bundle())
     if cfg.hf_cache is None:
         cfg = dataclasses.replace(cfg, hf_cache=default_hub_cache())
+    if isinstance(data, dict) and "prices" in data:  # runner.yaml's prices add to (or override) the defaults
+        cfg = dataclasses.replace(cfg, prices={**DEFAULT_PRICES_PER_MTOK, **cfg.prices})
     validate(cfg)
     return cfg
 
@@ -315,3 +366,41 @@ def validate(cfg: RunConfig) -> None:
     for name in cfg.env:
         if _SECRET_NAME.search(name):
             raise ConfigError(f"env: '{name}' looks like a secret; experiments never receive secrets")
+    _validate_caps(cfg)
+    for i, target in enumerate(cfg.notify):
+        _validate_target(f"notify[{i}]", target)
+
+
+def _validate_caps(cfg: RunConfig) -> None:
+    from .spend import price_per_mtok
+
+    for key in ("max_hours", "max_cost_usd", "max_total_tokens", "max_experiments"):
+        value = getattr(cfg, key)
+        if value is not None and not value > 0 and not (key == "max_experiments" and value == 0):
+            raise ConfigError(f"{key} must be a positive number (or null for no cap), got {value!r}")
+    for model, (per_in, per_out) in cfg.prices.items():
+        if not (per_in >= 0 and per_out >= 0):
+            raise ConfigError(f"prices.{model} must be [USD per million input tokens, USD per million output tokens], "
+                              f"both >= 0, got {[per_in, per_out]}")
+    if cfg.max_cost_usd is not None and cfg.proposer != "offline" and price_per_mtok(cfg.model, cfg.prices) is None:
+        raise ConfigError(f"max_cost_usd needs the price of model {cfg.model}: add it to runner.yaml as "
+                          f"prices: {{{cfg.model}: [USD per million input tokens, USD per million output tokens]}}")
+
+
+def _validate_target(key: str, target: NotifyTarget) -> None:
+    """One notify target's error names the entry and shows a URL as scheme://host only (its secret stays out)."""
+    given = [name for name in ("url", "url_env", "command") if getattr(target, name)]
+    if len(given) != 1:
+        raise ConfigError(f"{key} needs exactly one of url, url_env or command, got {', '.join(given) or 'none'}")
+    if target.url is not None and redact_url(target.url).split("://")[0] not in ("http", "https"):
+        raise ConfigError(f"{key}.url must be an http:// or https:// URL, got {redact_url(target.url)}")
+    if target.url_env is not None and not re.fullmatch(r"[A-Za-z_]\w*", target.url_env):
+        raise ConfigError(f"{key}.url_env must be the name of an environment variable, got {target.url_env!r}")
+    unknown = sorted(set(target.events) - set(NOTIFY_EVENTS))
+    if unknown:
+        raise ConfigError(f"{key}.events: unknown event {unknown[0]!r} (known: {', '.join(NOTIFY_EVENTS)}; "
+                          "a daily digest is digest_at: HH:MM)")
+    if target.crash_streak < 1:
+        raise ConfigError(f"{key}.crash_streak must be at least 1, got {target.crash_streak}")
+    if target.digest_at is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", target.digest_at):
+        raise ConfigError(f"{key}.digest_at must be a local time HH:MM such as 07:30, got {target.digest_at!r}")

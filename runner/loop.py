@@ -26,13 +26,15 @@ from .config import RunConfig
 from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
 from .ledger import ExperimentRecord, Ledger, Row, RowStatus
-from .policy import RunState, confirm, decide, duty_cycle, seed_only_change
+from .notify import NOTIFY_FORCED_WAIT_S, Alert, Notifier
+from .policy import RunState, StatusCounts, cap_reached, confirm, decide, duty_cycle, seed_only_change, status_counts
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
-from .summary import (STATUS_OK, VERDICT_OK, VERDICT_OVERFIT, VERDICT_REFUSED, VERDICT_SEED_PINNED, VERDICT_UNVERIFIED,
-                      judge, with_val_bpb)
+from .spend import Spend, describe, spent
+from .summary import (STATUS_OK, VERDICT_FORGED, VERDICT_NONCAUSAL, VERDICT_OK, VERDICT_OVERFIT, VERDICT_REFUSED,
+                      VERDICT_SEED_PINNED, VERDICT_UNNORMALISED, VERDICT_UNVERIFIED, judge, with_val_bpb)
 from .text import HYPOTHESIS_MAX_CHARS, block, one_line
 
 KEEP, DISCARD, CRASH = RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH
@@ -43,6 +45,9 @@ PROPOSER_MAX_ERRORS = 12  # failed proposals in a row (about 1.5 hours of backof
 # waits (seconds); one that outlasts them all stops the night.
 HARNESS_BACKOFF_S = (10, 60, 300)
 MAX_REFUSED_IN_A_ROW = 10  # refused proposals in a row before the run stops: the proposer is broken
+# The verifier's verdicts that make a `verification_refused` alert (overfit and seed_pinned are the runner's own).
+REFUSING_VERDICTS = frozenset({VERDICT_UNVERIFIED, VERDICT_FORGED, VERDICT_NONCAUSAL, VERDICT_UNNORMALISED, VERDICT_REFUSED})
+SECONDS_PER_HOUR = 3600
 
 
 class LoopError(RuntimeError):
@@ -103,6 +108,14 @@ class Loop:
         # auto verifies like on, unless the baseline shows this repo's evaluation cannot be replayed
         # (then it falls back to the runs' own numbers; on refuses to start instead)
         self.verify_mode = cfg.verify
+        self.workers = 1
+        self.spend = Spend()        # the tag's model tokens, every session's (read back from the ledger at setup)
+        self.crashes_in_a_row = 0
+        # Why the night ends: the first reason wins; finish() records it as the `stopped` event.
+        self.stop_reason: str | None = None
+        self.stop_cap: str | None = None
+        self.failure: str | None = None  # a worker's or the proposer's exception (its own `stopped` event)
+        self.notifier = Notifier(cfg.notify, cfg.tag, on_failure=self._notify_failed)
 
     # --- setup -----------------------------------------------------------------------
 
@@ -131,8 +144,11 @@ class Loop:
         else:
             self.repo.create_branch(branch)
             self.ledger.open()
+        self.spend = spent(self.ledger.events())
         self.ledger.event("start", resume=resume, branch=branch, head=self.repo.head().sha,
-                          proposer=self.proposer.name, config=self.cfg.to_dict(), min_delta=self.min_delta)
+                          proposer=self.proposer.name, config=self.cfg.to_dict(), min_delta=self.min_delta,
+                          workers=self.workers)
+        self.reporter.spending(self._spend_line())
 
     def _min_delta(self) -> float:
         if self.cfg.min_delta != "auto":
@@ -260,7 +276,36 @@ class Loop:
         self.out(exp_line(self.tag, iteration, row))
         self.state.training_s += record.training_s + sum(
             (r.outcome.metrics.training_seconds or 0.0) for r in earlier if r.outcome.metrics)
+        self.reporter.spending(self._spend_line())
+        self._alert_on(iteration, run, status, row)
         return row
+
+    def _alert_on(self, iteration: int, run: ExperimentRun, status: RowStatus, row: Row) -> None:
+        """The alerts one recorded experiment makes: a crash streak, a result the verifier refused.
+        (A new best is alerted where a keep is decided.)"""
+        self.crashes_in_a_row = self.crashes_in_a_row + 1 if status == CRASH else 0
+        where = f"experiment {iteration} ({row.commit})"
+        if status == CRASH:
+            self.notifier.send("crash_streak", f"{self.tag}: {self.crashes_in_a_row} crashes in a row, the last "
+                               f"{where}: {row.description}", streak=self.crashes_in_a_row,
+                               iteration=iteration, commit=row.commit, reason=run.outcome.reason)
+        if run.outcome.verdict in REFUSING_VERDICTS:
+            self.notifier.send("verification_refused", f"{self.tag}: the verifier refused {where}: "
+                               f"{run.outcome.verdict} ({one_line(run.outcome.detail, 200)}): {row.description}",
+                               iteration=iteration, commit=row.commit, verdict=str(run.outcome.verdict))
+
+    def _spent(self, usage: dict) -> None:
+        """Count a proposal's tokens as the proposer hands it over (the caps see them at once;
+        the ledger keeps them in the event that records the proposal)."""
+        self.spend.add(usage)
+        self.reporter.spending(self._spend_line())
+
+    def _hours(self) -> float:
+        return (time.monotonic() - self.started) / SECONDS_PER_HOUR
+
+    def _spend_line(self) -> str:
+        c = self.cfg
+        return describe(self.spend, c.model, c.prices, c.max_cost_usd, c.max_total_tokens, self._hours(), c.max_hours)
 
     def baseline(self, slot: Slot | None = None) -> None:
         commit = self.repo.head().sha
@@ -358,6 +403,8 @@ class Loop:
             parent = self.state.best_commit
         try:
             proposal = sanitized(self.proposer.propose(ctx))
+            with self.lock:
+                self._spent(proposal.usage)
         except ProposerError as exc:
             self.ledger.event("proposer_error", iteration=ctx.iteration, error=one_line(str(exc), 500))
             self.out(f"proposer: {one_line(str(exc))}")
@@ -370,7 +417,8 @@ class Loop:
         with self.lock:
             if self.stop.is_set():  # stopped while the proposer worked: drop the proposal
                 self.repo.respawn_git()
-                self.ledger.event("interrupted", iteration=None, commit=None, description=proposal.description)
+                self.ledger.event("interrupted", iteration=None, commit=None, description=proposal.description,
+                                  usage=proposal.usage)
                 return None
             return self._commit_job(parent, proposal)
 
@@ -379,14 +427,16 @@ class Loop:
         iteration = self.state.iteration + 1
         if seed_only_change(self.repo.committed_text("train.py", parent), proposal.train_py):
             reason = "the edit changes only a seed: the runner decides seeds (a keep is confirmed over several)"
-            self.ledger.event("refused", iteration=iteration, reason=reason, description=proposal.description)
+            self.ledger.event("refused", iteration=iteration, reason=reason, description=proposal.description,
+                              usage=proposal.usage)
             self.out(f"refused: {reason}")
             raise ProposalRefused(reason)
         try:
             commit = self.repo.commit_train_py(parent, proposal.train_py, f"{self.tag}: {proposal.description}",
                                                ref=f"refs/autoresearch/{self.tag}/{iteration}")
         except GuardError as exc:
-            self.ledger.event("refused", iteration=iteration, reason=str(exc), description=proposal.description)
+            self.ledger.event("refused", iteration=iteration, reason=str(exc), description=proposal.description,
+                              usage=proposal.usage)
             self.out(f"refused: {exc}")
             self.repo.reset_hard(self.state.best_commit)
             raise ProposalRefused(str(exc)) from None
@@ -421,11 +471,16 @@ class Loop:
                 return
             with self.lock:
                 follow = self._settle(job, run)
+            if follow == "fix" and self._cap(0):
+                follow = None  # a cap ends the night: no new edit (and no tokens past a spend cap)
             if follow == "fix":
                 with self.lock:
                     ctx = self.context()
                 try:
                     fix = self.proposer.fix_crash(ctx, job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
+                    if fix is not None:
+                        with self.lock:
+                            self._spent(fix.usage)
                 except Exception as exc:  # no fix this time (an API outage, a malformed reply); the night goes on
                     self.ledger.event("fix_failed", iteration=job.iteration, error=one_line(f"{type(exc).__name__}: {exc}", 500))
                     fix = None
@@ -482,8 +537,12 @@ class Loop:
         extra = {"parent": job.parent, "verifies": job.verifies}
         val = outcome.val_bpb if outcome.status == STATUS_OK else None
         if decision.status == KEEP:
-            self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra, earlier=earlier)
+            row = self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra, earlier=earlier)
             self.proposer.observe(job.proposal, KEEP, val)
+            self.notifier.send("new_best", f"{self.tag}: new best val_bpb {outcome.val_bpb:.6f} "
+                               f"({outcome.val_bpb - self.state.best_val_bpb:+.6f}) at experiment {job.iteration} "
+                               f"({row.commit}): {row.description}", iteration=job.iteration, commit=row.commit,
+                               val_bpb=outcome.val_bpb, previous_val_bpb=self.state.best_val_bpb)
             self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
             if outcome.heldout_bpb is not None:  # a keep without a held-out figure never switches the rule off
                 self.state.best_heldout_bpb = outcome.heldout_bpb
@@ -499,7 +558,8 @@ class Loop:
             if merged is None:
                 self.ledger.event("near_miss_conflict", iteration=job.iteration, commit=job.commit)
                 return None
-            again = dataclasses.replace(job.proposal, train_py=merged,
+            # usage {}: its tokens were counted with the near-miss itself
+            again = dataclasses.replace(job.proposal, train_py=merged, usage={},
                                         description=f"{job.proposal.description} (re-applied)")
             try:
                 return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
@@ -523,6 +583,9 @@ class Loop:
         restore = self._install_signal_handlers()
         self.started = time.monotonic()
         slots = slots or [None]
+        self.workers = len(slots)
+        self.notifier.start(digest=self._digest)
+        close_wait_s = None
         try:
             self.setup(resume)
             # The baseline and its reruns run in a worker's slot, as every experiment does: its
@@ -547,6 +610,12 @@ class Loop:
             self.stop.set()
             self.engine.executor.cleanup(owner=self.engine.executor.owner)
             self.ledger.event("interrupted", iteration=None, commit=None, forced=True)
+            self.notifier.send("stopped", f"{self.tag}: stopped at once (forced: a second interrupt)", reason="forced")
+            close_wait_s = NOTIFY_FORCED_WAIT_S
+            raise
+        except Exception as exc:
+            self.notifier.send("failed", f"{self.tag}: the run failed: {type(exc).__name__}: {one_line(str(exc), 500)}",
+                               error=one_line(f"{type(exc).__name__}: {exc}", 500))
             raise
         finally:
             restore()
@@ -555,6 +624,7 @@ class Loop:
                 self._sweep()
             except SandboxError:
                 pass  # the daemon went away; the next start sweeps
+            self.notifier.close(*(() if close_wait_s is None else (close_wait_s,)))
 
     def _prefetch(self, workers: int) -> int:
         if self.cfg.prefetch != "auto":
@@ -562,8 +632,19 @@ class Loop:
         # An LLM proposal takes long enough to leave the accelerator idle: prepare one ahead.
         return 1 if (self.proposer.name == "claude" or workers > 1) else 0
 
-    def _budget_left(self, proposed: int) -> bool:
-        return self.cfg.max_experiments is None or proposed < self.cfg.max_experiments
+    def _cap(self, proposed: int) -> bool:
+        """Whether one of the night's caps (policy.cap_reached) is reached, `proposed` proposals into
+        this session; the first one reached becomes the night's stop reason."""
+        reached = cap_reached(self.cfg, self.spend, self._hours(), proposed)
+        if reached is not None:
+            self._end(reached[1], cap=reached[0])
+        return reached is not None
+
+    def _end(self, reason: str, cap: str | None = None) -> None:
+        """Note why the night ends (the first reason wins); finish() records and alerts it."""
+        with self.lock:
+            if self.stop_reason is None:
+                self.stop_reason, self.stop_cap = reason, cap
 
     def _next_job(self, errors: list[int]) -> Job | None:
         """Propose until a job comes out; back off on proposer errors (an API outage must not
@@ -586,7 +667,7 @@ class Loop:
             except ProposerError:
                 errors[0] += 1
                 if errors[0] >= PROPOSER_MAX_ERRORS:
-                    self.ledger.event("stopped", reason=f"proposer failed {errors[0]} times in a row")
+                    self._end(f"proposer failed {errors[0]} times in a row")
                     self.stop.set()
                     return None
                 self.stop.wait(min(PROPOSER_BACKOFF_S * 2 ** (errors[0] - 1), 600))
@@ -612,10 +693,13 @@ class Loop:
         def produce():
             proposed, errors = 0, [0, 0]
             try:
-                while not self.stop.is_set() and self._budget_left(proposed):
+                # A cap stops the proposing; what was proposed still runs (no tokens, a bounded overrun).
+                while not self.stop.is_set() and not self._cap(proposed):
                     while not tickets.acquire(timeout=0.2):
                         if self.stop.is_set():
                             return
+                    if self._cap(proposed):  # reached while waiting for a worker (max_hours)
+                        return
                     job = self._next_job(errors)
                     proposed += 1
                     if job is None:
@@ -651,8 +735,9 @@ class Loop:
                     exc = f.exception()
                     if exc is not None and failure is None:
                         failure = (futures[f], exc)
+                        self.failure = f"{futures[f]} failed: {exc.__class__.__name__}: {exc}"
                         self.stop.set()
-                        self.ledger.event("stopped", reason=f"{futures[f]} failed: {exc.__class__.__name__}: {exc}")
+                        self.ledger.event("stopped", reason=self.failure)
         except KeyboardInterrupt:  # forced stop: the caller removes the containers, nobody waits
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -660,26 +745,52 @@ class Loop:
         return failure
 
     def finish(self, workers: int = 1) -> Summary:
+        """Record why the night ended (the `stopped` event, unless a failure recorded its own) and
+        the summary; print the summary and alert it."""
         with self.lock:  # a proposer thread may still be using git
             if self.stop.is_set():
                 self.repo.respawn_git()
-            rows = self._rows_of_this_tag()
+            experiments = self.ledger.experiments()
             context = self.context()
-        summary = self.proposer.summarize(context, rows)
+        reason = self.stop_reason or "stop requested"
+        if self.failure is None:
+            self.ledger.event("stopped", reason=reason, cap=self.stop_cap)
+        summary = self.proposer.summarize(context, [e.row for e in experiments])
+        self.spend.add(summary.usage)
         # The ledger keeps both to the millisecond; the duty cycle is computed from what it keeps,
         # so `runner report` (which reads them back) says the same figure on a short night too.
         wall_s, training_s = round(time.monotonic() - self.started, 3), round(self.state.training_s, 3)
         duty = duty_cycle(training_s, wall_s, workers) or 0.0
-        self.ledger.event("summary", experiments=len(rows), best_commit=self.state.best_commit,
+        counts = status_counts((e.iteration, e.status) for e in experiments)
+        self.ledger.event("summary", experiments=len(experiments), best_commit=self.state.best_commit,
                           best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb,
                           trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage,
                           wall_s=wall_s, training_s=training_s, workers=workers,
                           duty_cycle=round(duty, 4))
-        self.out(format_summary(self.tag, rows, self.state, summary, duty))
+        self.out(format_summary(self.tag, counts, self.state, summary, duty, stopped=reason, spend=self._spend_line()))
+        if self.failure is None:
+            self.notifier.send("cap" if self.stop_cap else "stopped",
+                               f"{self.tag}: stopped ({reason}). {counts}; {self._best_text()}; {self._spend_line()}",
+                               reason=reason, cap=self.stop_cap, experiments=counts.tried, keeps=counts.keep,
+                               best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb)
         return summary
 
-    def _rows_of_this_tag(self) -> list[Row]:
-        return [e.row for e in self.ledger.experiments()]
+    def _best_text(self) -> str:
+        if self.state.best_commit is None:
+            return "no baseline yet"
+        return f"best val_bpb {self.state.best_val_bpb:.6f} ({self.state.best_commit[:7]})"
+
+    def _digest(self) -> Alert:
+        """The daily digest (notify digest_at), from the ledger: the delivery thread calls it."""
+        counts = status_counts((e.iteration, e.status) for e in self.ledger.experiments(damaged=[]))
+        return Alert("digest", f"{self.tag} digest: {counts}; {self._best_text()}; {self._spend_line()}",
+                     {"experiments": counts.tried, "keeps": counts.keep})
+
+    def _notify_failed(self, target: str, kind: str, error: str) -> None:
+        """An alert that did not go out: said on stderr and in events.jsonl (if the run has one); the night goes on."""
+        print(f"notify: {kind} alert to {target} failed: {error}", file=sys.stderr)
+        if self.ledger.events_path.exists():
+            self.ledger.event("notify_failed", target=target, alert=kind, error=error)
 
     def _install_signal_handlers(self):
         """First SIGINT/SIGTERM: stop after cleaning up the current run. Second: stop now."""
@@ -690,6 +801,8 @@ class Loop:
         def handler(signum, frame):
             if self.stop.is_set():
                 raise KeyboardInterrupt
+            # no lock in a signal handler: the main thread may hold it
+            self.stop_reason = self.stop_reason or f"{signal.Signals(signum).name} received"
             self.stop.set()
             # A raw write: a signal handler must not take the console's lock (the live panel may hold it).
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current run is cleaned up "
@@ -700,13 +813,16 @@ class Loop:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-def format_summary(tag: str, rows: list[Row], state: RunState, summary: Summary, duty: float | None = None) -> str:
-    counts = {s: sum(r.status == s for r in rows) for s in (KEEP, DISCARD, CRASH)}
+def format_summary(tag: str, counts: StatusCounts, state: RunState, summary: Summary, duty: float | None = None,
+                   stopped: str | None = None, spend: str | None = None) -> str:
+    """The summary printed when a night ends (Ctrl-C, a cap): counts as policy.StatusCounts says them."""
     best = "none" if state.best_commit is None else f"{state.best_commit[:7]} val_bpb {state.best_val_bpb:.6f}"
     lines = [
         "",
-        f"=== autoresearch {tag}: {len(rows)} experiments ({counts[KEEP]} keep, {counts[DISCARD]} discard, {counts[CRASH]} crash)",
+        f"=== autoresearch {tag}: {counts}",
         f"best: {best}" + ("" if duty is None else f"   accelerator duty cycle: {100 * duty:.1f}%"),
+        *([f"stopped: {stopped}"] if stopped else []),
+        *([f"spend: {spend}"] if spend else []),
         "trajectory:",
         *[f"  - {t}" for t in summary.trajectory],
         "next ideas:",

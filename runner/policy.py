@@ -7,12 +7,16 @@ import ast
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from sandbox.spec import REASON_LOST, REASON_UNWATCHED
 
 from .ledger import ExperimentRecord, RowStatus
 from .summary import VERDICT_OK, Outcome, OutcomeStatus
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .spend import Spend
 
 # Crashes of the harness, not of the code: nothing in train.py for the proposer to fix.
 HARNESS_REASONS = frozenset({REASON_LOST, REASON_UNWATCHED})
@@ -47,7 +51,64 @@ def duty_cycle(training_s: float, wall_s: float, workers: int = 1) -> float | No
     """The accelerator duty cycle, the one definition every view uses: seconds the workers spent
     training (what the runs report as training_seconds) over the seconds the night had for them
     (its wall time x workers). None before any time has passed."""
-    return training_s / (wall_s * max(workers, 1)) if wall_s > 0 else None
+    return nights_duty_cycle([(training_s, wall_s, workers)])
+
+
+def nights_duty_cycle(sessions: Iterable[tuple[float, float, int]]) -> float | None:
+    """The duty cycle (see `duty_cycle`) of several sessions of one tag, each (training_s, wall_s,
+    workers): all their training seconds over all the seconds they had. None before any time."""
+    sessions = list(sessions)
+    capacity = sum(wall_s * max(int(workers or 1), 1) for _, wall_s, workers in sessions)
+    return sum(training_s for training_s, _, _ in sessions) / capacity if capacity > 0 else None
+
+
+BASELINE_ITERATION = 0
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    """keep / discard / crash over the experiments tried. The baseline (iteration 0) is not one:
+    it is what every keep is measured against, so it is neither counted nor a keep."""
+
+    keep: int = 0
+    discard: int = 0
+    crash: int = 0
+
+    @property
+    def tried(self) -> int:
+        return self.keep + self.discard + self.crash
+
+    @property
+    def keep_rate(self) -> float:
+        return self.keep / self.tried if self.tried else 0.0
+
+    def __str__(self) -> str:
+        """How every view says it: the Ctrl-C summary, `runner status`, the report, the alerts."""
+        return (f"{self.tried} experiments after the baseline ({self.keep} keep, {self.discard} discard, "
+                f"{self.crash} crash), keep rate {100 * self.keep_rate:.1f}%")
+
+
+def status_counts(experiments: Iterable[tuple[int, str]]) -> StatusCounts:
+    """The one count of keeps, discards and crashes, from (iteration, results.tsv status) pairs."""
+    tried = [status for iteration, status in experiments if iteration != BASELINE_ITERATION]
+    return StatusCounts(*(sum(s == status for s in tried) for status in (RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH)))
+
+
+def cap_reached(cfg: "RunConfig", spend: "Spend", hours: float, experiments: int) -> tuple[str, str] | None:
+    """(the cap's key, why) for the first of the night's caps that is reached, or None.
+
+    max_experiments and max_hours count this session; max_cost_usd and max_total_tokens count the
+    tag's whole spend (a resumed night does not spend its cap again)."""
+    cost = spend.cost_usd(cfg.model, cfg.prices)
+    if cfg.max_cost_usd is not None and cost is not None and cost >= cfg.max_cost_usd:
+        return "max_cost_usd", f"max_cost_usd reached: ${cost:.2f} spent of ${cfg.max_cost_usd:.2f}"
+    if cfg.max_total_tokens is not None and spend.total_tokens >= cfg.max_total_tokens:
+        return "max_total_tokens", f"max_total_tokens reached: {spend.total_tokens:,} of {cfg.max_total_tokens:,}"
+    if cfg.max_hours is not None and hours >= cfg.max_hours:
+        return "max_hours", f"max_hours reached: {hours:.2f} h of {cfg.max_hours:g} h"
+    if cfg.max_experiments is not None and experiments >= cfg.max_experiments:
+        return "max_experiments", f"max_experiments reached: {experiments} of {cfg.max_experiments}"
+    return None
 
 
 class JobLike(Protocol):

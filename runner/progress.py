@@ -1,6 +1,7 @@
 """What a person watching the loop sees: plain `[EXP]` lines, and on a terminal a live panel
 (Rich) with each running experiment's elapsed time against its budget, the step and loss read
-from its training log, the best val_bpb so far and the keep/discard/crash counts."""
+from its training log, the best val_bpb so far, the keep/discard/crash counts and the spend
+against its caps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .policy import StatusCounts, status_counts
 
 # autoresearch prints "step 00953 (100.0%) | loss: 3.2 | ..." behind a carriage return;
 # tinylm prints the same shape one per line.
@@ -50,7 +53,8 @@ class Reporter:
     def __init__(self, out: Callable[[str], None] = print):
         self.out = out
         self.best: float | None = None
-        self.counts = {"keep": 0, "discard": 0, "crash": 0}
+        self.statuses: list[tuple[int, str]] = []  # (iteration, status) of each recorded experiment
+        self.spend_line = ""
         self.active: dict[int, Active] = {}
         self._lock = threading.Lock()
 
@@ -67,10 +71,18 @@ class Reporter:
 
     def recorded(self, status: str, val_bpb: float, iteration: int) -> None:
         with self._lock:
-            if iteration > 0:
-                self.counts[status] += 1
+            self.statuses.append((iteration, status))
             if status == "keep":
                 self.best = val_bpb
+
+    @property
+    def counts(self) -> StatusCounts:
+        with self._lock:
+            return status_counts(self.statuses)
+
+    def spending(self, line: str) -> None:
+        """The spend against its caps (spend.describe), for the panel's head."""
+        self.spend_line = line
 
     def close(self) -> None:
         pass
@@ -93,15 +105,20 @@ class LiveReporter(Reporter):
         self.console.print(text, markup=False, highlight=False)
 
     def render(self):
+        from rich.console import Group
+        from rich.markup import escape
         from rich.progress_bar import ProgressBar
         from rich.table import Table
+        from rich.text import Text
 
+        counts = self.counts
         with self._lock:
             active = list(self.active.values())
-            best, counts = self.best, dict(self.counts)
-        head = (f"[bold]{self.tag}[/] best val_bpb {'-' if best is None else f'{best:.6f}'}  "
-                f"keep {counts['keep']}  discard {counts['discard']}  crash {counts['crash']}")
-        table = Table(title=head, title_justify="left", expand=False, box=None, padding=(0, 1))
+            best = self.best
+        head = (f"[bold]{escape(self.tag)}[/] best val_bpb {'-' if best is None else f'{best:.6f}'}  "
+                f"keep {counts.keep}  discard {counts.discard}  crash {counts.crash}"
+                + (f"  [dim]{escape(self.spend_line)}[/]" if self.spend_line else ""))
+        table = Table(expand=False, box=None, padding=(0, 1))
         for col in ("exp", "commit", "elapsed / budget", "", "step", "loss", "change"):
             table.add_column(col)
         now = time.monotonic()
@@ -111,8 +128,8 @@ class LiveReporter(Reporter):
             table.add_row(str(a.iteration), a.commit[:7], f"{elapsed:5.0f}s / {a.budget_s:.0f}s",
                           ProgressBar(total=a.budget_s, completed=min(elapsed, a.budget_s), width=24),
                           "-" if step is None else str(step[0]), "-" if step is None else f"{step[1]:.4f}",
-                          a.description[:50])
-        return table
+                          Text(a.description[:50]))  # a proposer's words: plain text, never Rich markup
+        return Group(Text.from_markup(head), table)
 
     def close(self) -> None:
         self.live.stop()

@@ -1,8 +1,10 @@
 """`runner report`: the night at a glance, from the ledger alone.
 
 progress.png (every experiment a point, the running best a step line, keeps labelled, as in
-autoresearch's analysis notebook) and report.html (self-contained: the plot inlined) with the
-keep rate, the top improvements, token usage and cost, and the duty cycle.
+autoresearch's analysis notebook) and report.html (self-contained: the plot inlined, no script
+or style from elsewhere) with the counts, the duty cycle, tokens and cost, the top improvements
+and every experiment in one table (sortable by clicking a header) with a link to its log.
+`watch` rewrites both as the night goes on.
 """
 
 from __future__ import annotations
@@ -10,29 +12,33 @@ from __future__ import annotations
 import base64
 import html
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Callable
+from urllib.parse import quote
 
 from sandbox.fsafe import open_beneath
 
 from . import ablate
+from .config import DEFAULT_PRICES_PER_MTOK
 from .ledger import Ledger, RowStatus
-from .policy import duty_cycle
+from .policy import StatusCounts, nights_duty_cycle, status_counts
 from .reruns import load_noise
+from .spend import spent
 
-# USD per million tokens (input, output); a model not listed reports tokens only.
-PRICES_PER_MTOK = {
-    "claude-opus-4": (15.0, 75.0),
-    "claude-sonnet-4": (3.0, 15.0),
-    "claude-haiku-4": (1.0, 5.0),
-}
+WATCH_POLL_S = 5.0  # `runner report --watch`: how often events.jsonl is looked at, and the page reloads
+LABEL_MAX_CHARS = 40  # a keep's label on the plot
+LABEL_ROTATION_DEG = 20  # keeps' labels slant upwards, so that neighbours overlap less
 
 
 @dataclass
 class ReportData:
     tag: str
-    points: list[dict] = field(default_factory=list)    # iteration, val_bpb, status, description, commit
-    keep_rate: float = 0.0
+    # every experiment: iteration, val_bpb, status, description, commit, seeds, verdict, heldout_bpb,
+    # wall_s (all its runs), logs ([(label, path)], one per run)
+    points: list[dict] = field(default_factory=list)
     improvements: list[dict] = field(default_factory=list)
     input_tokens: int = 0
     output_tokens: int = 0
@@ -42,7 +48,7 @@ class ReportData:
     night_s: float = 0.0          # wall seconds of the sessions that ended with a summary
     training_s: float = 0.0
     wall_s: float = 0.0
-    counts: dict = field(default_factory=dict)
+    counts: StatusCounts = field(default_factory=StatusCounts)
     verdicts: dict = field(default_factory=dict)        # verdict -> experiments (verified runs only)
     heldout: dict | None = None  # the best kept experiment's val_bpb and held-out bpb, when the verifier had held-out data
     damaged: list[str] = field(default_factory=list)  # events.jsonl lines the report skipped
@@ -65,45 +71,41 @@ def collect(repo_root: Path, tag: str) -> ReportData:
     best = None
     for e in experiments:
         row = e.row
-        seeds = [r.get("seed", 0) for r in (*e.runs, e.run) if isinstance(r, dict)]
+        runs = [r for r in (*e.runs, e.run) if isinstance(r, dict)]
+        seeds = [r.get("seed", 0) for r in runs]
+        held = e.run.get("heldout_val_bpb") if _number(e.run.get("heldout_val_bpb")) else None
         data.points.append({"iteration": e.iteration, "val_bpb": row.val_bpb, "status": row.status,
-                            "description": row.description, "commit": row.commit, "seeds": seeds})
+                            "description": row.description, "commit": row.commit, "seeds": seeds,
+                            "verdict": str(e.run.get("verdict") or ""), "heldout_bpb": held,
+                            "wall_s": sum(_number(r.get("wall_s")) for r in runs),
+                            "logs": [(f"seed {r.get('seed')}" if r.get("seed") else "log", _log_path(ledger, e, r))
+                                     for r in runs]})
         if e.status == RowStatus.KEEP:
             if best is not None:
                 data.improvements.append({"delta": best - row.val_bpb, "description": row.description,
                                           "commit": row.commit, "val_bpb": row.val_bpb})
             best = row.val_bpb
-            held = e.run.get("heldout_val_bpb") if _number(e.run.get("heldout_val_bpb")) else None
             data.heldout = {"val_bpb": row.val_bpb, "heldout_bpb": held, "commit": row.commit} if held is not None else None
-        usage = e.usage if isinstance(e.usage, dict) else {}
-        data.input_tokens += _number(usage.get("input_tokens"))
-        data.output_tokens += _number(usage.get("output_tokens"))
         data.training_s += _number(e.training_s)
         data.wall_s += _number(e.run.get("wall_s"))
         if e.run.get("verdict"):
             data.verdicts[e.run["verdict"]] = data.verdicts.get(e.run["verdict"], 0) + 1
     data.improvements.sort(key=lambda i: i["delta"], reverse=True)
-    tried = [p for p in data.points if p["iteration"] > 0]
-    data.counts = {s: sum(p["status"] == s for p in tried) for s in RowStatus}
-    data.keep_rate = data.counts["keep"] / len(tried) if tried else 0.0
-    starts = ledger.events("start")
-    if starts:
-        cfg = starts[-1].get("config") if isinstance(starts[-1].get("config"), dict) else {}
-        data.model = cfg.get("model") if starts[-1].get("proposer") == "claude" else None
-    for s in ledger.events("summary"):
-        usage = s.get("usage") if isinstance(s.get("usage"), dict) else {}
-        data.input_tokens += _number(usage.get("input_tokens"))
-        data.output_tokens += _number(usage.get("output_tokens"))
-    if data.model:
-        price = next((p for prefix, p in PRICES_PER_MTOK.items() if data.model.startswith(prefix)), None)
-        if price:
-            data.cost_usd = (data.input_tokens * price[0] + data.output_tokens * price[1]) / 1e6
-    # The night's duty cycle (policy.duty_cycle), over every session of this tag that ended with
-    # a summary: its workers' training seconds over its wall time x workers.
-    nights = [e for e in ledger.events("summary") if all(isinstance(e.get(k), (int, float)) for k in ("training_s", "wall_s"))]
-    capacity = sum(e["wall_s"] * max(int(e.get("workers") or 1), 1) for e in nights)
+    data.counts = status_counts((p["iteration"], p["status"]) for p in data.points)
+    events = ledger.events()
+    spend = spent(events)
+    data.input_tokens, data.output_tokens = spend.input_tokens, spend.output_tokens
+    starts = [e for e in events if e.get("event") == "start"]
+    cfg = starts[-1].get("config") if starts and isinstance(starts[-1].get("config"), dict) else {}
+    if spend.total_tokens and isinstance(cfg.get("model"), str):
+        prices = cfg.get("prices") if isinstance(cfg.get("prices"), dict) else DEFAULT_PRICES_PER_MTOK
+        data.model, data.cost_usd = cfg["model"], spend.cost_usd(cfg["model"], prices)
+    # The night's duty cycle (policy.nights_duty_cycle), over every session of this tag that
+    # ended with a summary: its workers' training seconds over its wall time x workers.
+    nights = [e for e in events if e.get("event") == "summary"
+              and all(isinstance(e.get(k), (int, float)) for k in ("training_s", "wall_s"))]
     data.night_s = sum(e["wall_s"] for e in nights)
-    data.duty_cycle = duty_cycle(sum(e["training_s"] for e in nights), capacity) if nights else None
+    data.duty_cycle = nights_duty_cycle((e["training_s"], e["wall_s"], e.get("workers") or 1) for e in nights)
     try:
         noise = load_noise(ledger)
     except (OSError, ValueError):
@@ -120,12 +122,22 @@ def _number(value) -> float:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
-def plot(data: ReportData, path):
-    """Draw the run into `path` (a file name or a binary file object), as PNG."""
+def _log_path(ledger: Ledger, e, run: dict) -> Path:
+    """A run's log, in the tag's runs folder (by the name the run recorded; the folder is the
+    ledger's, wherever the repo has moved since)."""
+    recorded = PurePath(str(run.get("log") or "")).name
+    return ledger.runs_dir / recorded if recorded else ledger.log_path(e.iteration, e.commit, run.get("seed") or 0)
+
+
+def figure(data: ReportData):
+    """The progress plot as a matplotlib Figure: x ticks are whole experiment numbers, and each
+    keep's label is placed where it stays inside the axes (leftwards at the right edge, below
+    at the top) when any placement does."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     # Crashes and timeouts have no val_bpb (their rows say 0.0): drawn at 0 they would look like
     # the best points, so they are crosses along the top.
@@ -148,24 +160,57 @@ def plot(data: ReportData, path):
             xs.append(p["iteration"])
             ys.append(best)
     ax.step(xs, ys, where="post", c="#2a9d3f", lw=1.5, label="running best", zorder=2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.margins(x=0.04, y=0.12)
+    labels = []
     for p in data.points:
         if p["status"] == "keep":
             # descriptions are untrusted text: `$...$` must print as written, not as mathtext
-            ax.annotate(p["description"][:40].replace("$", r"\$"), (p["iteration"], p["val_bpb"]), textcoords="offset points",
-                        xytext=(4, 6), fontsize=7, rotation=20, color="#1e6b2d")
+            text = p["description"][:LABEL_MAX_CHARS].replace("$", r"\$")
+            labels.append(ax.annotate(text, (p["iteration"], p["val_bpb"]), textcoords="offset points", xytext=(4, 5), ha="left", va="bottom",
+                                      rotation=LABEL_ROTATION_DEG, rotation_mode="anchor", fontsize=7, color="#1e6b2d"))
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(f"autoresearch {data.tag}: {len(data.points)} experiments, keep rate {100 * data.keep_rate:.0f}%")
+    ax.set_title(f"autoresearch {data.tag}: {data.counts}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     fig.tight_layout()
+    # Each label takes the first of these placements that keeps it inside the axes: up and to the
+    # right; up and to the left (the last keeps'); below, to the right; below, to the left.
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    placements = [("left", "bottom", LABEL_ROTATION_DEG, (4, 5)), ("right", "bottom", -LABEL_ROTATION_DEG, (-4, 5)),
+                  ("left", "top", -LABEL_ROTATION_DEG, (4, -5)), ("right", "top", LABEL_ROTATION_DEG, (-4, -5))]
+    for label in labels:
+        for ha, va, rotation, offset in placements:
+            label.set(ha=ha, va=va, rotation=rotation)
+            label.xyann = offset
+            extent = label.get_window_extent()
+            if box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1:
+                break
+    return fig
+
+
+def plot(data: ReportData, path):
+    """Draw the run into `path` (a file name or a binary file object), as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(data)
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
 
 
-def write_report(repo_root: Path, tag: str, out_dir: Path | None = None) -> tuple[Path, Path]:
-    """Write progress.png and report.html (default: .autoresearch/<tag>/). Returns both paths."""
+def write_report(repo_root: Path, tag: str, out_dir: Path | None = None,
+                 refresh_s: float | None = None) -> tuple[Path, Path]:
+    """Write progress.png and report.html (default: .autoresearch/<tag>/). Returns both paths.
+
+    Args:
+        refresh_s: the page reloads itself this often (`--watch`); None = a page that stays.
+
+    Raises:
+        ValueError: no experiments recorded for `tag` (see collect).
+    """
     data = collect(repo_root, tag)
     # The default folder is in the (untrusted) repo: files there are opened without following links.
     root = Path(out_dir) if out_dir else Path(repo_root)
@@ -174,15 +219,42 @@ def write_report(repo_root: Path, tag: str, out_dir: Path | None = None) -> tupl
     png, html_path = root / folder / "progress.png", root / folder / "report.html"
     with os.fdopen(open_beneath(root, folder / "progress.png", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
         plot(data, f)
+    page = render_html(data, png.read_bytes(), html_path.parent, refresh_s)
     with os.fdopen(open_beneath(root, folder / "report.html", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
-        f.write(render_html(data, png.read_bytes()))
+        f.write(page)
     return png, html_path
+
+
+def watch(repo_root: Path, tag: str, out_dir: Path | None = None, poll_s: float = WATCH_POLL_S,
+          stop: threading.Event | None = None, say: Callable[[str], None] = print) -> None:
+    """Rewrite the report whenever events.jsonl changes (looked at every `poll_s`), the page
+    reloading itself as often, until `stop` is set (or KeyboardInterrupt). Before the first
+    experiment is recorded it waits, and says so once."""
+    stop = stop or threading.Event()
+    events = Ledger(repo_root, tag).events_path
+    seen, waiting_said = None, False
+    while not stop.is_set():
+        try:
+            st = events.stat()
+            state = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            state = None
+        if state is not None and state != seen:
+            try:
+                png, page = write_report(repo_root, tag, out_dir, refresh_s=poll_s)
+                seen = state
+                say(f"{time.strftime('%H:%M:%S')} wrote {page}")
+            except ValueError:
+                pass  # nothing recorded yet
+        if seen is None and not waiting_said:
+            say(f"waiting for the first experiment of {tag} in {events}")
+            waiting_said = True
+        stop.wait(poll_s)
 
 
 def summary_lines(data: ReportData) -> list[str]:
     lines = [
-        f"experiments: {len(data.points)} ({data.counts['keep']} keep, {data.counts['discard']} discard, "
-        f"{data.counts['crash']} crash), keep rate {100 * data.keep_rate:.1f}%",
+        f"experiments: {data.counts}",
         f"best val_bpb: {min((p['val_bpb'] for p in data.points if p['status'] == 'keep'), default=0):.6f}",
         "accelerator duty cycle: " + ("-" if data.duty_cycle is None else f"{100 * data.duty_cycle:.1f}% of "
                                       f"{data.night_s:.0f}s of night (containers ran {data.wall_s:.0f}s, "
@@ -212,21 +284,71 @@ def summary_lines(data: ReportData) -> list[str]:
     return lines
 
 
-def render_html(data: ReportData, png: bytes) -> str:
-    rows = "".join(
+# Sorting by a header's column: numbers (th data-num) as numbers, an empty key last; the rest as text.
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
+  const up = th.dataset.dir !== 'up'; th.dataset.dir = up ? 'up' : 'down';
+  const key = r => { const v = r.cells[col].dataset.v;
+    return th.hasAttribute('data-num') ? (v === '' ? Infinity : Number(v)) : v.toLowerCase(); };
+  rows.sort((a, b) => { const x = key(a), y = key(b); return (x > y) - (x < y); });
+  if (!up) rows.reverse();
+  rows.forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def _cell(shown: str, sort_key=None) -> str:
+    """One table cell: `shown` escaped, with the key clicking its header sorts by (default: itself)."""
+    key = shown if sort_key is None else sort_key
+    return f'<td data-v="{html.escape(str(key))}">{html.escape(shown)}</td>'
+
+
+def _experiment_rows(data: ReportData, html_dir: Path | None) -> str:
+    out = []
+    for p in data.points:
+        val = "-" if p["status"] == "crash" else f"{p['val_bpb']:.6f}"
+        held = "-" if p["heldout_bpb"] is None else f"{p['heldout_bpb']:.6f}"
+        hrefs = [(label, quote(os.path.relpath(path, html_dir) if html_dir else str(path))) for label, path in p["logs"]]
+        links = " ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in hrefs)
+        out.append(
+            f'<tr class="{html.escape(p["status"])}" data-iteration="{p["iteration"]}">'
+            + _cell(str(p["iteration"]), p["iteration"])
+            + f'<td data-v="{html.escape(p["commit"])}"><code>{html.escape(p["commit"])}</code></td>'
+            + _cell(p["status"]) + _cell(val, p["val_bpb"] if p["status"] != "crash" else "")
+            + _cell(p["verdict"] or "-") + _cell(held, "" if p["heldout_bpb"] is None else p["heldout_bpb"])
+            + _cell(f"{p['wall_s']:.0f}", p["wall_s"]) + _cell(p["description"]) + f"<td>{links}</td></tr>")
+    return "\n".join(out)
+
+
+def render_html(data: ReportData, png: bytes, html_dir: Path | None = None, refresh_s: float | None = None) -> str:
+    """report.html: self-contained. Every string from the ledger (descriptions are an LLM's words)
+    is escaped. Log links are relative to `html_dir`, where the page is written."""
+    top = "".join(
         f"<tr><td>{i + 1}</td><td>{d['delta']:.6f}</td><td>{d['val_bpb']:.6f}</td><td><code>{html.escape(d['commit'])}</code></td>"
         f"<td>{html.escape(d['description'])}</td></tr>" for i, d in enumerate(data.improvements[:10]))
     stats = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(data))
     img = base64.b64encode(png).decode()
+    refresh = "" if refresh_s is None else f'<meta http-equiv="refresh" content="{max(1, round(refresh_s))}">'
+    numeric = ("#", "val_bpb", "held-out bpb", "seconds")
+    headers = "".join(f"<th{' data-num' if h in numeric else ''}>{h}</th>" for h in (
+        "#", "commit", "status", "val_bpb", "verdict", "held-out bpb", "seconds", "description", "log"))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>autoresearch {html.escape(data.tag)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}}
-img{{max-width:100%}}</style></head><body>
+<html><head><meta charset="utf-8">{refresh}<title>autoresearch {html.escape(data.tag)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:3px 9px;text-align:left;font-size:14px}}
+th{{background:#f4f4f4}}table.sortable th{{cursor:pointer;user-select:none}}table.sortable th:hover{{background:#e8e8e8}}
+tr.keep td{{background:#eef8ef}}tr.crash td{{color:#a33}}code{{font-size:13px}}img{{max-width:100%}}</style></head><body>
 <h1>autoresearch {html.escape(data.tag)}</h1>
 <ul>{stats}</ul>
 <img alt="progress" src="data:image/png;base64,{img}">
 <h2>Top improvements</h2>
-<table><tr><th>#</th><th>delta</th><th>val_bpb</th><th>commit</th><th>description</th></tr>{rows}</table>
+<table><tr><th>#</th><th>delta</th><th>val_bpb</th><th>commit</th><th>description</th></tr>{top}</table>
+<h2>Every experiment</h2>
+<p>Click a column's header to sort by it (again to reverse).</p>
+<table class="sortable"><thead><tr>{headers}</tr></thead><tbody>
+{_experiment_rows(data, html_dir)}
+</tbody></table>
+<script>{_SORT_JS}</script>
 </body></html>
 """

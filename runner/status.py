@@ -1,8 +1,10 @@
 """`runner status`: the experiments running on this engine now, from container labels, joined
-with each run's ledger (its repo path is a label) for the best result so far."""
+with each run's ledger (its repo path is a label) for the night so far: the counts, the best,
+the duty cycle and the spend against its caps, as the Ctrl-C summary and the report say them."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,7 +12,22 @@ from pathlib import Path
 from sandbox import naming
 from sandbox.backend import Executor
 
+from .config import DEFAULT_PRICES_PER_MTOK
 from .ledger import Ledger, RowStatus
+from .policy import StatusCounts, nights_duty_cycle, status_counts
+from .spend import describe, spent
+
+SECONDS_PER_HOUR = 3600
+
+
+@dataclass(frozen=True)
+class Night:
+    """A tag's night so far, from its ledger alone."""
+
+    counts: StatusCounts
+    best_val_bpb: float | None
+    duty_cycle: float | None  # policy.nights_duty_cycle over its sessions, a running one up to now
+    spend: str                # spend.describe: tokens, cost and hours against the caps of its last start
 
 
 @dataclass(frozen=True)
@@ -23,8 +40,42 @@ class Running:
     user: str
     owner: str
     repo: str
-    best_val_bpb: float | None
-    kept: int
+    night: Night | None       # None when the repo is not on this host
+
+
+def _number(value) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def night(repo: Path, tag: str, now: float | None = None) -> Night:
+    """The night of `tag` in `repo` so far; `now` (epoch seconds) ends a session still running."""
+    now = time.time() if now is None else now
+    ledger = Ledger(repo, tag)
+    experiments = ledger.experiments(damaged=[])  # status reads what it can
+    events = ledger.events()
+    keeps = [e.row.val_bpb for e in experiments if e.status == RowStatus.KEEP]
+    # Sessions as the loop measures them: a summary closes one; a start without one is running.
+    sessions, start, training_s = [], None, 0.0
+    for e in events:
+        if e.get("event") == "start":
+            start, training_s = e, 0.0
+        elif e.get("event") == "experiment" and start is not None:
+            runs = [r for r in (*(e.get("runs") or []), e.get("run") or {}) if isinstance(r, dict)]
+            training_s += sum(_number(r.get("training_seconds")) for r in runs)
+        elif e.get("event") == "summary" and isinstance(e.get("wall_s"), (int, float)):
+            sessions.append((_number(e.get("training_s")), e["wall_s"], e.get("workers") or 1))
+            start = None
+    hours = None
+    if start is not None and isinstance(start.get("ts"), (int, float)):
+        hours = (now - start["ts"]) / SECONDS_PER_HOUR
+        sessions.append((training_s, now - start["ts"], start.get("workers") or 1))
+    starts = [e for e in events if e.get("event") == "start"]
+    cfg = starts[-1].get("config") if starts and isinstance(starts[-1].get("config"), dict) else {}
+    prices = cfg.get("prices") if isinstance(cfg.get("prices"), dict) else DEFAULT_PRICES_PER_MTOK
+    line = describe(spent(events), cfg.get("model"), prices, cfg.get("max_cost_usd"), cfg.get("max_total_tokens"),
+                    hours, cfg.get("max_hours"))
+    return Night(status_counts((e.iteration, e.status) for e in experiments), keeps[-1] if keeps else None,
+                 nights_duty_cycle(sessions), line)
 
 
 def _elapsed(started_at: str) -> float:
@@ -38,15 +89,11 @@ def running(executor: Executor, tag: str | None = None) -> list[Running]:
     for run in executor.running(**labels):
         lab = run.labels
         repo = lab.get(naming.L_REPO, "")
-        best, kept = None, 0
-        if repo and Path(repo).is_dir():
-            keeps = [e.row.val_bpb for e in Ledger(Path(repo), lab.get(naming.L_TAG, "")).experiments()
-                     if e.status == RowStatus.KEEP]
-            best, kept = (keeps[-1] if keeps else None), len(keeps)
+        so_far = night(Path(repo), lab.get(naming.L_TAG, "")) if repo and Path(repo).is_dir() else None
         out.append(Running(
             tag=lab.get(naming.L_TAG, ""), iteration=int(lab.get(naming.L_ITERATION, "0") or 0),
             commit=lab.get(naming.L_COMMIT, ""), elapsed_s=_elapsed(run.started_at),
             gpus=lab.get(naming.L_GPUS, ""), user=lab.get(naming.L_USER, ""), owner=lab.get(naming.L_OWNER, ""),
-            repo=repo, best_val_bpb=best, kept=kept,
+            repo=repo, night=so_far,
         ))
     return sorted(out, key=lambda r: (r.tag, r.iteration))

@@ -27,3 +27,18 @@ def block(text: str, limit: int | None = None) -> str:
     `limit` characters when given (tails of logs)."""
     cleaned = "\n".join(_CONTROL.sub("", _ESCAPE.sub("", line)).replace("\t", " ") for line in str(text).splitlines())
     return cleaned if limit is None else cleaned[-limit:]
+
+
+def redact_url(url: str) -> str:
+    """`url` as `scheme://host[:port]` only: a webhook's path, query and userinfo often are its
+    secret, and never reach a log, an event or a report."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # an unparseable port or host: nothing of it is shown
+        return "(unparseable URL)"
+    return f"{parts.scheme}://{host}{port}" if parts.scheme and host else "(URL without scheme://host)"

@@ -132,7 +132,7 @@ class Executor(Sandbox):
 
     def release_images(self, image_ids: list[str]) -> int:
         """Remove the copies of these images the executor made on its hosts (a cluster's nodes
-        hold what was shipped to them); the image store's own are the caller's. Returns how
+        hold what was shipped to them), after the image store removed its own. Returns how
         many copies were removed: none on the local engine, where the store's are the ones run."""
         return 0
 

@@ -96,8 +96,7 @@ class NodeWorker:
         self.root = Path(tempfile.mkdtemp(prefix=f"{NODE_DIR_PREFIX}{os.getpid()}-"))
         self.stops: dict[str, threading.Event] = {}
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                     "host": socket.gethostname(), "engine": self.executor.version(),
-                     "engine_id": client.info().get("ID", "")}
+                     "host": socket.gethostname(), "engine": self.executor.version()}
 
     def where(self) -> dict:
         return self.node
@@ -423,11 +422,10 @@ class RayExecutor(Executor):
         return removed
 
     def release_images(self, image_ids: list[str]) -> int:
-        """The shipped copies on every node whose engine is not this host's (that one holds the
-        store's own images)."""
-        here = self.client.info().get("ID", "")
-        others = [actor for actor, where in self._each("where", pinned=True) if where.get("engine_id") != here]
-        return sum(count for _, count in _ask(others, "remove_images", image_ids))
+        """The shipped copies on every node. Call it after the store removed its own: a node
+        whose engine is this host's then finds nothing left to remove (engine ids cannot tell
+        two engines apart: Docker derives them from a key file that engines on a host share)."""
+        return sum(count for _, count in self._each("remove_images", image_ids, pinned=True))
 
     def nodes(self) -> list[str]:
         """Where the workers are (or, opened without workers, every live node)."""

@@ -92,7 +92,7 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     moved = sorted(e.run["image_transfer_bytes"] for e in experiments if e.run["image_transfer_bytes"])
     assert moved and moved[0] < 1 << 20, moved
     # the node actors' scratch folders went with them
-    assert not [f for f in Path(tempfile.gettempdir()).glob("autoresearch-node-*") if not _alive(f)]
+    assert not [f for f in Path(tempfile.gettempdir()).glob("autoresearch-node-[0-9]*-*") if not _alive(f)]
 
     _commands_reach_every_node(repo, ray.client_address, engine2, experiments)
 

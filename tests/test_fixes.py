@@ -50,7 +50,7 @@ def test_report_draws_timeouts_off_the_best_line_and_descriptions_literally(tmp_
         {"iteration": 2, "val_bpb": 3.4, "status": "keep", "description": "cost $x$ and $y", "commit": "c"},
         {"iteration": 3, "val_bpb": 0.0, "status": "crash", "description": "boom", "commit": "d"},
     ]
-    plot(ReportData("night", points=points, keep_rate=0.5), tmp_path / "p.png")
+    plot(ReportData("night", points=points), tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
     ax = saved[0].axes[0]
     ys = [y for coll in ax.collections for _, y in coll.get_offsets()]

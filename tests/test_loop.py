@@ -97,7 +97,7 @@ def test_keep_discard_crash_timeout_and_the_branch_after_each(tmp_path, data_dir
     events = loop.ledger.events("experiment")
     assert [e["outcome"] for e in events] == ["ok", "ok", "ok", "crash", "timeout", "ok"]
     assert all(e["run"]["image"].startswith("autoresearch-runner/t:") for e in events)
-    assert "=== autoresearch t: 6 experiments (3 keep, 2 discard, 1 crash)" in lines[-1]
+    assert "=== autoresearch t: 5 experiments after the baseline (2 keep, 2 discard, 1 crash)" in lines[-1]
 
 
 def test_proposer_that_edits_prepare_py_is_refused(tmp_path, data_dir):
@@ -139,7 +139,7 @@ def test_offline_loop_on_the_example(tinylm, tmp_path):
     assert r.returncode == 0, r.stderr
     exp = [line for line in r.stdout.splitlines() if line.startswith("[EXP] demo ")]
     assert len(exp) == 3 and "status:keep | baseline" in exp[0]
-    assert "=== autoresearch demo: 3 experiments" in r.stdout and "next ideas:" in r.stdout
+    assert "=== autoresearch demo: 2 experiments after the baseline" in r.stdout and "next ideas:" in r.stdout
     events = [json.loads(line) for line in (repo / ".autoresearch/demo/events.jsonl").read_text().splitlines()]
     kept = [e["commit"] for e in events if e["event"] == "experiment" and e["row"]["status"] == "keep"]
     import git

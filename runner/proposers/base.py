@@ -7,6 +7,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from ..policy import status_counts
+
 
 @dataclass(frozen=True)
 class Proposal:
@@ -78,6 +80,6 @@ def trajectory_from_rows(rows: list) -> list[str]:
         bullets.append(f"baseline {kept[0].val_bpb:.6f} at {kept[0].commit}")
         steps = [f"{row.description}: {prev.val_bpb:.6f} -> {row.val_bpb:.6f}" for prev, row in zip(kept, kept[1:])]
         bullets += steps[-3:]
-    counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash")}
-    bullets.append(f"{len(rows)} experiments: {counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash")
+    # rows in the ledger's order: the first is the baseline (iteration 0), which policy.status_counts leaves out
+    bullets.append(str(status_counts((i, r.status) for i, r in enumerate(rows))))
     return bullets
