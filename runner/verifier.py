@@ -2,7 +2,7 @@
 
 Contract (what `Verifier.verify` promises, and what it takes as hostile):
 - It runs sandbox/hooks/verify.py in a fresh container of the run's own image, with the run's
-  limits, no network, no train.py code, the collected export read-only at /verify, and the
+  limits (its deadline stretched by what the run itself took: verifier_limits), no network, no train.py code, the collected export read-only at /verify, and the
   held-out data (verify_data) read-only when there is some: experiments never get that mount.
 - The collected files are hostile (the export hook ran inside train.py's process); the verifier
   loads no pickle and runs only pure graphs (see verify.py). Its output is hostile too, since it
@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sandbox.hooks import verify_protocol as protocol
-from sandbox.spec import Mount
+from sandbox.spec import Limits, Mount
 
 from .summary import STATUS_OK, apply_verification
 
@@ -31,6 +31,16 @@ if TYPE_CHECKING:
 
 VERIFIER = "/opt/autoresearch-hooks/verify.py"  # in every trainer image (Dockerfile.trainer)
 VERIFY_MOUNT = "/verify"                         # the collected export, read-only
+# The verifier loads the program, evaluates it again with probes folded in, and evaluates the
+# held-out data: about one to two of the run's own evaluations. On a loaded host it slows as the
+# run did, so its deadline grows by this many times the run's wall time (bounded by the run's own
+# deadline, so a slow train.py buys its verifier at most this factor of it).
+VERIFY_WALL_FACTOR = 2.0
+
+
+def verifier_limits(limits: Limits, run_wall_s: float) -> Limits:
+    """The run's limits, with the deadline VERIFY_WALL_FACTOR x its wall time longer."""
+    return dataclasses.replace(limits, startup_grace_s=limits.startup_grace_s + VERIFY_WALL_FACTOR * max(run_wall_s, 0.0))
 
 
 class Verifier:
@@ -68,7 +78,8 @@ class Verifier:
         # a verifier lost with its node is run again: its verdict must not be "unverifiable"
         result, _ = engine.run_spec(lambda: engine.spec(
             run.image.ref, ("python", "-I", VERIFIER, VERIFY_MOUNT), tag, run.commit, iteration, engine.devices(slot),
-            run.limits, log, mounts=(Mount(folder, VERIFY_MOUNT, True), *heldout), export=True, env=env), stop)
+            verifier_limits(run.limits, run.result.wall_s), log, mounts=(Mount(folder, VERIFY_MOUNT, True), *heldout),
+            export=True, env=env), stop)
         if result.reason or result.exit_code != 0:
             return protocol.VerifyReport.unverified(
                 f"the verifier did not finish cleanly ({result.reason or 'exit ' + str(result.exit_code)}); read {log}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -83,6 +83,10 @@ class BuiltImage:
     id: str
     reused: bool
     build_s: float
+    # An experiment image made here: the image it was made on, and the few-KiB archive that
+    # makes it from that one on any engine holding it (images.experiment_archive); else empty.
+    parent_id: str = ""
+    archive: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ reload() for State.OOMKilled / ExitCode -> remove(force=True) in `finally`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -46,6 +47,7 @@ from .spec import (
     RunSpec,
 )
 
+ARCHIVES_KEPT = 64  # experiment archives a store keeps for shipping (each up to train.py's size cap)
 POLL_S = 0.2  # watchdog period: memory, VRAM, deadline and stop requests
 WAIT_ATTEMPTS = 30  # a container's wait that breaks is asked again, about a second apart
 WATCH_BLIND_S = 10.0  # NVML failing this long stops a run whose VRAM the watchdog must bound
@@ -221,6 +223,14 @@ class DockerImageStore(ImageStore):
 
     def __init__(self, client: docker.DockerClient | None = None):
         self.client = client or connect()
+        # id -> (parent id, archive) of the experiment images made here lately: what moves one
+        # to another engine holding its parent (sandbox/ray_backend.py _Shipper)
+        self._archives: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
+
+    def archive_of(self, image_id: str) -> tuple[str, bytes] | None:
+        """(parent id, the docker-load archive that makes `image_id` on top of it) for an
+        experiment image this store made lately, else None."""
+        return self._archives.get(image_id)
 
     # --- images ------------------------------------------------------------------------
 
@@ -236,7 +246,12 @@ class DockerImageStore(ImageStore):
 
     @_engine_errors("building an experiment image")
     def ensure_experiment(self, ref, trainer, sources, labels) -> images.BuiltImage:
-        return images.ensure_experiment_image(self.client, ref, trainer, sources, labels)
+        built = images.ensure_experiment_image(self.client, ref, trainer, sources, labels)
+        if built.archive:
+            self._archives[built.id] = (built.parent_id, built.archive)
+            while len(self._archives) > ARCHIVES_KEPT:
+                self._archives.popitem(last=False)
+        return built
 
     @_engine_errors("looking up an image")
     def image(self, ref: str) -> ImageRecord | None:
@@ -247,9 +262,15 @@ class DockerImageStore(ImageStore):
     def images(self, kind: str, **labels: str) -> list[ImageRecord]:
         return [_record(i) for i in self.client.images.list(filters=naming.managed_filter(kind, **labels))]
 
-    @_engine_errors("reading an image's history")
+    @_engine_errors("reading an image's size")
     def added_bytes(self, image_id: str, below_id: str) -> int:
-        total = 0
+        # An image's Size is that of all its layers: what it adds is the difference (its history
+        # need not link to the image below: experiment images are loaded, not built on it).
+        size = self.client.api.inspect_image(image_id)["Size"]
+        below = images.find_image(self.client, below_id) if below_id else None
+        if below is not None:
+            return max(0, size - below.attrs.get("Size", 0))
+        total = 0  # the image below is gone (removed, or never here: an imported image): its history
         for layer in self.client.api.history(image_id):
             if layer.get("Id") == below_id:
                 break

@@ -451,7 +451,9 @@ def ensure_experiment_image(
             makes them.
 
     Reused when an image `ref` on the same trainer and commit exists: the same commit never
-    builds twice. What an experiment adds on disk is its train.py layer.
+    builds twice. What an experiment adds on disk is its train.py layer. A new one is made by
+    loading an archive (experiment_archive) rather than by a build: the few KiB that define it
+    are what a cluster node loads too (BuiltImage.archive), so every engine holds the same image id.
     """
     existing = find_image(client, ref)
     commit = labels.get(naming.L_COMMIT)
@@ -466,9 +468,86 @@ def ensure_experiment_image(
     all_labels[naming.L_SOURCES] = base.id
     all_labels[naming.OCI_REVISION] = commit or ""
     all_labels[naming.OCI_VERSION] = __version__
-    dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
-    built = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
-    return dataclasses.replace(built, build_s=time.monotonic() - t0)
+    image_id, archive = experiment_archive(client.api.inspect_image(base.id), client.api.history(base.id),
+                                           editable_tar, all_labels, ref)
+    load_archive(client, archive, image_id)
+    return BuiltImage(ref, image_id, False, time.monotonic() - t0, parent_id=base.id, archive=archive)
+
+
+def experiment_archive(parent: dict, parent_history: list[dict], editable_tar: bytes, labels: dict[str, str],
+                       ref: str) -> tuple[str, bytes]:
+    """A `docker load` archive of the image `parent` (an engine's inspect of it, and its history
+    as the engine lists it) + one layer holding `editable_tar`'s files under /repo, with
+    `labels` added and the name `ref`.
+
+    It carries the new layer only: an engine loads it when it holds the parent's layers (the
+    loader reads a layer's file only for a layer chain it lacks; see sandbox/transfer.py).
+    Returns (image id, archive): the id is the sha256 of the config in it, on every engine.
+    """
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.USTAR_FORMAT) as out, \
+            tarfile.open(fileobj=io.BytesIO(editable_tar)) as src:
+        top = tarfile.TarInfo("repo")  # as COPY repo/ /repo/ writes it: the folder, then its files
+        top.type, top.mode, top.uname, top.gname = tarfile.DIRTYPE, 0o755, "root", "root"
+        out.addfile(top)
+        for member in src.getmembers():
+            out.addfile(member, src.extractfile(member) if member.isfile() else None)
+    layer_bytes = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    container_config = dict(parent.get("Config") or {})
+    container_config["Labels"] = {**(container_config.get("Labels") or {}), **labels}
+    parent_layers = list((parent.get("RootFS") or {}).get("Layers") or [])
+    config = {
+        "architecture": parent.get("Architecture", "amd64"),
+        "os": parent.get("Os", "linux"),
+        **({"variant": parent["Variant"]} if parent.get("Variant") else {}),
+        "config": container_config,
+        "created": now,
+        "history": _history(parent_history, len(parent_layers))
+                   + [{"created": now, "created_by": f"autoresearch-runner {__version__}: COPY train.py /repo/"}],
+        "rootfs": {"type": "layers", "diff_ids": parent_layers + [diff_id]},
+    }
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    image_hex = hashlib.sha256(config_bytes).hexdigest()
+    manifest = [{"Config": f"{image_hex}.json", "RepoTags": [ref],
+                 "Layers": [f"{d.split(':', 1)[1]}/layer.tar" for d in parent_layers + [diff_id]]}]
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in ((f"{image_hex}.json", config_bytes), (manifest[0]["Layers"][-1], layer_bytes),
+                           ("manifest.json", json.dumps(manifest).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return f"sha256:{image_hex}", archive.getvalue()
+
+
+def _history(listed: list[dict], layers: int) -> list[dict]:
+    """The parent's history in an image config's form, from the engine's listing of it (newest
+    first). Each non-empty entry stands for one layer, in order; where the listing cannot be
+    matched to the layers (an entry of 0 bytes may be a layer), one plain entry per layer."""
+    entries = [{"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.get("Created") or 0)),
+                "created_by": h.get("CreatedBy") or "", **({} if h.get("Size") else {"empty_layer": True})}
+               for h in reversed(listed)]
+    if sum(not e.get("empty_layer") for e in entries) == layers:
+        return entries
+    return [{"created_by": f"layer {i + 1} of {layers} of the sources image"} for i in range(layers)]
+
+
+def load_archive(client: docker.DockerClient, archive: bytes, image_id: str) -> None:
+    """`docker load` of an experiment_archive; the engine must then hold `image_id`.
+
+    Raises:
+        ImageBuildError: the engine refused it (it lacks the parent's layers), or made another id.
+    """
+    try:
+        for message in client.api.load_image(archive):
+            if isinstance(message, dict) and message.get("error"):
+                raise ImageBuildError(f"loading image {image_id[:19]} failed: {message['error']}")
+    except docker.errors.APIError as exc:
+        raise ImageBuildError(f"loading image {image_id[:19]} failed: {exc.explanation or exc}") from None
+    if find_image(client, image_id) is None:
+        raise ImageBuildError(f"image {image_id[:19]} is not there after loading it")
 
 
 # ---------------------------------------------------------------------------

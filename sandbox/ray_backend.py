@@ -201,20 +201,20 @@ def open_ray(settings: BackendSettings, vram_probe=None, runs: bool = True) -> B
     if not settings.address:
         raise SandboxError("backend: ray needs the cluster's address: set cluster: HOST:PORT in runner.yaml "
                            "(or pass --cluster)")
-    client = connect()
-    return Backend(DockerImageStore(client), RayExecutor(settings, client, runs=runs))
+    store = DockerImageStore(connect())
+    return Backend(store, RayExecutor(settings, store, runs=runs))
 
 
 class RayExecutor(Executor):
     """Runs on a Ray cluster's nodes, each on its own engine; images come from this host's store
     (`client`'s engine) and are shipped by content (_Shipper)."""
 
-    def __init__(self, settings: BackendSettings, client, runs: bool = True):
+    def __init__(self, settings: BackendSettings, store: DockerImageStore, runs: bool = True):
         """
         Args:
             settings: the cluster's address and the workers' shape.
-            client: this host's Docker engine: the image store's, and where the loop's own
-                containers (if any) run.
+            store: this host's images (shipped to the nodes from there); its engine is where
+                the loop's own containers (if any) run.
             runs: False: connect only to look at and clean what runs (no workers placed).
 
         Raises:
@@ -224,6 +224,7 @@ class RayExecutor(Executor):
         if worker_gpus is not None and not (worker_gpus >= 0 and float(worker_gpus).is_integer()):
             raise SandboxError(f"cluster_worker_gpus must be a whole number of GPUs, got {worker_gpus:g}: "
                                "a worker leases its GPUs exclusively, so two workers never share one")
+        client = store.client
         self.local = DockerExecutor(client)  # this host: its leftovers, and the owner label runs carry
         self.owner = self.local.owner
         self.client = client
@@ -241,7 +242,7 @@ class RayExecutor(Executor):
                     raise SandboxError(f"no Ray cluster answers at {address} ({type(exc).__name__}): start it with "
                                        "`ray start --head` and pass its address") from None
                 time.sleep(5)  # a head just started takes seconds to open its Ray Client port
-        self.shipper = _Shipper(client, settings.registry)
+        self.shipper = _Shipper(store, settings.registry)
         self._pinned: list | None = None  # one resource-free actor per live node, made when first needed
         total_gpus = ray.cluster_resources().get("GPU", 0)
         self.gpus_per_slot = (1.0 if total_gpus else 0.0) if worker_gpus is None else float(worker_gpus)
@@ -442,12 +443,13 @@ class RayExecutor(Executor):
 
 
 class _Shipper:
-    """Moves images from this host's engine to a node's, by content: through a registry (pushed
-    once, pulled by digest) or Ray's object store (the save archive minus the layers the node
-    holds)."""
+    """Moves images from this host's store to a node's engine, by content: through a registry
+    (pushed once, pulled by digest) or Ray's object store: an experiment the store made as its
+    few-KiB archive over a parent the node holds, else the save archive minus the layers the
+    node holds."""
 
-    def __init__(self, client, registry: str | None):
-        self.client, self.registry = client, registry
+    def __init__(self, store: DockerImageStore, registry: str | None):
+        self.store, self.client, self.registry = store, store.client, registry
         self._names = LayerNames()
         self._pushed: dict[str, str] = {}     # image id -> registry reference by digest
         self._node_locks: dict[str, threading.Lock] = {}
@@ -469,14 +471,27 @@ class _Shipper:
             if self.registry:
                 ray.get(worker.pull.remote(self._push(image), image.id, list(image.tags)))
                 return image.id, 0
-            have = set(ray.get(worker.layers.remote()))
-            refs, size = [], 0
-            for chunk in without_layers(image.save(chunk_size=1 << 20, named=bool(image.tags)), have, self._names):
-                if chunk:
-                    refs.append(ray.put(chunk))
-                    size += len(chunk)
-            ray.get(worker.load.remote(refs, image.id))
-        return image.id, size
+            made_here = self.store.archive_of(image.id)
+            if made_here is None:
+                return image.id, self._send_saved(worker, image)
+            # An experiment made here: its parent (the sources image) moves once per node, then
+            # each experiment is its few-KiB archive, which makes the same image id there.
+            parent_id, archive = made_here
+            size = 0 if ray.get(worker.has_image.remote(parent_id)) else self._send_saved(worker, self.client.images.get(parent_id))
+            ray.get(worker.load.remote([ray.put(archive)], image.id))
+        return image.id, size + len(archive)
+
+    def _send_saved(self, worker, image) -> int:
+        """The engine's save archive of `image`, less the layers the node holds; its bytes."""
+        ray = _ray()
+        have = set(ray.get(worker.layers.remote()))
+        refs, size = [], 0
+        for chunk in without_layers(image.save(chunk_size=1 << 20, named=bool(image.tags)), have, self._names):
+            if chunk:
+                refs.append(ray.put(chunk))
+                size += len(chunk)
+        ray.get(worker.load.remote(refs, image.id))
+        return size
 
     def _push(self, image) -> str:
         """Push once; returns `registry/name@sha256:...`, what nodes pull."""

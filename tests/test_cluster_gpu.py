@@ -92,7 +92,7 @@ def test_fractional_worker_gpus_are_refused(tmp_path):
     assert load_config(tmp_path).cluster_worker_gpus == 2
     # refused before any engine or cluster is asked
     with pytest.raises(SandboxError, match="whole number of GPUs, got 1.5"):
-        ray_backend.RayExecutor(BackendSettings("ray", "127.0.0.1:1", worker_gpus=1.5), client=object())
+        ray_backend.RayExecutor(BackendSettings("ray", "127.0.0.1:1", worker_gpus=1.5), store=object())
 
 
 # --- real Ray nodes on fake GPU hosts --------------------------------------------------------
@@ -192,10 +192,10 @@ def _backend(cluster: RayCluster, hosts: dict, **options):
 
 
 def _executor(cluster: RayCluster, **options) -> ray_backend.RayExecutor:
-    from sandbox.docker_backend import connect
+    from sandbox.docker_backend import DockerImageStore
 
     return ray_backend.RayExecutor(BackendSettings("ray", cluster.client_address, gpu_runtime="devices", **options),
-                                   client=connect())
+                                   store=DockerImageStore())
 
 
 @pytest.mark.docker

@@ -39,13 +39,14 @@ def _ray(client):
     from cluster import RayCluster
 
     from sandbox.backend import BackendSettings
+    from sandbox.docker_backend import DockerImageStore
     from sandbox.ray_backend import RayExecutor
 
     root = Path(tempfile.mkdtemp(prefix="ar-conf-", dir="/tmp"))  # Ray's socket paths must stay short
     cluster = RayCluster(root)
     try:
         cluster.start_head()
-        executor = RayExecutor(BackendSettings("ray", cluster.client_address, workers=1), client)
+        executor = RayExecutor(BackendSettings("ray", cluster.client_address, workers=1), DockerImageStore(client))
         try:
             yield executor
         finally:

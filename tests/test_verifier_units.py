@@ -146,3 +146,15 @@ def test_a_keep_without_a_held_out_figure_does_not_switch_the_rule_off():
 
     state = RunState.recover([record(0, 4.1), record(1, None)])
     assert state.best_commit == "c1" and state.best_heldout_bpb == 4.1
+
+
+def test_the_verifiers_deadline_grows_with_what_the_run_took():
+    """On a loaded host the verifier slows as its run did: its deadline is the run's, plus
+    VERIFY_WALL_FACTOR x the run's wall time (a fixed deadline timed out verifiers under load)."""
+    from runner.verifier import VERIFY_WALL_FACTOR, verifier_limits
+    from sandbox.spec import Limits
+
+    limits = Limits(time_budget_s=3, timeout_factor=2, startup_grace_s=60)
+    assert verifier_limits(limits, 0.0).deadline_s == limits.deadline_s
+    assert verifier_limits(limits, 40.0).deadline_s == limits.deadline_s + VERIFY_WALL_FACTOR * 40.0
+    assert verifier_limits(limits, 40.0).time_budget_s == 3  # what the experiment was given is unchanged
