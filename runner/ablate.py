@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .ledger import Ledger, RowStatus
+from .ledger import Ledger
+from .records import RowStatus, VerificationUnavailable
 from .reruns import load_noise
 from .summary import STATUS_OK, VERDICT_OK
+from .text import one_line
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -32,6 +35,15 @@ class AblateError(ValueError):
     """Nothing to ablate, or the tag's ledger does not say what was kept."""
 
 
+class Worth(StrEnum):
+    """What reverting a keep on the final best says of it."""
+
+    HELPS = "helps"          # reverting it costs more than the noise
+    DROPPABLE = "droppable"  # reverting it costs no more than the noise
+    ENTANGLED = "entangled"  # its change no longer reverts cleanly on the best: not run
+    FAILED = "failed"        # a run of the ablation crashed or did not verify
+
+
 @dataclass(frozen=True)
 class Ablation:
     iteration: int
@@ -39,7 +51,7 @@ class Ablation:
     description: str
     values: tuple[float, ...] = ()  # val_bpb of the ablation's runs (one per seed); empty = not run
     delta: float | None = None     # mean(ablation) - mean(best): what the keep is worth now (> 0 helps)
-    verdict: str = ""              # helps | droppable | entangled | failed
+    verdict: Worth | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,8 @@ class AblationReport:
                f"{'iter':>4} {'commit':8} {'verdict':10} {'worth':>10}  keep"]
         for a in self.ablations:
             worth = "-" if a.delta is None else f"{a.delta:+.6f}"
-            out.append(f"{a.iteration:>4} {a.commit[:7]:8} {a.verdict:10} {worth:>10}  {a.description}")
+            commit, description = one_line(a.commit[:7]), one_line(a.description)  # the ledger's text, sanitised
+            out.append(f"{a.iteration:>4} {commit:8} {a.verdict or '-':10} {worth:>10}  {description}")
         return out
 
 
@@ -97,17 +110,17 @@ def ablate(engine: Engine, repo: ResearchRepo, ledger: Ledger, seeds: int, min_d
         parent = keep.parent or keeps[i - 1].commit
         reverted = repo.merge_train_py(keep.commit, best, parent)  # the change keep -> parent, on the best
         if reverted is None:
-            ablations.append(Ablation(keep.iteration, keep.commit, keep.row.description, verdict="entangled"))
+            ablations.append(Ablation(keep.iteration, keep.commit, keep.row.description, verdict=Worth.ENTANGLED))
             continue
         ablated = repo.commit_train_py(best, reverted, f"{tag}: ablate {keep.row.description}",
                                        ref=f"refs/autoresearch/{tag}/ablate-{keep.iteration}").sha
         values = _values(engine, tag, ablated, seeds, ledger, f"ablate-{keep.iteration}", progress)
         if len(values) < seeds:
-            ablations.append(Ablation(keep.iteration, keep.commit, keep.row.description, tuple(values), verdict="failed"))
+            ablations.append(Ablation(keep.iteration, keep.commit, keep.row.description, tuple(values), verdict=Worth.FAILED))
             continue
         delta = statistics.fmean(values) - reference
         ablations.append(Ablation(keep.iteration, keep.commit, keep.row.description, tuple(values), round(delta, 6),
-                                  "helps" if delta > noise else "droppable"))
+                                  Worth.HELPS if delta > noise else Worth.DROPPABLE))
     report = AblationReport(tag, best, tuple(best_values), noise, tuple(ablations))
     path = ablation_path(ledger)
     tmp = path.with_suffix(".tmp")
@@ -121,16 +134,16 @@ def _values(engine: Engine, tag: str, commit: str, seeds: int, ledger: Ledger, n
     """val_bpb of `commit` under seed offsets 0..seeds-1 (verified when the night's keeps were);
     a run that crashed or did not verify gives none."""
     # verified as the night's keeps were (auto falls back for good when the baseline could not be)
-    verify = engine.cfg.verify != "off" and not ledger.events("verification_unavailable")
+    verify = engine.cfg.verify != "off" and ledger.last(VerificationUnavailable) is None
     values = []
     for seed in range(seeds):
         log = ledger.dir / "ablation" / f"{name}-{commit[:7]}-seed{seed}.log"
         run = engine.run_commit(commit, tag, log, seed=seed, export=verify)
         if verify:
             run = engine.verify(run, tag)
-        ok = run.outcome.status == STATUS_OK and run.outcome.verdict in ("", VERDICT_OK)
+        ok = run.outcome.status == STATUS_OK and run.outcome.verdict in (None, VERDICT_OK)
         progress(f"{name} {commit[:7]} seed {seed}: " + (f"val_bpb {run.outcome.val_bpb:.6f}" if ok else
-                                                         f"{run.outcome.status} {run.outcome.reason or run.outcome.verdict}"))
+                                                         f"{run.outcome.status} {run.outcome.reason or run.outcome.verdict or ''}"))
         if ok:
             values.append(run.outcome.val_bpb)
     return values

@@ -29,6 +29,7 @@ agent_app = typer.Typer(no_args_is_help=True, help="The runner's own image, for 
 app.add_typer(agent_app, name="agent-image")
 
 RepoOpt = typer.Option(Path("."), "--repo", help="The research repo (prepare.py, train.py, program.md).")
+REPORT_LINE_MAX_CHARS = 2000  # a line of `runner report`'s figures
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -202,18 +203,18 @@ def run(
             result = engine.run_commit(sha, tag, log, seed=seed_offset)
             if cfg.verify != "off":
                 result = engine.verify(result, tag)
-    record = result.to_dict()
+    record = result.record()
     if as_json:
-        typer.echo(json.dumps(record, sort_keys=True))
+        typer.echo(json.dumps(record.to_json(), sort_keys=True))
     else:
-        val = "-" if record["val_bpb"] is None else f"{record['val_bpb']:.6f}"
-        verdict = f" verdict:{record['verdict']}" if record["verdict"] else ""
-        if record["heldout_val_bpb"] is not None:
-            verdict += f" heldout_bpb:{record['heldout_val_bpb']:.6f}"
-        typer.echo(f"{record['status']} {record['reason']}{verdict} val_bpb:{val} mem:{record['memory_gb']}GB "
-                   f"wall:{record['wall_s']}s overhead:{record['overhead_s']}s image:{record['image']} log:{record['log']}")
-        if record["detail"]:
-            typer.echo(record["detail"])
+        val = "-" if record.val_bpb is None else f"{record.val_bpb:.6f}"
+        verdict = f" verdict:{record.verdict}" if record.verdict else ""
+        if record.heldout_val_bpb is not None:
+            verdict += f" heldout_bpb:{record.heldout_val_bpb:.6f}"
+        typer.echo(f"{record.status} {record.reason}{verdict} val_bpb:{val} mem:{record.memory_gb}GB "
+                   f"wall:{record.wall_s}s overhead:{record.overhead_s}s image:{record.image} log:{record.log}")
+        if record.detail:
+            typer.echo(record.detail)
 
 
 @app.command("start")
@@ -330,6 +331,8 @@ def noise(
     from . import reruns
     from .engine import Engine
     from .ledger import Ledger
+    from .records import Noise
+    from .summary import OutcomeStatus
 
     cfg = _config(repo, data_dir=data_dir, gpus=gpus)
     ledger = Ledger(cfg.repo, tag)
@@ -342,13 +345,13 @@ def noise(
         with Engine(cfg, None, gpus=lease, progress=typer.echo) as engine:
             image = reruns.find_experiment_image(engine.store, baseline.commit, tag)
             runs = reruns.rerun(engine, image, n, ledger.runs_dir)
-    values = [r.outcome.val_bpb for r in runs if r.outcome.status == "ok"]
+    values = [r.outcome.val_bpb for r in runs if r.outcome.status == OutcomeStatus.OK]
     if len(values) < 2:
         typer.echo("error: fewer than 2 reruns succeeded; read their logs under .autoresearch/", err=True)
         raise typer.Exit(2)
     result = reruns.noise_floor(values)
     path = reruns.save_noise(ledger, result)
-    ledger.event("noise", **result, min_delta=2 * result["spread"])
+    ledger.event(Noise(**result, min_delta=2 * result["spread"]))
     typer.echo(f"baseline {image.commit[:7]}: {n} reruns, mean {result['mean']:.6f}, stdev {result['stdev']:.6f}, "
                f"spread {result['spread']:.6f} -> --min-delta auto = {2 * result['spread']:.6f} (saved {path})")
 
@@ -401,9 +404,9 @@ def images_list(
     root = repo.resolve()
     typer.echo(f"{'image':48} {'status':8} {'val_bpb':>9} {'added':>10}")
     for img in found:
-        rec = reruns.recorded_result(root, img) or {}
-        val = rec.get("val_bpb")
-        typer.echo(f"{img.ref:48} {rec.get('status', '?'):8} {'-' if not val else f'{val:.6f}':>9} "
+        rec = reruns.recorded_result(root, img)
+        val = rec.val_bpb if rec else None
+        typer.echo(f"{img.ref:48} {(rec and rec.status) or '?':8} {'-' if not val else f'{val:.6f}':>9} "
                    f"{img.size_added_bytes / 1024:>8.1f}KiB")
     if found:
         mean = sum(i.size_added_bytes for i in found) / len(found)
@@ -494,11 +497,15 @@ def report(
 
         raise ConfigError(str(exc)) from None
     png, page = rep.write_report(repo.resolve(), tag, out)
+    for why in data.damaged:
+        typer.echo(f"warning: {why}: skipped", err=True)
+    # The ledger's text (descriptions are an LLM's words; the file may be damaged) reaches the
+    # terminal through the one sanitiser.
     for line in rep.summary_lines(data):
-        typer.echo(line)
+        typer.echo(one_line(line, REPORT_LINE_MAX_CHARS))
     typer.echo("top improvements:")
     for d in data.improvements[:5]:
-        typer.echo(f"  -{d['delta']:.6f}  {d['commit']}  {d['description']}")
+        typer.echo(f"  -{d['delta']:.6f}  {one_line(d['commit'], 40)}  {one_line(d['description'])}")
     typer.echo(f"wrote {png} and {page}")
 
 

@@ -24,8 +24,9 @@ from . import hub
 from .config import DATA_MOUNT, HELDOUT_ENV, HELDOUT_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
 from .data import check_data_dir, data_digest
 from .deps import resolve_dependencies
+from .records import RunRecord
 from .repo import ResearchRepo, read_time_budget
-from .summary import REASON_HUB_OFFLINE, Outcome, judge, memory_gb
+from .summary import REASON_HUB_OFFLINE, Outcome, OutcomeStatus, judge, memory_gb
 from .verifier import Verifier
 
 
@@ -66,39 +67,44 @@ class ExperimentRun:
             return None
         return round(min(m.training_seconds / self.result.wall_s, 1.0), 4)
 
-    def to_dict(self) -> dict:
+    def record(self) -> RunRecord:
+        """What the ledger keeps of this run (and `runner run --json` prints)."""
         m = self.outcome.metrics
-        return {
-            "status": self.outcome.status,
-            "reason": self.outcome.reason,
-            "detail": self.outcome.detail,
-            "val_bpb": self.outcome.val_bpb if self.outcome.status == "ok" else None,
-            "verdict": self.outcome.verdict,
-            "self_reported_val_bpb": self.outcome.self_reported,
-            "heldout_val_bpb": self.outcome.heldout_bpb,
-            "verify_s": self.verify_s,
-            "verify_phases": self.verify_phases,
-            "memory_gb": self.memory_gb,
-            "commit": self.commit,
-            "image": self.image.ref,
-            "image_id": self.result.image_id,
-            "node": self.result.node,
-            "image_transfer_bytes": self.result.transfer_bytes,
-            "image_reused": self.image.reused,
-            "exit_code": self.result.exit_code,
-            "wall_s": self.result.wall_s,
-            "total_s": round(self.total_s, 3),
-            "overhead_s": self.overhead_s,
-            "training_seconds": m.training_seconds if m else None,
-            "peak_mem_bytes": self.result.peak_mem_bytes,
-            "peak_vram_mb": self.result.peak_vram_mb,
-            "training_share": self.training_share,
-            "log": str(self.result.log_path),
-            "log_bytes": self.result.log_bytes,
-            "log_truncated": self.result.log_truncated,
-            "limits": self.limits.to_dict(),
-            "seed": self.seed,
-        }
+        return RunRecord(
+            status=self.outcome.status,
+            reason=self.outcome.reason,
+            detail=self.outcome.detail,
+            val_bpb=self.outcome.val_bpb if self.outcome.status == OutcomeStatus.OK else None,
+            verdict=self.outcome.verdict,
+            self_reported_val_bpb=self.outcome.self_reported,
+            heldout_val_bpb=self.outcome.heldout_bpb,
+            verify_s=self.verify_s,
+            verify_phases=self.verify_phases,
+            memory_gb=self.memory_gb,
+            commit=self.commit,
+            image=self.image.ref,
+            image_id=self.result.image_id,
+            node=self.result.node,
+            image_transfer_bytes=self.result.transfer_bytes,
+            image_reused=self.image.reused,
+            exit_code=self.result.exit_code,
+            wall_s=self.result.wall_s,
+            total_s=round(self.total_s, 3),
+            overhead_s=self.overhead_s,
+            training_seconds=m.training_seconds if m else None,
+            peak_mem_bytes=self.result.peak_mem_bytes,
+            peak_vram_mb=self.result.peak_vram_mb,
+            training_share=self.training_share,
+            log=str(self.result.log_path),
+            log_bytes=self.result.log_bytes,
+            log_truncated=self.result.log_truncated,
+            limits=self.limits.to_dict(),
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict:
+        """`record()` as JSON data."""
+        return self.record().to_json()
 
 
 def experiment_env(cfg: RunConfig, limits: Limits, export: bool = False) -> dict[str, str]:

@@ -7,111 +7,29 @@ followed by fsync, so a kill leaves either the whole line or, at worst, a torn l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from sandbox.fsafe import open_beneath
 
+# The records themselves are records.py's; Row, RowStatus and STATUSES are imported from here too.
+from .records import EVENTS_VERSION, STATUSES, Event, ExperimentRecord, Repaired, Row, RowStatus, parse_event  # noqa: F401  (re-exported: callers import them from the ledger)
 from .repo import RESULTS, RUNNER_DIR
 from .text import one_line
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 NOISE_FILE = "noise.json"  # the baseline's measured spread (runner noise, --min-delta auto)
 
-
-class RowStatus(StrEnum):
-    """The status column of results.tsv, as autoresearch writes it."""
-
-    KEEP = "keep"
-    DISCARD = "discard"
-    CRASH = "crash"
-
-
-STATUSES = tuple(RowStatus)
+E = TypeVar("E", bound=Event)
 
 
 class LedgerError(ValueError):
     """results.tsv or events.jsonl cannot be used as they are; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Row:
-    commit: str
-    val_bpb: float
-    memory_gb: float
-    status: str
-    description: str
-
-    def line(self) -> str:
-        desc = one_line(self.description)  # tabs, newlines and terminal escapes would break the TSV and its readers
-        return f"{self.commit}\t{self.val_bpb:.6f}\t{self.memory_gb:.1f}\t{self.status}\t{desc}"
-
-    @classmethod
-    def parse(cls, line: str) -> "Row":
-        commit, val, mem, status, desc = line.split("\t", 4)
-        return cls(commit, float(val), float(mem), status, desc)
-
-
-@dataclass(frozen=True)
-class ExperimentRecord:
-    """One experiment as events.jsonl records it (event "experiment"); read and written only here.
-
-    `row` is its results.tsv row; `outcome` an OutcomeStatus value; `run` the engine's record of
-    the run (timings, image, limits, log).
-    """
-
-    iteration: int
-    commit: str
-    row: Row
-    outcome: str
-    reason: str = ""
-    metrics: dict | None = None
-    run: dict = field(default_factory=dict)
-    hypothesis: str = ""
-    usage: dict = field(default_factory=dict)
-    parent: str | None = None
-    verifies: int | None = None
-    runs: list = field(default_factory=list)  # the earlier runs of a confirmed experiment (other seeds); `run` is the last
-
-    @property
-    def status(self) -> RowStatus:
-        return RowStatus(self.row.status)
-
-    @property
-    def training_s(self) -> float:
-        return (self.metrics or {}).get("training_seconds") or 0.0
-
-    def fields(self) -> dict:
-        """The event's fields (Ledger.event adds ts, tag and the event name)."""
-        return {**dataclasses.asdict(self), "row": dataclasses.asdict(self.row)}
-
-    @classmethod
-    def from_event(cls, event: dict) -> "ExperimentRecord":
-        """Raises:
-            ValueError: a field is missing or of the wrong type (a damaged or foreign event)."""
-        row = event.get("row")
-        types = {"commit": str, "val_bpb": (int, float), "memory_gb": (int, float), "status": str, "description": str}
-        if not isinstance(row, dict) or set(row) != set(types):
-            raise ValueError("its row is not commit, val_bpb, memory_gb, status, description")
-        for name, kind in types.items():
-            if not isinstance(row[name], kind) or isinstance(row[name], bool):
-                raise ValueError(f"row.{name} is {row[name]!r}")
-        if row["status"] not in STATUSES:
-            raise ValueError(f"row.status is {row['status']!r}")
-        if not isinstance(event.get("iteration"), int) or not isinstance(event.get("commit"), str):
-            raise ValueError("it has no iteration or commit")
-        if not isinstance(event.get("run", {}), dict) or not isinstance(event.get("metrics") or {}, dict):
-            raise ValueError("its run or metrics is not an object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in event.items() if k in known}
-        values["row"] = Row(**row)
-        return cls(**values)
 
 
 def _append(root: Path, path: Path, line: str) -> None:
@@ -190,7 +108,7 @@ class Ledger:
                               f"({HEADER.replace(chr(9), ' ')}): move it away, or fix its first line")
         for name, cut in torn.items():
             if cut:
-                self.event("repaired", file=name, bytes_cut=cut)
+                self.event(Repaired(file=name, bytes_cut=cut))
 
     def log_path(self, iteration: int, commit: str, seed: int = 0) -> Path:
         """A run's log; an experiment's confirmation runs (other seeds) each have their own."""
@@ -199,40 +117,70 @@ class Ledger:
     # --- writing ---------------------------------------------------------------------
 
     def append_row(self, row: Row) -> None:
+        """Raises:
+            ValueError: `row`'s status is not a RowStatus (a Row checks it when it is made)."""
         if row.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {row.status!r}")
         _append(self.root, self.results_path, row.line())
 
-    def record(self, experiment: ExperimentRecord, **extra) -> None:
+    def record(self, experiment: ExperimentRecord) -> None:
         """Record a finished experiment: its event first, then its results.tsv row (a kill
         between the two is repaired on resume from the event)."""
-        self.event("experiment", **experiment.fields(), **extra)
+        self.event(experiment)
         self.append_row(experiment.row)
 
-    def event(self, kind: str, **fields) -> dict:
-        record = {"ts": round(time.time(), 3), "tag": self.tag, "event": kind, **fields}
-        _append(self.root, self.events_path, json.dumps(record, default=str, sort_keys=True))
-        return record
+    def event(self, event: Event | str, **fields) -> Event:
+        """Append one event, stamped with the time, the tag and the format's version. Returns it so stamped.
+
+        Args:
+            event: a records.Event. A kind's name with its `fields` is read into one first (how
+                callers outside runner/, in benchmarks/ and scripts/, still write).
+
+        Raises:
+            ValueError: a kind's name this version does not know, or fields that are not that kind's.
+        """
+        if isinstance(event, str):
+            typed = parse_event({"event": event, **fields})
+            if typed is None:
+                raise ValueError(f"{event!r} is not a kind of event (see records.py)")
+            event = typed
+        event = replace(event, ts=round(time.time(), 3), tag=self.tag, v=EVENTS_VERSION)
+        _append(self.root, self.events_path, json.dumps(event.to_json(), default=str, sort_keys=True))
+        return event
 
     # --- reading ---------------------------------------------------------------------
 
     def rows(self) -> list[Row]:
-        if not self.results_path.exists():
-            return []
-        lines = self.results_path.read_text().splitlines()[1:]
-        return [Row.parse(line) for line in lines if line.strip()]
-
-    def experiments(self, damaged: list[str] | None = None) -> list[ExperimentRecord]:
-        """This tag's experiments, in the order they were recorded.
-
-        Args:
-            damaged: where to note lines that are not a whole experiment event (and skip
-                them); None = such a line is an error.
+        """results.tsv's rows (every tag's).
 
         Raises:
-            LedgerError: a line is damaged (not JSON, or an experiment event missing a field),
-                naming it: resuming from a ledger that lost an experiment would redo or
-                misjudge it.
+            LedgerError: a line is not a row (five columns, two numbers, a RowStatus), naming it.
+        """
+        if not self.results_path.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.results_path.read_text(errors="replace").splitlines()[1:], 2):
+            if not line.strip():
+                continue
+            try:
+                rows.append(Row.parse(line))
+            except ValueError as exc:
+                raise LedgerError(f"{self.results_path} line {number} is not a results.tsv row "
+                                  f"({one_line(str(exc), 120)}): fix or delete that line") from None
+        return rows
+
+    def read(self, damaged: list[str] | None = None) -> list[Event]:
+        """Every event of this tag, in the order recorded: the one reader of events.jsonl. Lines of
+        a kind this version does not know are left out.
+
+        Args:
+            damaged: where to note lines that cannot be read (and skip them): not JSON, not an
+                event, a later version's, a field missing or of the wrong type. None = such a
+                line is an error.
+
+        Raises:
+            LedgerError: a line is damaged, naming the file and the line: resuming from a ledger
+                that lost an experiment (or a ceiling, or a cap's spend) would redo or misjudge it.
         """
         if not self.events_path.exists():
             return []
@@ -240,19 +188,40 @@ class Ledger:
         for number, line in enumerate(self.events_path.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
+            obj = None
             try:
-                event = json.loads(line)
-                if not isinstance(event, dict):
-                    raise ValueError("it is not a JSON object")
-                if event.get("event") == "experiment":
-                    out.append(ExperimentRecord.from_event(event))
-            except ValueError as exc:
+                obj = json.loads(line)
+                event = parse_event(obj)
+            except (ValueError, RecursionError) as exc:
                 why = f"{self.events_path} line {number} is damaged ({one_line(str(exc), 120)})"
                 if damaged is None:
+                    what = "its experiment" if isinstance(obj, dict) and obj.get("event") == "experiment" else "what it records"
                     raise LedgerError(f"{why}: restore it from a backup, or delete that line and resume "
-                                      "(its experiment is then forgotten)") from None
+                                      f"({what} is then forgotten)") from None
                 damaged.append(why)
+                continue
+            if event is not None:
+                out.append(event)
         return out
+
+    def events(self, kind: type[E], damaged: list[str] | None = None) -> list[E]:
+        """This tag's events of one kind (a records.Event class), in order; see `read`.
+
+        A kind's name instead of its class gives the lines as dicts, damaged lines skipped: for
+        callers outside runner/ (benchmarks/) not yet converted.
+        """
+        if isinstance(kind, str):
+            return [e.to_json() for e in self.read(damaged=[]) if e.KIND == kind]
+        return [e for e in self.read(damaged) if isinstance(e, kind)]
+
+    def last(self, kind: type[E], damaged: list[str] | None = None) -> E | None:
+        """This tag's last event of one kind, or None; see `read`."""
+        found = self.events(kind, damaged)
+        return found[-1] if found else None
+
+    def experiments(self, damaged: list[str] | None = None) -> list[ExperimentRecord]:
+        """This tag's experiments, in the order they were recorded; see `read`."""
+        return self.events(ExperimentRecord, damaged)
 
     def missing_rows(self) -> list[Row]:
         """This tag's recorded experiments whose results.tsv row a kill left unwritten.
@@ -281,16 +250,3 @@ class Ledger:
     @property
     def noise_path(self) -> Path:
         return self.dir / NOISE_FILE
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        if not self.events_path.exists():
-            return []
-        out = []
-        for line in self.events_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if kind is None or record.get("event") == kind:
-                out.append(record)
-        return out

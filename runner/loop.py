@@ -25,7 +25,11 @@ from sandbox.spec import REASON_INTERRUPTED
 from .config import RunConfig
 from .data import check_data_dir, data_digest
 from .engine import Engine, ExperimentRun, Slot
-from .ledger import ExperimentRecord, Ledger, Row, RowStatus
+from .ledger import Ledger
+from .records import (BaselineFailed, Confirming, ExperimentRecord, FixFailed, HarnessError, Interrupted, Lost,
+                      NearMissConflict, Noise, NoiseFailed, NoiseRunFailed, NotifyFailed, ProposerErrored, Refused,
+                      ResetOnResume, RowRestored, Row, RowStatus, SessionSummary, Start, Stopped, Swept,
+                      VerificationUnavailable, VramCeiling)
 from .notify import NOTIFY_FORCED_WAIT_S, Alert, Notifier
 from .policy import RunState, StatusCounts, cap_reached, confirm, decide, duty_cycle, seed_only_change, status_counts
 from .progress import Reporter
@@ -79,11 +83,6 @@ class Job:
     verifies: int | None = None  # the near-miss iteration this job re-applies
     seed: int = 0                # the runner's seed offset for this run (sandbox/hooks/seeds.py)
     runs: tuple = ()             # earlier runs of this commit, with other seeds: a would-be keep confirming
-
-
-def exp_line(tag: str, iteration: int, row: Row) -> str:
-    return (f"[EXP] {tag} {iteration} | commit:{row.commit} | val_bpb:{row.val_bpb:.6f} | "
-            f"mem:{row.memory_gb:.1f}GB | status:{row.status} | {row.description}")
 
 
 class Loop:
@@ -144,10 +143,9 @@ class Loop:
         else:
             self.repo.create_branch(branch)
             self.ledger.open()
-        self.spend = spent(self.ledger.events())
-        self.ledger.event("start", resume=resume, branch=branch, head=self.repo.head().sha,
-                          proposer=self.proposer.name, config=self.cfg.to_dict(), min_delta=self.min_delta,
-                          workers=self.workers)
+        self.spend = spent(self.ledger.read())
+        self.ledger.event(Start(resume=resume, branch=branch, head=self.repo.head().sha, proposer=self.proposer.name,
+                                config=self.cfg.to_dict(), min_delta=self.min_delta, workers=self.workers))
         self.reporter.spending(self._spend_line())
 
     def _min_delta(self) -> float:
@@ -164,18 +162,18 @@ class Loop:
         """
         for row in self.ledger.missing_rows():
             self.ledger.append_row(row)
-            self.ledger.event("row_restored", commit=row.commit)
+            self.ledger.event(RowRestored(commit=row.commit))
         self.state = RunState.recover(self.ledger.experiments())
-        if self.cfg.verify == "auto" and self.ledger.events("verification_unavailable"):
+        if self.cfg.verify == "auto" and self.ledger.last(VerificationUnavailable) is not None:
             self.verify_mode = "off"
-        ceilings = [e.get("gb") for e in self.ledger.events("vram_ceiling") if isinstance(e.get("gb"), (int, float))]
-        if ceilings and self.cfg.limits.vram_gb is None:
-            self.engine.vram_ceiling_gb = ceilings[-1]  # the default ceiling outlives the stop
+        ceiling = self.ledger.last(VramCeiling)
+        if ceiling is not None and self.cfg.limits.vram_gb is None:
+            self.engine.vram_ceiling_gb = ceiling.gb  # the default ceiling outlives the stop
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha
         if head != self.state.best_commit:
-            self.ledger.event("reset_on_resume", abandoned=head, to=self.state.best_commit)
+            self.ledger.event(ResetOnResume(abandoned=head, to=self.state.best_commit))
             self.repo.reset_hard(self.state.best_commit)
 
     def _sweep(self) -> None:
@@ -184,7 +182,7 @@ class Loop:
         if swept:
             self.out(f"removed {len(swept)} container(s) left by dead runners")
             if self.ledger.events_path.parent.exists():
-                self.ledger.event("swept", containers=swept)
+                self.ledger.event(Swept(containers=swept))
 
     # --- one experiment --------------------------------------------------------------
 
@@ -228,8 +226,8 @@ class Loop:
                 # Its node died (a cluster) and the engine ran it once more on a live node: an
                 # event records the loss; the experiment is counted once, by that second try.
                 with self.lock:
-                    self.ledger.event("lost", iteration=iteration, commit=commit,
-                                      run=dataclasses.replace(run, result=run.lost, outcome=judge(run.lost)).to_dict())
+                    lost = dataclasses.replace(run, result=run.lost, outcome=judge(run.lost))
+                    self.ledger.event(Lost(iteration=iteration, commit=commit, run=lost.record()))
             if decides and self._needs_verification(run, job):
                 run = self.engine.verify(run, self.tag, iteration, stop=self.stop, slot=slot)
         finally:
@@ -262,18 +260,18 @@ class Loop:
             description = f"{base} ({len(earlier) + 1} runs){sep}{tags}"
         if outcome.status != STATUS_OK:
             description = f"{description} [{outcome.reason}]"
-        elif outcome.verdict not in ("", VERDICT_OK):
+        elif outcome.verdict not in (None, VERDICT_OK):
             description = f"{description} [{outcome.verdict}]"
         row = Row(run.commit[:7], outcome.val_bpb, run.memory_gb, status, description)
         record = ExperimentRecord(
             iteration=iteration, commit=run.commit, row=row, outcome=outcome.status, reason=outcome.reason,
-            metrics=dataclasses.asdict(outcome.metrics) if outcome.metrics else None, run=run.to_dict(),
+            metrics=outcome.metrics, run=run.record(),
             hypothesis=proposal.hypothesis if proposal else "", usage=proposal.usage if proposal else {},
-            parent=parent, verifies=verifies, runs=[r.to_dict() for r in earlier],
+            parent=parent, verifies=verifies, runs=tuple(r.record() for r in earlier),
         )
         self.ledger.record(record)
         self.reporter.recorded(status, row.val_bpb, iteration)
-        self.out(exp_line(self.tag, iteration, row))
+        self.out(row.exp_line(self.tag, iteration))
         self.state.training_s += record.training_s + sum(
             (r.outcome.metrics.training_seconds or 0.0) for r in earlier if r.outcome.metrics)
         self.reporter.spending(self._spend_line())
@@ -311,10 +309,10 @@ class Loop:
         commit = self.repo.head().sha
         run = self._run(None, commit, 0, slot=slot)
         if run.result.reason == REASON_INTERRUPTED:
-            self.ledger.event("interrupted", iteration=0, commit=commit, run=run.to_dict())
+            self.ledger.event(Interrupted(iteration=0, commit=commit, run=run.record()))
             return
         if run.outcome.status != STATUS_OK:
-            self.ledger.event("baseline_failed", commit=commit, reason=run.outcome.reason, run=run.to_dict())
+            self.ledger.event(BaselineFailed(commit=commit, reason=run.outcome.reason, run=run.record()))
             raise LoopError(
                 f"the baseline crashed ({run.outcome.reason}): the environment or data is broken, not the idea. "
                 + (f"{run.outcome.detail}. " if run.outcome.detail else "")
@@ -324,7 +322,7 @@ class Loop:
             # The watchdog sampled GPUs the whole run and never saw the baseline's processes on
             # them: it is blind (a runner in its own PID namespace, a driver hiding processes),
             # and no ceiling it holds would ever fire.
-            self.ledger.event("baseline_failed", commit=commit, reason="watchdog_blind", run=run.to_dict())
+            self.ledger.event(BaselineFailed(commit=commit, reason="watchdog_blind", run=run.record()))
             raise LoopError(
                 "the VRAM watchdog saw no GPU memory of the baseline's processes on its GPUs, so it could enforce no "
                 "VRAM ceiling: a runner in a container needs --pid host (see the README); if train.py does not use "
@@ -334,14 +332,14 @@ class Loop:
             # This repo's evaluation cannot be replayed (another function name, an argument that
             # is not plain data): the night goes on with the runs' own numbers, and says so.
             self.verify_mode = "off"
-            self.ledger.event("verification_unavailable", why=run.outcome.detail)
+            self.ledger.event(VerificationUnavailable(why=run.outcome.detail))
             # stderr: the [EXP] stream on stdout stays one line per experiment
             print(f"verification unavailable ({one_line(run.outcome.detail, 200)}): keeps are decided by the runs' "
                   f"own val_bpb; set verify_target (now {self.cfg.verify_target}) to verify them", file=sys.stderr)
-            run = dataclasses.replace(run, outcome=dataclasses.replace(run.outcome, verdict="", detail="", self_reported=None))
+            run = dataclasses.replace(run, outcome=dataclasses.replace(run.outcome, verdict=None, detail="", self_reported=None))
         elif self.verify_mode != "off" and run.outcome.verdict != VERDICT_OK:
             # Unverifiable here means unverifiable for every experiment: nothing could ever be kept.
-            self.ledger.event("baseline_failed", commit=commit, reason=run.outcome.verdict, run=run.to_dict())
+            self.ledger.event(BaselineFailed(commit=commit, reason=run.outcome.verdict or "", run=run.record()))
             raise LoopError(
                 f"the baseline's val_bpb could not be verified ({run.outcome.verdict}: {one_line(run.outcome.detail, 300)}): "
                 f"set verify_target in runner.yaml to the repo's evaluation function (now {self.cfg.verify_target}) "
@@ -354,7 +352,7 @@ class Loop:
         if run.result.peak_vram_mb and self.cfg.limits.vram_gb is None:
             # Default VRAM ceiling: twice what the baseline needed, as NVML measured it.
             self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
-            self.ledger.event("vram_ceiling", gb=self.engine.vram_ceiling_gb)
+            self.ledger.event(VramCeiling(gb=self.engine.vram_ceiling_gb))
 
     def measure_noise(self, slot: Slot | None = None) -> None:
         """Rerun the baseline, each time with another seed, until noise_runs more results are in
@@ -373,10 +371,10 @@ class Loop:
             if run.outcome.status == STATUS_OK:
                 values.append(run.outcome.val_bpb)
             elif run.result.reason != REASON_INTERRUPTED:
-                self.ledger.event("noise_run_failed", attempt=attempts, reason=run.outcome.reason)
+                self.ledger.event(NoiseRunFailed(attempt=attempts, reason=run.outcome.reason))
         if len(values) <= wanted:
             if not self.stop.is_set():
-                self.ledger.event("noise_failed", results=len(values), attempts=attempts)
+                self.ledger.event(NoiseFailed(results=len(values), attempts=attempts))
                 self.out(f"noise floor: only {len(values)} baseline results in {attempts} reruns; min_delta stays "
                          f"{self.min_delta} until the next start measures again")
             return
@@ -384,7 +382,7 @@ class Loop:
         save_noise(self.ledger, noise)
         if self.cfg.min_delta == "auto":
             self.min_delta = 2 * noise["spread"]
-        self.ledger.event("noise", **noise, min_delta=self.min_delta)
+        self.ledger.event(Noise(**noise, min_delta=self.min_delta))
         self.out(f"noise floor: {len(values)} baseline runs (other seeds), spread {noise['spread']:.6f}; "
                  f"min_delta {self.min_delta:.6f}")
 
@@ -406,19 +404,19 @@ class Loop:
             with self.lock:
                 self._spent(proposal.usage)
         except ProposerError as exc:
-            self.ledger.event("proposer_error", iteration=ctx.iteration, error=one_line(str(exc), 500))
+            self.ledger.event(ProposerErrored(iteration=ctx.iteration, error=one_line(str(exc), 500)))
             self.out(f"proposer: {one_line(str(exc))}")
             raise
         except Exception as exc:  # malformed model output the proposer choked on: a refusal, not the night's end
             reason = f"the proposer failed: {type(exc).__name__}: {one_line(str(exc))}"
-            self.ledger.event("refused", iteration=ctx.iteration, reason=reason, description="")
+            self.ledger.event(Refused(iteration=ctx.iteration, reason=reason, description=""))
             self.out(f"refused: {reason}")
             raise ProposalRefused(reason) from exc
         with self.lock:
             if self.stop.is_set():  # stopped while the proposer worked: drop the proposal
                 self.repo.respawn_git()
-                self.ledger.event("interrupted", iteration=None, commit=None, description=proposal.description,
-                                  usage=proposal.usage)
+                self.ledger.event(Interrupted(iteration=None, commit=None, description=proposal.description,
+                                              usage=proposal.usage))
                 return None
             return self._commit_job(parent, proposal)
 
@@ -427,16 +425,16 @@ class Loop:
         iteration = self.state.iteration + 1
         if seed_only_change(self.repo.committed_text("train.py", parent), proposal.train_py):
             reason = "the edit changes only a seed: the runner decides seeds (a keep is confirmed over several)"
-            self.ledger.event("refused", iteration=iteration, reason=reason, description=proposal.description,
-                              usage=proposal.usage)
+            self.ledger.event(Refused(iteration=iteration, reason=reason, description=proposal.description,
+                                      usage=proposal.usage))
             self.out(f"refused: {reason}")
             raise ProposalRefused(reason)
         try:
             commit = self.repo.commit_train_py(parent, proposal.train_py, f"{self.tag}: {proposal.description}",
                                                ref=f"refs/autoresearch/{self.tag}/{iteration}")
         except GuardError as exc:
-            self.ledger.event("refused", iteration=iteration, reason=str(exc), description=proposal.description,
-                              usage=proposal.usage)
+            self.ledger.event(Refused(iteration=iteration, reason=str(exc), description=proposal.description,
+                                      usage=proposal.usage))
             self.out(f"refused: {exc}")
             self.repo.reset_hard(self.state.best_commit)
             raise ProposalRefused(str(exc)) from None
@@ -456,8 +454,8 @@ class Loop:
             except SandboxError as exc:
                 if delay is None or self.stop.is_set():
                     raise
-                self.ledger.event("harness_error", iteration=job.iteration, commit=job.commit,
-                                  error=one_line(str(exc), 500), retry_in_s=delay)
+                self.ledger.event(HarnessError(iteration=job.iteration, commit=job.commit,
+                                               error=one_line(str(exc), 500), retry_in_s=delay))
                 self.out(f"harness error on experiment {job.iteration} ({one_line(str(exc))}): running it again in {delay}s")
                 if self.stop.wait(delay):
                     return None
@@ -482,7 +480,7 @@ class Loop:
                         with self.lock:
                             self._spent(fix.usage)
                 except Exception as exc:  # no fix this time (an API outage, a malformed reply); the night goes on
-                    self.ledger.event("fix_failed", iteration=job.iteration, error=one_line(f"{type(exc).__name__}: {exc}", 500))
+                    self.ledger.event(FixFailed(iteration=job.iteration, error=one_line(f"{type(exc).__name__}: {exc}", 500)))
                     fix = None
                 with self.lock:
                     crashed, job = job, None
@@ -504,11 +502,11 @@ class Loop:
         re-applied on the new best, to verify), or None.
         """
         if run.result.reason == REASON_INTERRUPTED:
-            self.ledger.event("interrupted", iteration=job.iteration, commit=job.commit, run=run.to_dict())
+            self.ledger.event(Interrupted(iteration=job.iteration, commit=job.commit, run=run.record()))
             return None
         own, confirmation = run, None
         if job.runs:  # a confirmation run of a would-be keep
-            if own.outcome.status != STATUS_OK or own.outcome.verdict not in ("", VERDICT_OK):
+            if own.outcome.status != STATUS_OK or own.outcome.verdict not in (None, VERDICT_OK):
                 self._record(job.iteration, own, DISCARD, f"{job.proposal.description} [unconfirmed]", job.proposal,
                              parent=job.parent, verifies=job.verifies, earlier=job.runs)
                 self.proposer.observe(job.proposal, DISCARD, None)
@@ -522,8 +520,8 @@ class Loop:
         runs = (*job.runs, own)
         if decision.status == KEEP and len(runs) <= self.cfg.confirm_runs and not self.stop.is_set():
             # A would-be keep runs again, with another seed, before anything is decided.
-            self.ledger.event("confirming", iteration=job.iteration, commit=job.commit,
-                              values=[r.outcome.val_bpb for r in runs])
+            self.ledger.event(Confirming(iteration=job.iteration, commit=job.commit,
+                                         values=[r.outcome.val_bpb for r in runs]))
             return dataclasses.replace(job, runs=runs, seed=len(runs))
         if decision.status == KEEP and confirmation is not None and confirmation.seed_pinned:
             decision = dataclasses.replace(decision, status=DISCARD)
@@ -556,7 +554,7 @@ class Loop:
             self.proposer.observe(job.proposal, DISCARD, val)
             merged = self.repo.merge_train_py(job.parent, self.state.best_commit, job.commit)
             if merged is None:
-                self.ledger.event("near_miss_conflict", iteration=job.iteration, commit=job.commit)
+                self.ledger.event(NearMissConflict(iteration=job.iteration, commit=job.commit))
                 return None
             # usage {}: its tokens were counted with the near-miss itself
             again = dataclasses.replace(job.proposal, train_py=merged, usage={},
@@ -566,7 +564,7 @@ class Loop:
             except ProposalRefused:
                 return None
         description = job.proposal.description + (" [unconfirmed]" if confirmation and decision.status == DISCARD
-                                                  and run.outcome.verdict in ("", VERDICT_OK) else "")
+                                                  and run.outcome.verdict in (None, VERDICT_OK) else "")
         self._record(job.iteration, run, decision.status, description, job.proposal, **extra, earlier=earlier)
         self.proposer.observe(job.proposal, decision.status, val)
         self.repo.reset_hard(self.state.best_commit)  # nothing of a failed edit stays in the work tree
@@ -609,7 +607,7 @@ class Loop:
             # runner's containers rather than leave them to a sweep that spares live owners.
             self.stop.set()
             self.engine.executor.cleanup(owner=self.engine.executor.owner)
-            self.ledger.event("interrupted", iteration=None, commit=None, forced=True)
+            self.ledger.event(Interrupted(iteration=None, commit=None, forced=True))
             self.notifier.send("stopped", f"{self.tag}: stopped at once (forced: a second interrupt)", reason="forced")
             close_wait_s = NOTIFY_FORCED_WAIT_S
             raise
@@ -737,7 +735,7 @@ class Loop:
                         failure = (futures[f], exc)
                         self.failure = f"{futures[f]} failed: {exc.__class__.__name__}: {exc}"
                         self.stop.set()
-                        self.ledger.event("stopped", reason=self.failure)
+                        self.ledger.event(Stopped(reason=self.failure))
         except KeyboardInterrupt:  # forced stop: the caller removes the containers, nobody waits
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -754,7 +752,7 @@ class Loop:
             context = self.context()
         reason = self.stop_reason or "stop requested"
         if self.failure is None:
-            self.ledger.event("stopped", reason=reason, cap=self.stop_cap)
+            self.ledger.event(Stopped(reason=reason, cap=self.stop_cap))
         summary = self.proposer.summarize(context, [e.row for e in experiments])
         self.spend.add(summary.usage)
         # The ledger keeps both to the millisecond; the duty cycle is computed from what it keeps,
@@ -762,11 +760,11 @@ class Loop:
         wall_s, training_s = round(time.monotonic() - self.started, 3), round(self.state.training_s, 3)
         duty = duty_cycle(training_s, wall_s, workers) or 0.0
         counts = status_counts((e.iteration, e.status) for e in experiments)
-        self.ledger.event("summary", experiments=len(experiments), best_commit=self.state.best_commit,
-                          best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb,
-                          trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage,
-                          wall_s=wall_s, training_s=training_s, workers=workers,
-                          duty_cycle=round(duty, 4))
+        self.ledger.event(SessionSummary(
+            experiments=len(experiments), best_commit=self.state.best_commit,
+            best_val_bpb=None if math.isinf(self.state.best_val_bpb) else self.state.best_val_bpb,
+            trajectory=summary.trajectory, next_ideas=summary.next_ideas, usage=summary.usage,
+            wall_s=wall_s, training_s=training_s, workers=workers, duty_cycle=round(duty, 4)))
         self.out(format_summary(self.tag, counts, self.state, summary, duty, stopped=reason, spend=self._spend_line()))
         if self.failure is None:
             self.notifier.send("cap" if self.stop_cap else "stopped",
@@ -790,7 +788,7 @@ class Loop:
         """An alert that did not go out: said on stderr and in events.jsonl (if the run has one); the night goes on."""
         print(f"notify: {kind} alert to {target} failed: {error}", file=sys.stderr)
         if self.ledger.events_path.exists():
-            self.ledger.event("notify_failed", target=target, alert=kind, error=error)
+            self.ledger.event(NotifyFailed(target=target, alert=kind, error=error))
 
     def _install_signal_handlers(self):
         """First SIGINT/SIGTERM: stop after cleaning up the current run. Second: stop now."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 
 from sandbox.spec import REASON_LOST, REASON_UNWATCHED
 
-from .ledger import ExperimentRecord, RowStatus
+from .records import ExperimentRecord, RowStatus
 from .summary import VERDICT_OK, Outcome, OutcomeStatus
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class RunState:
             state.iteration = max(state.iteration, e.iteration)
             if e.status == RowStatus.KEEP:
                 state.best_commit, state.best_val_bpb = e.commit, e.row.val_bpb
-                heldout = e.run.get("heldout_val_bpb") if isinstance(e.run, dict) else None
+                heldout = e.run.heldout_val_bpb
                 state.best_heldout_bpb = heldout if heldout is not None else state.best_heldout_bpb
                 state.since_keep = 0
             else:
@@ -88,7 +88,7 @@ class StatusCounts:
                 f"{self.crash} crash), keep rate {100 * self.keep_rate:.1f}%")
 
 
-def status_counts(experiments: Iterable[tuple[int, str]]) -> StatusCounts:
+def status_counts(experiments: Iterable[tuple[int, RowStatus]]) -> StatusCounts:
     """The one count of keeps, discards and crashes, from (iteration, results.tsv status) pairs."""
     tried = [status for iteration, status in experiments if iteration != BASELINE_ITERATION]
     return StatusCounts(*(sum(s == status for s in tried) for status in (RowStatus.KEEP, RowStatus.DISCARD, RowStatus.CRASH)))
@@ -149,7 +149,7 @@ def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, he
     a near-miss (a discard to re-apply and verify). A timeout is a discard; anything else that
     did not end with a result is a crash, sent back to the proposer to fix once unless the
     harness caused it (a node lost twice, NVML gone)."""
-    if outcome.status == OutcomeStatus.OK and outcome.verdict not in ("", VERDICT_OK):
+    if outcome.status == OutcomeStatus.OK and outcome.verdict not in (None, VERDICT_OK):
         return Decision(RowStatus.DISCARD)  # unverified, forged or noncausal: recorded, never kept
     improved = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
     if improved:

@@ -23,8 +23,9 @@ from sandbox.fsafe import open_beneath
 
 from . import ablate
 from .config import DEFAULT_PRICES_PER_MTOK
-from .ledger import Ledger, RowStatus
+from .ledger import Ledger
 from .policy import StatusCounts, nights_duty_cycle, status_counts
+from .records import ExperimentRecord, RowStatus, RunRecord, SessionSummary, Start
 from .reruns import load_noise
 from .spend import spent
 
@@ -64,48 +65,44 @@ def collect(repo_root: Path, tag: str) -> ReportData:
     """
     ledger = Ledger(repo_root, tag)
     damaged: list[str] = []
-    experiments = ledger.experiments(damaged)  # a report reads what it can, and says what it skipped
+    events = ledger.read(damaged)  # a report reads what it can, and says what it skipped
+    experiments = [e for e in events if isinstance(e, ExperimentRecord)]
     if not experiments:
         raise ValueError(f"no experiments recorded for tag {tag} in {ledger.events_path}: run `runner start --tag {tag}` first")
     data = ReportData(tag, damaged=damaged)
     best = None
     for e in experiments:
         row = e.row
-        runs = [r for r in (*e.runs, e.run) if isinstance(r, dict)]
-        seeds = [r.get("seed", 0) for r in runs]
-        held = e.run.get("heldout_val_bpb") if _number(e.run.get("heldout_val_bpb")) else None
+        runs = (*e.runs, e.run)
+        held = e.run.heldout_val_bpb or None
         data.points.append({"iteration": e.iteration, "val_bpb": row.val_bpb, "status": row.status,
-                            "description": row.description, "commit": row.commit, "seeds": seeds,
-                            "verdict": str(e.run.get("verdict") or ""), "heldout_bpb": held,
-                            "wall_s": sum(_number(r.get("wall_s")) for r in runs),
-                            "logs": [(f"seed {r.get('seed')}" if r.get("seed") else "log", _log_path(ledger, e, r))
-                                     for r in runs]})
+                            "description": row.description, "commit": row.commit, "seeds": [r.seed for r in runs],
+                            "verdict": str(e.run.verdict or ""), "heldout_bpb": held,
+                            "wall_s": sum(r.wall_s for r in runs),
+                            "logs": [(f"seed {r.seed}" if r.seed else "log", _log_path(ledger, e, r)) for r in runs]})
         if e.status == RowStatus.KEEP:
             if best is not None:
                 data.improvements.append({"delta": best - row.val_bpb, "description": row.description,
                                           "commit": row.commit, "val_bpb": row.val_bpb})
             best = row.val_bpb
             data.heldout = {"val_bpb": row.val_bpb, "heldout_bpb": held, "commit": row.commit} if held is not None else None
-        data.training_s += _number(e.training_s)
-        data.wall_s += _number(e.run.get("wall_s"))
-        if e.run.get("verdict"):
-            data.verdicts[e.run["verdict"]] = data.verdicts.get(e.run["verdict"], 0) + 1
+        data.training_s += e.training_s
+        data.wall_s += e.run.wall_s
+        if e.run.verdict:
+            data.verdicts[str(e.run.verdict)] = data.verdicts.get(str(e.run.verdict), 0) + 1
     data.improvements.sort(key=lambda i: i["delta"], reverse=True)
     data.counts = status_counts((p["iteration"], p["status"]) for p in data.points)
-    events = ledger.events()
     spend = spent(events)
     data.input_tokens, data.output_tokens = spend.input_tokens, spend.output_tokens
-    starts = [e for e in events if e.get("event") == "start"]
-    cfg = starts[-1].get("config") if starts and isinstance(starts[-1].get("config"), dict) else {}
-    if spend.total_tokens and isinstance(cfg.get("model"), str):
-        prices = cfg.get("prices") if isinstance(cfg.get("prices"), dict) else DEFAULT_PRICES_PER_MTOK
-        data.model, data.cost_usd = cfg["model"], spend.cost_usd(cfg["model"], prices)
+    starts = [e for e in events if isinstance(e, Start)]
+    model = starts[-1].setting("model", str) if starts else None
+    if spend.total_tokens and model:
+        data.model, data.cost_usd = model, spend.cost_usd(model, starts[-1].setting("prices", dict) or DEFAULT_PRICES_PER_MTOK)
     # The night's duty cycle (policy.nights_duty_cycle), over every session of this tag that
     # ended with a summary: its workers' training seconds over its wall time x workers.
-    nights = [e for e in events if e.get("event") == "summary"
-              and all(isinstance(e.get(k), (int, float)) for k in ("training_s", "wall_s"))]
-    data.night_s = sum(e["wall_s"] for e in nights)
-    data.duty_cycle = nights_duty_cycle((e["training_s"], e["wall_s"], e.get("workers") or 1) for e in nights)
+    nights = [e for e in events if isinstance(e, SessionSummary) and e.training_s is not None and e.wall_s is not None]
+    data.night_s = sum(e.wall_s for e in nights)
+    data.duty_cycle = nights_duty_cycle((e.training_s, e.wall_s, e.workers or 1) for e in nights)
     try:
         noise = load_noise(ledger)
     except (OSError, ValueError):
@@ -117,16 +114,11 @@ def collect(repo_root: Path, tag: str) -> ReportData:
     return data
 
 
-def _number(value) -> float:
-    """A figure from a record written by another version (or damaged): 0 unless a number."""
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
-def _log_path(ledger: Ledger, e, run: dict) -> Path:
+def _log_path(ledger: Ledger, e: ExperimentRecord, run: RunRecord) -> Path:
     """A run's log, in the tag's runs folder (by the name the run recorded; the folder is the
     ledger's, wherever the repo has moved since)."""
-    recorded = PurePath(str(run.get("log") or "")).name
-    return ledger.runs_dir / recorded if recorded else ledger.log_path(e.iteration, e.commit, run.get("seed") or 0)
+    recorded = PurePath(run.log).name
+    return ledger.runs_dir / recorded if recorded else ledger.log_path(e.iteration, e.commit, run.seed)
 
 
 def figure(data: ReportData):
@@ -141,20 +133,20 @@ def figure(data: ReportData):
 
     # Crashes and timeouts have no val_bpb (their rows say 0.0): drawn at 0 they would look like
     # the best points, so they are crosses along the top.
-    ok = [p for p in data.points if p["status"] != "crash" and p["val_bpb"] > 0]
+    ok = [p for p in data.points if p["status"] != RowStatus.CRASH and p["val_bpb"] > 0]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
-    colors = {"keep": "#2a9d3f", "discard": "#9a9a9a"}
-    for status in ("discard", "keep"):
+    colors = {RowStatus.KEEP: "#2a9d3f", RowStatus.DISCARD: "#9a9a9a"}
+    for status in (RowStatus.DISCARD, RowStatus.KEEP):
         pts = [p for p in ok if p["status"] == status]
-        ax.scatter([p["iteration"] for p in pts], [p["val_bpb"] for p in pts], s=36 if status == "keep" else 18,
-                   c=colors[status], label=status, zorder=3, alpha=0.9 if status == "keep" else 0.6)
+        ax.scatter([p["iteration"] for p in pts], [p["val_bpb"] for p in pts], s=36 if status == RowStatus.KEEP else 18,
+                   c=colors[status], label=str(status), zorder=3, alpha=0.9 if status == RowStatus.KEEP else 0.6)
     failed = [p["iteration"] for p in data.points if p not in ok]
     if failed and ok:
         y = max(p["val_bpb"] for p in ok)
         ax.scatter(failed, [y] * len(failed), marker="x", c="#c0392b", label="crash / timeout", zorder=3)
     xs, ys, best = [], [], None
     for p in data.points:
-        if p["status"] == "keep":
+        if p["status"] == RowStatus.KEEP:
             best = p["val_bpb"]
         if best is not None:
             xs.append(p["iteration"])
@@ -164,7 +156,7 @@ def figure(data: ReportData):
     ax.margins(x=0.04, y=0.12)
     labels = []
     for p in data.points:
-        if p["status"] == "keep":
+        if p["status"] == RowStatus.KEEP:
             # descriptions are untrusted text: `$...$` must print as written, not as mathtext
             text = p["description"][:LABEL_MAX_CHARS].replace("$", r"\$")
             labels.append(ax.annotate(text, (p["iteration"], p["val_bpb"]), textcoords="offset points", xytext=(4, 5), ha="left", va="bottom",
@@ -255,7 +247,7 @@ def watch(repo_root: Path, tag: str, out_dir: Path | None = None, poll_s: float 
 def summary_lines(data: ReportData) -> list[str]:
     lines = [
         f"experiments: {data.counts}",
-        f"best val_bpb: {min((p['val_bpb'] for p in data.points if p['status'] == 'keep'), default=0):.6f}",
+        f"best val_bpb: {min((p['val_bpb'] for p in data.points if p['status'] == RowStatus.KEEP), default=0):.6f}",
         "accelerator duty cycle: " + ("-" if data.duty_cycle is None else f"{100 * data.duty_cycle:.1f}% of "
                                       f"{data.night_s:.0f}s of night (containers ran {data.wall_s:.0f}s, "
                                       f"training {data.training_s:.0f}s)"),
@@ -267,7 +259,7 @@ def summary_lines(data: ReportData) -> list[str]:
         h = data.heldout
         lines.append(f"held-out: best kept {h['commit']} val_bpb {h['val_bpb']:.6f}, held-out {h['heldout_bpb']:.6f} "
                      f"(gap {h['heldout_bpb'] - h['val_bpb']:+.6f})")
-    keeps = [p for p in data.points if p["status"] == "keep" and p["iteration"] > 0]
+    keeps = [p for p in data.points if p["status"] == RowStatus.KEEP and p["iteration"] > 0]
     confirmed = [p for p in keeps if len(p.get("seeds") or ()) > 1]
     lines.append(f"keeps: {len(confirmed)} of {len(keeps)} confirmed over several seeds"
                  + "".join(f"; {p['commit']} seeds {p['seeds']}" for p in confirmed[:5]))
@@ -307,7 +299,7 @@ def _cell(shown: str, sort_key=None) -> str:
 def _experiment_rows(data: ReportData, html_dir: Path | None) -> str:
     out = []
     for p in data.points:
-        val = "-" if p["status"] == "crash" else f"{p['val_bpb']:.6f}"
+        val = "-" if p["status"] == RowStatus.CRASH else f"{p['val_bpb']:.6f}"
         held = "-" if p["heldout_bpb"] is None else f"{p['heldout_bpb']:.6f}"
         hrefs = [(label, quote(os.path.relpath(path, html_dir) if html_dir else str(path))) for label, path in p["logs"]]
         links = " ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in hrefs)
@@ -315,7 +307,7 @@ def _experiment_rows(data: ReportData, html_dir: Path | None) -> str:
             f'<tr class="{html.escape(p["status"])}" data-iteration="{p["iteration"]}">'
             + _cell(str(p["iteration"]), p["iteration"])
             + f'<td data-v="{html.escape(p["commit"])}"><code>{html.escape(p["commit"])}</code></td>'
-            + _cell(p["status"]) + _cell(val, p["val_bpb"] if p["status"] != "crash" else "")
+            + _cell(p["status"]) + _cell(val, p["val_bpb"] if p["status"] != RowStatus.CRASH else "")
             + _cell(p["verdict"] or "-") + _cell(held, "" if p["heldout_bpb"] is None else p["heldout_bpb"])
             + _cell(f"{p['wall_s']:.0f}", p["wall_s"]) + _cell(p["description"]) + f"<td>{links}</td></tr>")
     return "\n".join(out)

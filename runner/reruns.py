@@ -23,8 +23,10 @@ from sandbox.backend import ImageRecord, ImageStore
 from sandbox.spec import Limits
 
 from .data import DataError, data_digest
-from .ledger import Ledger, RowStatus
+from .ledger import Ledger
+from .records import RowStatus, parse, to_json
 from .repo import RepoError
+from .summary import OutcomeStatus
 
 RECORDS_DIR = Path.home() / ".cache" / "autoresearch-runner" / "records"
 
@@ -90,16 +92,30 @@ def find_experiment_image(store: ImageStore, what: str, tag: str | None = None) 
 # --- the recorded result -------------------------------------------------------------------
 
 
-def recorded_result(repo_root: Path | None, image: ExperimentImage) -> dict | None:
+@dataclass(frozen=True)
+class RecordedResult:
+    """What an experiment scored when it first ran, as `runner export` carries it (record.json)."""
+
+    val_bpb: float | None = None
+    status: RowStatus | None = None
+    outcome: OutcomeStatus = OutcomeStatus.OK
+    description: str = ""
+    image_id: str | None = None
+    source: str = "ledger"  # or "imported": read from a file another host wrote (`runner import`)
+
+
+def recorded_result(repo_root: Path | None, image: ExperimentImage) -> RecordedResult | None:
     """What the experiment scored when it first ran: from the repo's ledger, else from an
-    imported record (`runner import`)."""
+    imported record (`runner import`); None when neither has it, or the imported one cannot be read."""
     if repo_root is not None and image.tag:
         for e in reversed(Ledger(repo_root, image.tag).experiments()):
             if e.commit == image.commit:
-                return {"val_bpb": e.row.val_bpb, "status": e.row.status, "outcome": e.outcome,
-                        "description": e.row.description, "image_id": e.run.get("image_id")}
+                return RecordedResult(e.row.val_bpb, e.row.status, e.outcome, e.row.description, e.run.image_id)
     path = RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return parse(RecordedResult, json.loads(path.read_text())) if path.exists() else None
+    except (OSError, ValueError):
+        return None  # a damaged record: the result is unknown
 
 
 # --- rerun -----------------------------------------------------------------------------------
@@ -137,14 +153,14 @@ def rerun_limits(engine, image: ExperimentImage) -> Limits:
     return engine.cfg.sandbox_limits(budget)
 
 
-def compare(image: ExperimentImage, record: dict | None, runs: list) -> dict:
-    """The recorded result of `image` beside its reruns: what `runner rerun` prints."""
-    recorded = record["val_bpb"] if record and record.get("outcome", "ok") == "ok" else None
-    new = [r.outcome.val_bpb if r.outcome.status == "ok" else None for r in runs]
+def compare(image: ExperimentImage, record: RecordedResult | None, runs: list) -> dict:
+    """The recorded result of `image` beside its reruns: what `runner rerun` prints (--json: as is)."""
+    recorded = record.val_bpb if record and record.outcome == OutcomeStatus.OK else None
+    new = [r.outcome.val_bpb if r.outcome.status == OutcomeStatus.OK else None for r in runs]
     return {
         "image": image.ref, "image_id": image.id, "commit": image.commit,
-        "recorded_val_bpb": recorded, "recorded_status": record.get("status") if record else None,
-        "recorded_source": record.get("source", "ledger") if record else None,
+        "recorded_val_bpb": recorded, "recorded_status": record.status if record else None,
+        "recorded_source": record.source if record else None,
         "new_val_bpb": new,
         "diff": [None if v is None or recorded is None else round(v - recorded, 6) for v in new],
         "statuses": [r.outcome.status + (f" {r.outcome.reason}" if r.outcome.reason else "")
@@ -181,13 +197,13 @@ def load_noise(ledger: Ledger) -> dict | None:
 # --- images on disk --------------------------------------------------------------------------
 
 
-def gc_plan(images: list[ExperimentImage], statuses: dict[str, str], keep_discarded: int) -> list[ExperimentImage]:
+def gc_plan(images: list[ExperimentImage], statuses: dict[str, RowStatus], keep_discarded: int) -> list[ExperimentImage]:
     """Images a policy allows removing: discarded or crashed experiments beyond the newest
     `keep_discarded` per tag. Kept experiments and images of unknown status always stay."""
     doomed = []
     by_tag: dict[str, list[ExperimentImage]] = {}
     for img in images:
-        if statuses.get(img.commit) in ("discard", "crash"):
+        if statuses.get(img.commit) in (RowStatus.DISCARD, RowStatus.CRASH):
             by_tag.setdefault(img.tag, []).append(img)
     for imgs in by_tag.values():
         imgs.sort(key=lambda e: e.created, reverse=True)
@@ -195,9 +211,9 @@ def gc_plan(images: list[ExperimentImage], statuses: dict[str, str], keep_discar
     return doomed
 
 
-def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, str]:
+def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, RowStatus]:
     """commit -> its row status; a commit ever kept stays 'keep'."""
-    status: dict[str, str] = {}
+    status: dict[str, RowStatus] = {}
     for tag in tags:
         for e in Ledger(repo_root, tag).experiments():
             if status.get(e.commit) != RowStatus.KEEP:
@@ -208,7 +224,7 @@ def statuses_from_ledger(repo_root: Path, tags: set[str]) -> dict[str, str]:
 # --- moving between hosts --------------------------------------------------------------------
 
 
-def export_image(store: ImageStore, image: ExperimentImage, record: dict | None, out: Path) -> Path:
+def export_image(store: ImageStore, image: ExperimentImage, record: RecordedResult | None, out: Path) -> Path:
     """One file: the image (saved by the image store, streamed) and its recorded result."""
     out = Path(out)
     with tempfile.TemporaryFile() as saved:
@@ -216,7 +232,7 @@ def export_image(store: ImageStore, image: ExperimentImage, record: dict | None,
         size = saved.tell()
         saved.seek(0)
         with tarfile.open(out, "w") as tar:
-            meta = json.dumps({"ref": image.ref, "id": image.id, "record": record}).encode()
+            meta = json.dumps({"ref": image.ref, "id": image.id, "record": record and to_json(record)}).encode()
             info = tarfile.TarInfo("record.json")
             info.size = len(meta)
             tar.addfile(info, io.BytesIO(meta))
@@ -303,8 +319,12 @@ def import_image(store: ImageStore, path: Path) -> ExperimentImage:
         raise RepoError(f"{ref} already exists on this engine as another image: an import never replaces a name "
                         f"(remove it first if you mean to)")
     store.tag_image(image.id, ref)
-    if meta.get("record"):
+    try:
+        record = parse(RecordedResult, meta["record"]) if meta.get("record") else None
+    except ValueError:
+        record = None  # a record another version (or a hand) wrote wrong: the image's result is unknown here
+    if record is not None:
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-        record = {**meta["record"], "source": "imported"}
-        (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(record))
+        record = dataclasses.replace(record, source="imported")
+        (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(to_json(record)))
     return ExperimentImage.of(store, store.image(ref))

@@ -6,6 +6,7 @@ config.py). The loop, `runner status` and the report all count it here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 TOKENS_PER_MTOK = 1_000_000
 
@@ -55,12 +56,13 @@ class Spend:
         return (self.input_tokens * price[0] + self.output_tokens * price[1]) / TOKENS_PER_MTOK
 
 
-def spent(events: list[dict]) -> Spend:
-    """The spend a tag's events.jsonl records (Ledger.events()): every event that carries a model
-    `usage` (experiments, refused and dropped proposals, the summaries), over all its sessions."""
+def spent(events: Iterable) -> Spend:
+    """The spend a tag's events.jsonl records (Ledger.read(), records.Event): every event that
+    carries a model `usage` (experiments, refused and dropped proposals, the summaries), over all
+    its sessions."""
     spend = Spend()
     for event in events:
-        spend.add(event.get("usage"))
+        spend.add(getattr(event, "usage", None))
     return spend
 
 

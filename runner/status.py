@@ -13,8 +13,9 @@ from sandbox import naming
 from sandbox.backend import Executor
 
 from .config import DEFAULT_PRICES_PER_MTOK
-from .ledger import Ledger, RowStatus
+from .ledger import Ledger
 from .policy import StatusCounts, nights_duty_cycle, status_counts
+from .records import ExperimentRecord, RowStatus, SessionSummary, Start
 from .spend import describe, spent
 
 SECONDS_PER_HOUR = 3600
@@ -43,37 +44,31 @@ class Running:
     night: Night | None       # None when the repo is not on this host
 
 
-def _number(value) -> float:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
 def night(repo: Path, tag: str, now: float | None = None) -> Night:
     """The night of `tag` in `repo` so far; `now` (epoch seconds) ends a session still running."""
     now = time.time() if now is None else now
-    ledger = Ledger(repo, tag)
-    experiments = ledger.experiments(damaged=[])  # status reads what it can
-    events = ledger.events()
+    events = Ledger(repo, tag).read(damaged=[])  # status reads what it can
+    experiments = [e for e in events if isinstance(e, ExperimentRecord)]
     keeps = [e.row.val_bpb for e in experiments if e.status == RowStatus.KEEP]
     # Sessions as the loop measures them: a summary closes one; a start without one is running.
     sessions, start, training_s = [], None, 0.0
     for e in events:
-        if e.get("event") == "start":
+        if isinstance(e, Start):
             start, training_s = e, 0.0
-        elif e.get("event") == "experiment" and start is not None:
-            runs = [r for r in (*(e.get("runs") or []), e.get("run") or {}) if isinstance(r, dict)]
-            training_s += sum(_number(r.get("training_seconds")) for r in runs)
-        elif e.get("event") == "summary" and isinstance(e.get("wall_s"), (int, float)):
-            sessions.append((_number(e.get("training_s")), e["wall_s"], e.get("workers") or 1))
+        elif isinstance(e, ExperimentRecord) and start is not None:
+            training_s += sum(r.training_seconds or 0.0 for r in (*e.runs, e.run))
+        elif isinstance(e, SessionSummary) and e.wall_s is not None:
+            sessions.append((e.training_s or 0.0, e.wall_s, e.workers or 1))
             start = None
     hours = None
-    if start is not None and isinstance(start.get("ts"), (int, float)):
-        hours = (now - start["ts"]) / SECONDS_PER_HOUR
-        sessions.append((training_s, now - start["ts"], start.get("workers") or 1))
-    starts = [e for e in events if e.get("event") == "start"]
-    cfg = starts[-1].get("config") if starts and isinstance(starts[-1].get("config"), dict) else {}
-    prices = cfg.get("prices") if isinstance(cfg.get("prices"), dict) else DEFAULT_PRICES_PER_MTOK
-    line = describe(spent(events), cfg.get("model"), prices, cfg.get("max_cost_usd"), cfg.get("max_total_tokens"),
-                    hours, cfg.get("max_hours"))
+    if start is not None and start.ts is not None:
+        hours = (now - start.ts) / SECONDS_PER_HOUR
+        sessions.append((training_s, now - start.ts, start.workers or 1))
+    last = ([e for e in events if isinstance(e, Start)] or [Start()])[-1]
+    number = (int, float)
+    line = describe(spent(events), last.setting("model", str), last.setting("prices", dict) or DEFAULT_PRICES_PER_MTOK,
+                    last.setting("max_cost_usd", number), last.setting("max_total_tokens", number), hours,
+                    last.setting("max_hours", number))
     return Night(status_counts((e.iteration, e.status) for e in experiments), keeps[-1] if keeps else None,
                  nights_duty_cycle(sessions), line)
 

@@ -101,13 +101,18 @@ def _number(raw: str, kind):
 class Outcome:
     """A finished run as the loop sees it: status ok|crash|timeout, why, and the metrics."""
 
-    status: str
+    status: OutcomeStatus
     reason: str
     metrics: Metrics | None
     detail: str = ""    # what to do about the reason, where the runner can say (see engine)
-    verdict: str = ""   # "" = not verified; else a Verdict (only Verdict.OK may be kept)
+    verdict: Verdict | None = None  # None = not verified (only Verdict.OK may be kept)
     self_reported: float | None = None  # the run's own val_bpb, when a verified one replaced it
     heldout_bpb: float | None = None    # the verifier's evaluation on the held-out data (verify_data), if any
+
+    def __post_init__(self):
+        # Typed whoever made it: "ok" becomes OutcomeStatus.OK, "" no verdict (anything else a ValueError).
+        object.__setattr__(self, "status", OutcomeStatus(self.status))
+        object.__setattr__(self, "verdict", Verdict(self.verdict) if self.verdict else None)
 
     @property
     def val_bpb(self) -> float:

@@ -19,6 +19,7 @@ from cluster import DRIVER_ENV, RayCluster, registry, second_engine
 from conftest import runner_cli
 
 from runner.ledger import Ledger
+from runner.records import Lost
 from sandbox import naming
 
 pytestmark = pytest.mark.docker
@@ -78,8 +79,8 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     # each once, in order (a near-miss re-applied on a new best is one more experiment)
     assert [e.iteration for e in experiments] == list(range(len(experiments))) and len(experiments) >= 5
     # every keep verified, on the nodes too (a discard decides nothing and is not verified)
-    assert all(e.run["verdict"] == "ok" for e in experiments if e.row.status == "keep")
-    nodes = {e.run["node"] for e in experiments}
+    assert all(e.run.verdict == "ok" for e in experiments if e.row.status == "keep")
+    nodes = {e.run.node for e in experiments}
     assert len(nodes) == 2, nodes  # both nodes ran experiments
     rows = (repo / "results.tsv").read_text().splitlines()[1:]
     assert len(rows) == len(experiments) == len({row.split("\t")[0] for row in rows})
@@ -88,9 +89,12 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     # trainer and sources layers are there an experiment adds only its own few KiB.
     engine2 = docker.DockerClient(base_url=host2)
     there = {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=spread"})}
-    assert any(e.run["image_id"] in there for e in experiments)
-    moved = sorted(e.run["image_transfer_bytes"] for e in experiments if e.run["image_transfer_bytes"])
+    assert any(e.run.image_id in there for e in experiments)
+    moved = sorted(e.run.image_transfer_bytes for e in experiments if e.run.image_transfer_bytes)
     assert moved and moved[0] < 1 << 20, moved
+    # Past the first (which carries the shared sources layer), an experiment reaches the node as
+    # its own archive: train.py's layer and a config, a few KiB, never the engine's save of the chain.
+    assert all(m < 64 << 10 for m in moved[:-1]), moved
     # the node actors' scratch folders went with them
     assert not [f for f in Path(tempfile.gettempdir()).glob("autoresearch-node-[0-9]*-*") if not _alive(f)]
 
@@ -110,7 +114,7 @@ def _commands_reach_every_node(repo: Path, address: str, engine2, experiments) -
     engine too: what runs there is listed, a dead runner's leftovers there are removed, and the
     copies of collected images shipped there go with them."""
     (repo / "runner.yaml").write_text(f"cluster: {address}\n")
-    image = experiments[0].run["image_id"]
+    image = experiments[0].run.image_id
     host = naming.owner().rsplit(":", 1)[0]
 
     def there(name: str, owner: str):
@@ -131,7 +135,7 @@ def _commands_reach_every_node(repo: Path, address: str, engine2, experiments) -
     finally:
         live.remove(force=True)
 
-    discarded = {e.run["image_id"] for e in experiments if e.row.status != "keep"} - {e.run["image_id"] for e in experiments if e.row.status == "keep"}
+    discarded = {e.run.image_id for e in experiments if e.row.status != "keep"} - {e.run.image_id for e in experiments if e.row.status == "keep"}
     shipped = discarded & {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=spread"})}
     assert shipped, "no discarded experiment's image reached the second node"
     r = runner_cli("images", "gc", "--repo", str(repo), env=DRIVER_ENV, timeout=300)
@@ -169,9 +173,9 @@ def test_images_reach_a_node_through_a_registry_by_digest(cluster, tinylm, tmp_p
     pulled = {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=reg"})
               if any(d.startswith(address + "/") for d in i.attrs.get("RepoDigests") or [])}
     experiments = Ledger(repo, "reg").experiments()
-    on_node2 = [e for e in experiments if e.run["image_id"] in pulled]
+    on_node2 = [e for e in experiments if e.run.image_id in pulled]
     assert on_node2, "no experiment ran on the second node from the registry"
-    assert all(e.run["image_transfer_bytes"] == 0 for e in experiments)
+    assert all(e.run.image_transfer_bytes == 0 for e in experiments)
 
 
 def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tinylm, tmp_path):
@@ -200,11 +204,11 @@ def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tiny
     assert "lost with its node: running it once more" in err
 
     ledger = Ledger(repo, "lost")
-    lost = ledger.events("lost")
-    assert len(lost) == 1 and lost[0]["run"]["reason"] == "lost"
+    lost = ledger.events(Lost)
+    assert len(lost) == 1 and lost[0].run.reason == "lost"
     experiments = ledger.experiments()
     assert [e.iteration for e in experiments] == list(range(len(experiments)))  # each counted once
-    retried = [e for e in experiments if e.iteration == lost[0]["iteration"]]
-    assert len(retried) == 1 and retried[0].outcome == "ok" and retried[0].run["node"] != lost[0]["run"]["node"]
+    retried = [e for e in experiments if e.iteration == lost[0].iteration]
+    assert len(retried) == 1 and retried[0].outcome == "ok" and retried[0].run.node != lost[0].run.node
     rows = (repo / "results.tsv").read_text().splitlines()[1:]
     assert len(rows) == len(experiments)

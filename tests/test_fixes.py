@@ -162,6 +162,7 @@ def test_a_tag_sees_only_its_own_rows_though_results_tsv_holds_every_tag(tmp_pat
     """results.tsv stays autoresearch's one file; a run's proposer context, dedupe and offline
     search read only its own tag's rows."""
     from runner.ledger import HEADER, ExperimentRecord, Ledger, Row
+    from runner.records import RunRecord
 
     a, b = Ledger(tmp_path, "mar5"), Ledger(tmp_path, "mar6")
     for ledger, desc in ((a, "from mar5"), (b, "from mar6")):
@@ -171,7 +172,7 @@ def test_a_tag_sees_only_its_own_rows_though_results_tsv_holds_every_tag(tmp_pat
     assert lines[0] == HEADER and len(lines) == 3
     assert b.results_text().splitlines() == [HEADER, "ccccccc\t3.500000\t0.1\tkeep\tfrom mar6"]
     [record] = b.experiments()
-    assert record.row.description == "from mar6" and record.run == {"wall_s": 1.0} and record.status == "keep"
+    assert record.row.description == "from mar6" and record.run == RunRecord(wall_s=1.0) and record.status == "keep"
 
 
 @pytest.mark.docker

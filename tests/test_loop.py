@@ -13,6 +13,7 @@ import pytest
 from conftest import SUMMARY, make_repo, runner_cli
 
 from runner.ledger import HEADER
+from runner.records import ExperimentRecord, ProposerErrored, Refused
 from runner.proposers.base import Proposal, Proposer, Summary
 from sandbox import naming
 
@@ -94,9 +95,9 @@ def test_keep_discard_crash_timeout_and_the_branch_after_each(tmp_path, data_dir
     assert loop.repo.current_branch() == "autoresearch/t"
     assert (path / "results.tsv").read_text().splitlines()[0] == HEADER
     assert lines[1] == f"[EXP] t 1 | commit:{better} | val_bpb:1.500000 | mem:{rows[1].memory_gb:.1f}GB | status:keep | better"
-    events = loop.ledger.events("experiment")
-    assert [e["outcome"] for e in events] == ["ok", "ok", "ok", "crash", "timeout", "ok"]
-    assert all(e["run"]["image"].startswith("autoresearch-runner/t:") for e in events)
+    events = loop.ledger.events(ExperimentRecord)
+    assert [e.outcome for e in events] == ["ok", "ok", "ok", "crash", "timeout", "ok"]
+    assert all(e.run.image.startswith("autoresearch-runner/t:") for e in events)
     assert "=== autoresearch t: 5 experiments after the baseline (2 keep, 2 discard, 1 crash)" in lines[-1]
 
 
@@ -110,8 +111,8 @@ def test_proposer_that_edits_prepare_py_is_refused(tmp_path, data_dir):
     loop, _, lines = make_loop(path, lambda repo: Scripted(repo, [(variant(VALUE=1.0), "cheat")], before=tamper),
                                data_dir, max_experiments=1)
     loop.run()
-    refused = loop.ledger.events("refused")
-    assert refused and "prepare.py" in refused[0]["reason"]
+    refused = loop.ledger.events(Refused)
+    assert refused and "prepare.py" in refused[0].reason
     assert [r.description for r in loop.ledger.rows()] == ["baseline"]
     assert (path / "prepare.py").read_text() == original
     assert len(list(loop.repo.git.iter_commits())) == 1
@@ -244,12 +245,12 @@ def test_parallel_cpu_workers_keep_the_ledger_and_branch_consistent(tmp_path, da
         ("discard", "B: add BONUS slowly [near-miss]", 1.2),
         ("keep", "B: add BONUS slowly (re-applied)", 0.7),
     ]
-    events = loop.ledger.events("experiment")
-    assert [e["iteration"] for e in events] == [0, 1, 2, 3]
-    assert events[3]["verifies"] == 2 and events[3]["parent"] == events[1]["commit"]
-    assert {e["run"]["limits"]["cpuset"] for e in events[1:3]} == {"0", "1"}
-    assert proposer.heads == [events[0]["commit"]] * 2  # both proposed on the baseline
-    assert loop.repo.head().sha == events[3]["commit"]
+    events = loop.ledger.events(ExperimentRecord)
+    assert [e.iteration for e in events] == [0, 1, 2, 3]
+    assert events[3].verifies == 2 and events[3].parent == events[1].commit
+    assert {e.run.limits["cpuset"] for e in events[1:3]} == {"0", "1"}
+    assert proposer.heads == [events[0].commit] * 2  # both proposed on the baseline
+    assert loop.repo.head().sha == events[3].commit
     assert (path / "results.tsv").read_text().count("\n") == 5
     assert "accelerator duty cycle" in lines[-1]
 
@@ -273,7 +274,7 @@ def test_proposer_outage_backs_off_and_the_loop_goes_on(tmp_path, data_dir, monk
     loop, _, _ = make_loop(path, lambda repo: Flaky(repo, [(variant(VALUE=1.5), "after the outage")]), data_dir,
                            max_experiments=1)
     loop.run()
-    assert len(loop.ledger.events("proposer_error")) == 2
+    assert len(loop.ledger.events(ProposerErrored)) == 2
     assert [r.description for r in loop.ledger.rows()] == ["baseline", "after the outage"]
 
 

@@ -114,10 +114,11 @@ def test_an_engine_that_stays_down_stops_the_night_with_an_error(tmp_path, data_
 def test_resume_keeps_the_default_vram_ceiling(tmp_path, data_dir):
     from runner.engine import Engine
     from runner.loop import Loop
+    from runner.records import VramCeiling
 
     loop, path, _ = make(tmp_path, data_dir, [], max_experiments=0)
     loop.run()
-    loop.ledger.event("vram_ceiling", gb=3.5)  # what a GPU baseline leaves: twice its NVML peak
+    loop.ledger.event(VramCeiling(gb=3.5))  # what a GPU baseline leaves: twice its NVML peak
     again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, backend=FakeBackend().pair()),
                  Scripted([]), out=lambda line: None)
     again.setup(resume=True)
@@ -274,7 +275,7 @@ def test_a_damaged_events_line_is_one_clear_error_on_resume_and_skipped_by_the_r
 
     again = Loop(loop.cfg, loop.repo, Engine(loop.cfg, loop.repo, progress=lambda m: None, backend=FakeBackend().pair()),
                  Scripted([]), out=lambda line: None)
-    with pytest.raises(LedgerError, match=f"events.jsonl line {n + 1} is damaged .*row is not commit, val_bpb"):
+    with pytest.raises(LedgerError, match=f"events.jsonl line {n + 1} is damaged \\(row.val_bpb is missing\\)"):
         again.setup(resume=True)
     r = runner_cli("report", "--repo", str(path), "--tag", "fake", "--out", str(tmp_path / "report"))
     assert r.returncode == 0, r.stderr

@@ -105,8 +105,10 @@ def test_noise_floor_and_min_delta_auto(tmp_path, data_dir):
     loop, _, lines = make_loop(path, lambda repo: Scripted(repo, [(variant(VALUE=1.9999999), "tiny gain")]),
                                data_dir, max_experiments=1, min_delta="auto", noise_runs=2, tag="nz")
     loop.run()
-    noise = [e for e in loop.ledger.events("noise")]
-    assert noise and noise[0]["n"] == 3 and noise[0]["spread"] == 0.0
+    from runner.records import Noise
+
+    noise = loop.ledger.events(Noise)
+    assert noise and noise[0].n == 3 and noise[0].spread == 0.0
     r = runner_cli("noise", "--tag", "nz", "--n", "2", "--repo", str(path), "--data-dir", str(data_dir))
     assert r.returncode == 0, r.stderr
     assert "spread 0.000000" in r.stdout

@@ -9,6 +9,7 @@ from conftest import MINI_PREPARE, SUMMARY, make_repo
 
 from runner.config import ConfigError, load_config
 from runner.ledger import HEADER, Ledger, Row
+from runner.records import Repaired
 from runner.proposers.offline import OfflineProposer, find_knobs, set_knob
 from runner.repo import GuardError, ResearchRepo, read_time_budget
 from runner.summary import judge, parse_summary
@@ -67,7 +68,7 @@ def test_ledger_appends_and_repairs_a_torn_line(tmp_path):
         f.write("def5678\t1.4")  # a write cut short by a kill
     ledger.open()
     assert ledger.results_path.read_text() == HEADER + "\nabc1234\t1.500000\t0.4\tkeep\tbaseline\n"
-    assert ledger.events("repaired")[0]["file"] == "results.tsv"
+    assert ledger.last(Repaired).file == "results.tsv"
 
 
 def test_ledger_rows_keep_tsv_shape(tmp_path):

@@ -276,9 +276,9 @@ def test_a_model_that_memorised_val_is_not_kept_when_held_out_data_disagrees(tin
     rows = loop.ledger.rows()
     runs = [e.run for e in loop.ledger.experiments()]
     assert [r.status for r in rows] == ["keep", "discard"], runs
-    assert runs[0]["heldout_val_bpb"] is not None
+    assert runs[0].heldout_val_bpb is not None
     assert rows[1].val_bpb < rows[0].val_bpb - 1.0      # the memorised val is far better, honestly computed
-    assert runs[1]["verdict"] == "overfit" and "held-out" in runs[1]["detail"]
+    assert runs[1].verdict == "overfit" and "held-out" in runs[1].detail
     assert rows[1].description == "an n-gram cache [overfit]"
     assert research.head().sha[:7] == rows[0].commit
 

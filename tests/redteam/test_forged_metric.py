@@ -68,8 +68,8 @@ def test_the_loop_never_keeps_a_forged_number(tinylm, tmp_path):
     assert [r.status for r in rows] == ["keep", "discard"]
     assert rows[1].description == "report half the loss [forged]"
     experiments = loop.ledger.experiments()
-    assert experiments[1].run["verdict"] == "forged"
-    assert experiments[1].run["self_reported_val_bpb"] == pytest.approx(0.5 * rows[1].val_bpb, rel=1e-3)
+    assert experiments[1].run.verdict == "forged"
+    assert experiments[1].run.self_reported_val_bpb == pytest.approx(0.5 * rows[1].val_bpb, rel=1e-3)
     assert research.head().sha[:7] == rows[0].commit
 
 
@@ -212,7 +212,7 @@ def test_a_discard_is_verified_only_in_an_audit(tinylm, tmp_path, verify, verifi
     worse = (repo / "train.py").read_text().replace("LEARNING_RATE = 0.003", "LEARNING_RATE = 1e-9")
     loop, _ = loop_with_one_proposal(repo, data, tmp_path, worse, "no learning", f"gate{verify}", verify=verify)
     baseline, discard = loop.ledger.experiments()
-    assert baseline.run["verdict"] == "ok" and baseline.run["verify_s"] > 0
+    assert baseline.run.verdict == "ok" and baseline.run.verify_s > 0
     assert discard.row.status == "discard"
-    assert (discard.run["verdict"] == "ok" and discard.run["verify_s"] > 0) if verified else \
-        (discard.run["verdict"] == "" and discard.run["verify_s"] == 0)
+    assert (discard.run.verdict == "ok" and discard.run.verify_s > 0) if verified else \
+        (discard.run.verdict is None and discard.run.verify_s == 0)

@@ -186,6 +186,7 @@ def test_a_link_planted_in_the_runs_folder_mid_run_is_not_written_through(tmp_pa
     import os
 
     from runner.ledger import Ledger, Row
+    from runner.records import Swept
     from sandbox.fsafe import UnsafePathError
     from sandbox.logcap import CappedLog
 
@@ -200,7 +201,7 @@ def test_a_link_planted_in_the_runs_folder_mid_run_is_not_written_through(tmp_pa
     os.rename(ledger.dir, tmp_path / "moved")
     os.symlink(tmp_path / "moved", ledger.dir)  # the tag folder itself swapped for a link
     with pytest.raises(UnsafePathError):
-        ledger.event("x")
+        ledger.event(Swept())
     os.symlink(rc, repo / "new-results.tsv")
     ledger.results_path = repo / "new-results.tsv"
     with pytest.raises(UnsafePathError):
