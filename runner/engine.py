@@ -87,6 +87,7 @@ class ExperimentRun:
             node=self.result.node,
             image_transfer_bytes=self.result.transfer_bytes,
             image_reused=self.image.reused,
+            image_build_s=round(self.image.build_s, 3),
             exit_code=self.result.exit_code,
             wall_s=self.result.wall_s,
             total_s=round(self.total_s, 3),

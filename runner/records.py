@@ -226,6 +226,7 @@ class RunRecord(Typed):
     node: str | None = None
     image_transfer_bytes: int | None = None
     image_reused: bool = False
+    image_build_s: float = 0.0        # making the experiment image (0 when it was reused)
     exit_code: int | None = None
     wall_s: float = 0.0
     total_s: float = 0.0
