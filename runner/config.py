@@ -282,6 +282,8 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
             raise ConfigError(f"{CONFIG_FILE} is not valid YAML: {exc}".splitlines()[0]) from None
     if isinstance(data, dict) and isinstance(data.get("verify"), bool):  # YAML reads a bare on/off as a boolean
         data["verify"] = "on" if data["verify"] else "off"
+    if isinstance(data, dict) and isinstance(data.get("confirm"), bool):  # `confirm: off` (on: the default, auto)
+        data["confirm"] = "auto" if data["confirm"] else "off"
     cfg = _build(RunConfig, data)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in dataclasses.fields(LimitsConfig)}}

@@ -201,3 +201,16 @@ def test_offline_proposer_is_seeded_and_reproducible():
     assert len(changed) == 1
     others = {OfflineProposer(seed=s).propose(ctx).description for s in range(10)}
     assert len(others) > 1
+
+
+def test_confirm_off_in_runner_yaml_is_read_as_off(tmp_path):
+    """YAML reads a bare `off` as false: `confirm: off` in runner.yaml turns confirmation off
+    (it was refused as 'must be int, got False')."""
+    from runner.config import load_config
+
+    (tmp_path / "runner.yaml").write_text("confirm: off\n")
+    assert load_config(tmp_path).confirm_runs == 0
+    (tmp_path / "runner.yaml").write_text("confirm: on\n")
+    assert load_config(tmp_path).confirm_runs == 1
+    (tmp_path / "runner.yaml").write_text("confirm: 3\n")
+    assert load_config(tmp_path).confirm_runs == 3
