@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -122,12 +123,20 @@ def cluster_mode(args) -> None:
             from runner.ledger import Ledger
 
             runs = [e for e in Ledger(repo, tag).experiments() if e.iteration > 0]
-            nodes = {e.run.get("node") for e in runs}
-            moved = sum(e.run.get("image_transfer_bytes") or 0 for e in runs)
+            nodes = {e.run.node for e in runs}
+            moved = sum(e.run.image_transfer_bytes or 0 for e in runs)
             rates[n] = len(runs) / wall * 3600
             print(f"{n} node(s): {len(runs)} experiments in {wall:.1f}s (baseline and image transfers included) -> "
                   f"{rates[n]:.0f} experiments/hour on {len(nodes)} node(s), {moved / 2**20:.1f} MiB of images moved",
                   flush=True)
+            # What each node costs an experiment beyond its container's own wall time: shipping
+            # its image there, the actor's calls, collecting its log and export.
+            for node in sorted(nodes, key=str):
+                here = [e.run for e in runs if e.run.node == node]
+                print(f"  on {node}: {len(here)} experiment(s), overhead per experiment "
+                      f"{sum(r.overhead_s for r in here) / len(here):.2f}s "
+                      f"(median {statistics.median(r.overhead_s for r in here):.2f}s), "
+                      f"{sum(r.image_transfer_bytes or 0 for r in here) / len(here) / 1024:.1f} KiB of image moved", flush=True)
         print(f"\nparallel efficiency, two nodes vs one: {rates[2] / (2 * rates[1]):.2f} "
               f"({rates[2] / rates[1]:.2f}x throughput)")
 

@@ -470,7 +470,14 @@ def ensure_experiment_image(
     all_labels[naming.OCI_VERSION] = __version__
     image_id, archive = experiment_archive(client.api.inspect_image(base.id), client.api.history(base.id),
                                            editable_tar, all_labels, ref)
-    load_archive(client, archive, image_id)
+    try:
+        load_archive(client, archive, image_id)
+    except ImageBuildError:
+        # An engine that will not load an archive without its parent's layer files (an image
+        # store that wants every blob): the build, whose image no other engine can remake.
+        dockerfile = f"FROM {base.ref}\nCOPY repo/ /repo/\n".encode()
+        built = _build(client, {"Dockerfile": dockerfile}, ref, all_labels, _quiet, extra_tar=editable_tar)
+        return dataclasses.replace(built, build_s=time.monotonic() - t0)
     return BuiltImage(ref, image_id, False, time.monotonic() - t0, parent_id=base.id, archive=archive)
 
 

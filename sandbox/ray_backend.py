@@ -478,7 +478,10 @@ class _Shipper:
             # each experiment is its few-KiB archive, which makes the same image id there.
             parent_id, archive = made_here
             size = 0 if ray.get(worker.has_image.remote(parent_id)) else self._send_saved(worker, self.client.images.get(parent_id))
-            ray.get(worker.load.remote([ray.put(archive)], image.id))
+            try:
+                ray.get(worker.load.remote([ray.put(archive)], image.id))
+            except ray.exceptions.RayTaskError:  # the node's engine wants every layer's file: the save archive
+                return image.id, size + len(archive) + self._send_saved(worker, image)
         return image.id, size + len(archive)
 
     def _send_saved(self, worker, image) -> int:

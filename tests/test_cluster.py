@@ -50,8 +50,13 @@ def cluster(tinylm):
 
 
 def _clone(tinylm, path: Path) -> Path:
+    """The prepared example, without baseline reruns for the noise band and with no confirmation
+    runs (what these tests check is where runs go, not how keeps are confirmed)."""
     repo, _ = tinylm
     shutil.copytree(repo, path, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    with open(path / "runner.yaml", "a") as f:
+        f.write("noise_runs: 0\nconfirm: off\n")
+    subprocess.run(["git", "-C", str(path), "commit", "-qam", "no noise runs, no confirmation"], check=True)
     return path
 
 
@@ -76,8 +81,8 @@ def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path
     assert "cluster ray://127.0.0.1" in r.stdout and "2 worker(s)" in r.stdout
 
     experiments = Ledger(repo, "spread").experiments()
-    # each once, in order (a near-miss re-applied on a new best is one more experiment)
-    assert [e.iteration for e in experiments] == list(range(len(experiments))) and len(experiments) >= 5
+    # each once (two workers finish in either order; a near-miss re-applied on a new best is one more)
+    assert sorted(e.iteration for e in experiments) == list(range(len(experiments))) and len(experiments) >= 5
     # every keep verified, on the nodes too (a discard decides nothing and is not verified)
     assert all(e.run.verdict == "ok" for e in experiments if e.row.status == "keep")
     nodes = {e.run.node for e in experiments}
@@ -113,7 +118,8 @@ def _commands_reach_every_node(repo: Path, address: str, engine2, experiments) -
     """With `cluster:` in runner.yaml, status, clean and images gc act on the second node's
     engine too: what runs there is listed, a dead runner's leftovers there are removed, and the
     copies of collected images shipped there go with them."""
-    (repo / "runner.yaml").write_text(f"cluster: {address}\n")
+    with open(repo / "runner.yaml", "a") as f:
+        f.write(f"cluster: {address}\n")
     image = experiments[0].run.image_id
     host = naming.owner().rsplit(":", 1)[0]
 
@@ -163,7 +169,8 @@ def test_images_reach_a_node_through_a_registry_by_digest(cluster, tinylm, tmp_p
     _, data = tinylm
     repo = _clone(tinylm, tmp_path / "repo")
     with registry(tmp_path / "registry") as address:
-        (repo / "runner.yaml").write_text(f"registry: {address}\n")
+        with open(repo / "runner.yaml", "a") as f:
+            f.write(f"registry: {address}\n")
         subprocess.run(["git", "-C", str(repo), "add", "runner.yaml"], check=True)
         subprocess.run(["git", "-C", str(repo), "commit", "-qm", "a registry"], check=True)
         r = runner_cli(*_start(repo, data, ray.address, "reg", "--budget", "2", "--max-experiments", "3")[3:],
@@ -207,7 +214,7 @@ def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tiny
     lost = ledger.events(Lost)
     assert len(lost) == 1 and lost[0].run.reason == "lost"
     experiments = ledger.experiments()
-    assert [e.iteration for e in experiments] == list(range(len(experiments)))  # each counted once
+    assert sorted(e.iteration for e in experiments) == list(range(len(experiments)))  # each counted once
     retried = [e for e in experiments if e.iteration == lost[0].iteration]
     assert len(retried) == 1 and retried[0].outcome == "ok" and retried[0].run.node != lost[0].run.node
     rows = (repo / "results.tsv").read_text().splitlines()[1:]

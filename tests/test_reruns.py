@@ -112,3 +112,39 @@ def test_noise_floor_and_min_delta_auto(tmp_path, data_dir):
     r = runner_cli("noise", "--tag", "nz", "--n", "2", "--repo", str(path), "--data-dir", str(data_dir))
     assert r.returncode == 0, r.stderr
     assert "spread 0.000000" in r.stdout
+
+
+@pytest.mark.docker
+def test_an_experiment_image_is_its_archive_on_any_engine_and_a_build_where_loading_fails(tmp_path, engine_for,
+                                                                                        docker_client, monkeypatch):
+    """An experiment image is loaded from a few-KiB archive whose config hash is its id (what a
+    cluster node is sent); an engine that refuses the archive gets the same image by a build."""
+    import hashlib
+    import io
+    import tarfile
+
+    from conftest import MINI_PREPARE
+
+    from sandbox import images
+
+    engine = engine_for(make_repo(tmp_path / "repo", MINI_TRAIN, MINI_PREPARE), budget_s=1)
+    sha = engine.repo.head().sha
+    built = engine.experiment_image(sha, "arch", engine.limits(), "x")
+    assert not built.reused and built.parent_id and 0 < len(built.archive) < 64 << 10
+    with tarfile.open(fileobj=io.BytesIO(built.archive)) as tar:
+        config = tar.extractfile(f"{built.id.split(':')[1]}.json").read()
+    assert "sha256:" + hashlib.sha256(config).hexdigest() == built.id == docker_client.images.get(built.ref).id
+    image = docker_client.images.get(built.ref)
+    assert image.labels["io.autoresearch-runner.commit"] == sha and image.attrs["Config"]["User"] == f"{images.RUNNER_UID}:{images.RUNNER_UID}"
+    assert engine.store.added_bytes(built.id, built.parent_id) < 64 << 10
+
+    docker_client.images.remove(built.ref, force=True)
+
+    def refused(client, archive, image_id):
+        raise images.ImageBuildError("this engine loads no archive without its layers")
+
+    monkeypatch.setattr(images, "load_archive", refused)
+    again = engine.experiment_image(sha, "arch", engine.limits(), "x")
+    assert not again.reused and again.archive == b"" and docker_client.images.get(again.ref).labels[
+        "io.autoresearch-runner.commit"] == sha
+    docker_client.images.remove(again.ref, force=True)
