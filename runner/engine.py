@@ -1,12 +1,16 @@
-"""One experiment from commit to Outcome: images, the RunSpec (allow-listed env, read-only
-data), the sandboxed run, the judgement. Shared by `runner run`, the loop, rerun and prepare.
+"""One experiment from commit to Outcome: images, limits, the sandboxed run, the judgement.
+Shared by `runner run`, the loop, rerun and prepare.
+
+`Engine` is the facade the CLI and the loop use; the pieces it holds do one job each: the
+RunSpecs (runner/specs.py, plain data), the verifier (runner/verifier.py), the trusted runs of
+prepare.py and the hub fetch (runner/trusted.py). Whether a lost run runs again is
+policy.rerun_lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import threading
@@ -18,15 +22,18 @@ from sandbox import images, naming
 from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
 from sandbox.hooks.seeds import SEED_ENV
-from sandbox.spec import EXPORT_DIR, REASON_LOST, GpuAccess, Limits, Mount, RunResult, RunSpec
+from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec
 
 from . import hub
-from .config import DATA_MOUNT, HELDOUT_ENV, HELDOUT_MOUNT, HF_MOUNT, ConfigError, LimitsConfig, RunConfig
+from .config import DATA_MOUNT, ConfigError, LimitsConfig, RunConfig
 from .data import check_data_dir, data_digest
 from .deps import resolve_dependencies
+from .policy import rerun_lost
 from .records import RunRecord
 from .repo import ResearchRepo, read_time_budget
+from .specs import SpecFactory, expand_cpuset, uids_in_use
 from .summary import REASON_HUB_OFFLINE, Outcome, OutcomeStatus, judge, memory_gb
+from .trusted import TrustedRuns
 from .verifier import Verifier
 
 
@@ -106,45 +113,6 @@ class ExperimentRun:
     def to_dict(self) -> dict:
         """`record()` as JSON data."""
         return self.record().to_json()
-
-
-def experiment_env(cfg: RunConfig, limits: Limits, export: bool = False) -> dict[str, str]:
-    """The whole environment an experiment gets beyond its image's ENV: an allow-list.
-
-    Nothing is copied from the runner's own environment, so API keys and tokens never enter.
-    """
-    budget = limits.time_budget_s
-    env = {
-        "AUTORESEARCH_TIME_BUDGET": str(int(budget)) if float(budget).is_integer() else str(budget),
-        # The run's uid has no passwd entry (one uid per run): getpass and friends read these.
-        "USER": "runner",
-        "LOGNAME": "runner",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # Writable caches live on the /tmp tmpfs: the rest of the filesystem is read-only.
-        "XDG_CACHE_HOME": "/tmp/.cache",
-        "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor",
-        "TRITON_CACHE_DIR": "/tmp/triton",
-        "MPLCONFIGDIR": "/tmp/matplotlib",
-    }
-    if limits.cpus:
-        env["OMP_NUM_THREADS"] = str(max(1, math.floor(limits.cpus)))
-    elif limits.cpuset:
-        env["OMP_NUM_THREADS"] = str(len(_expand_cpuset(limits.cpuset)))
-    env["HF_HUB_CACHE"] = HF_MOUNT
-    if export:  # arms the export hook (sandbox/hooks/sitecustomize.py); the runner then collects its files
-        env["AUTORESEARCH_VERIFY_TARGET"] = cfg.verify_target
-        env["AUTORESEARCH_VERIFY_DIR"] = EXPORT_DIR
-    env.update(cfg.env)
-    return env
-
-
-def _expand_cpuset(cpuset: str) -> list[int]:
-    cpus: list[int] = []
-    for part in cpuset.split(","):
-        lo, _, hi = part.partition("-")
-        cpus += list(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def make_slots(devices: tuple[str, ...], workers: int | None, cpus: list[int] | None = None) -> list[Slot]:
@@ -239,12 +207,13 @@ def _split(items: list, n: int) -> list[list]:
 
 def cpuset_cpus(cpuset: str | None) -> list[int] | None:
     """The CPUs of a cpuset string ("0-3,6"), or None for no cpuset."""
-    return None if not cpuset else _expand_cpuset(cpuset)
+    return None if not cpuset else expand_cpuset(cpuset)
 
 
 class Engine:
     """The runner's side of the runs of one research repo: the backend it opened (or was given),
-    the trainer image, the limits, and the RunSpecs of experiments, prepare and the verifier."""
+    the trainer image, the limits and the GPU access; the RunSpecs (`specs`), the verifier
+    (`verifier`) and the trusted runs (`trusted`) are pieces it holds."""
 
     def __init__(self, cfg: RunConfig, repo: ResearchRepo | None, gpus: GpuLease | None = None, progress=print,
                  backend: Backend | None = None):
@@ -262,7 +231,9 @@ class Engine:
         self._time_budget_s: float | None = None
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
         self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
+        self.specs = SpecFactory(cfg, repo.path if repo else None, self.executor.owner)
         self.verifier = Verifier(self)
+        self.trusted = TrustedRuns(self)
 
     def __enter__(self) -> "Engine":
         return self
@@ -344,14 +315,8 @@ class Engine:
         return self._gpu_access[devices]
 
     def mounts(self, writable: bool = False) -> tuple[Mount, ...]:
-        """The data cache and the hub cache: read-only for experiments, writable for prepare.
-
-        The hub cache is mounted when it exists (prepare creates it when it has repos to fetch).
-        """
-        mounts = [Mount(Path(self.cfg.data_dir), DATA_MOUNT, read_only=not writable)]
-        if self.cfg.hf_cache and Path(self.cfg.hf_cache).is_dir():
-            mounts.append(Mount(Path(self.cfg.hf_cache), HF_MOUNT, read_only=not writable))
-        return tuple(mounts)
+        """The data cache and the hub cache (SpecFactory.mounts)."""
+        return self.specs.mounts(writable)
 
     def hub_refs(self, rev: str = "HEAD") -> list[hub.HubRef]:
         """The Hub repos train.py and prepare.py (as committed at `rev`) name, plus hf_prefetch."""
@@ -415,36 +380,17 @@ class Engine:
     def spec(self, image_ref: str, command: tuple[str, ...], tag: str, commit: str, iteration: int,
               devices: tuple[str, ...], limits: Limits, log_path: Path, mounts: tuple[Mount, ...] = (),
               collect_dir: Path | None = None, export: bool = False, env: dict[str, str] | None = None) -> RunSpec:
-        """The RunSpec of one untrusted (or verifying) run: a uid of its own, the allow-listed
-        environment, the caches read-only, no network. `export`: the verification variables in
-        the environment (the hook exports, the verifier reads the target)."""
-        uid = naming.run_uid({int(r.labels.get(naming.L_UID, "0") or 0) for r in self.executor.running()})
-        return RunSpec(
-            image=image_ref,
-            command=command,
-            user=f"{uid}:{uid}",
-            limits=limits,
-            log_path=log_path,
-            log_root=self.repo.path if self.repo else None,
-            collect_dir=collect_dir,
-            name=naming.container_name("run", tag, commit),
-            labels=naming.managed_labels(
-                naming.KIND_RUN,
-                **{
-                    naming.L_TAG: tag,
-                    naming.L_COMMIT: commit,
-                    naming.L_OWNER: self.executor.owner,
-                    naming.L_ITERATION: str(iteration),
-                    naming.L_GPUS: ",".join(devices),
-                    naming.L_REPO: str(self.repo.path) if self.repo else "",
-                    naming.L_UID: str(uid),
-                },
-            ),
-            env={**experiment_env(self.cfg, limits, export=export), **(env or {})},
-            mounts=self.mounts() + mounts,
-            gpus=devices,
-            gpu_access=self.gpu_access(devices),
-        )
+        """The RunSpec of one untrusted (or verifying) run (SpecFactory.run), with a uid that no
+        running container holds and the way `devices` reach it. `export`: the verification
+        variables in the environment (the hook exports, the verifier reads the target).
+
+        Raises:
+            GpuError: see gpu_access.
+        """
+        uid = naming.run_uid(uids_in_use(self.executor.running()))
+        return self.specs.run(image_ref, command, tag, commit, iteration, devices, limits, log_path, uid=uid,
+                              gpu_access=self.gpu_access(devices), mounts=mounts, collect_dir=collect_dir,
+                              export=export, env=env)
 
     def verify(self, run: ExperimentRun, tag: str, iteration: int = 0, stop: threading.Event | None = None,
                slot: Slot | None = None) -> ExperimentRun:
@@ -455,97 +401,29 @@ class Engine:
         """
         return self.verifier.verify(run, tag, iteration, stop, slot)
 
-    def _heldout(self, writable: bool) -> tuple[tuple[Mount, ...], dict[str, str]]:
-        """verify_data as a mount and the variable that names it: writable for prepare (which
-        fills it), read-only for the verifier and only once it holds something. Experiments
-        never get it."""
-        path = Path(self.cfg.verify_data).expanduser() if self.cfg.verify_data else None
-        if path is None or not path.is_dir() or (not writable and not any(path.iterdir())):
-            return (), {}
-        return (Mount(path, HELDOUT_MOUNT, read_only=not writable),), {HELDOUT_ENV: HELDOUT_MOUNT}
-
     def run_spec(self, make_spec, stop: threading.Event | None) -> tuple[RunResult, RunResult | None]:
         """executor.run of `make_spec()`, once more (a fresh spec: its own name and uid) when the
         node running it died (a cluster backend; Ray restarts the worker on a live node).
         Returns (the result, the lost run or None)."""
         spec = make_spec()
         result = self.executor.run(spec, stop)
-        if result.reason != REASON_LOST or (stop is not None and stop.is_set()):
+        if not rerun_lost(result.reason, stopped=stop is not None and stop.is_set()):
             return result, None
         print(f"{spec.name} lost with its node: running it once more", file=sys.stderr)
         return self.executor.run(make_spec(), stop), result
 
-    def _trusted_run(self, command: tuple[str, ...], log_path: Path, heldout: bool = False) -> list[RunResult]:
-        """Run fixed, trusted code of the repo (prepare.py, the hub fetch) with the network on
-        and both caches writable, as the invoking user so the files it writes belong to them.
-        `heldout`: verify_data writable too, at $AUTORESEARCH_HELDOUT_DIR (prepare.py writes the
-        held-out split there, laid out like the data cache).
-
-        Returns one result per node (one on a single host), each with the log it wrote: on a
-        cluster every node's log has a name of its own beside `log_path`."""
-        head = self.repo.head().sha
-        limits = self.limits()
-        built = self.experiment_image(head, naming.PREPARE_TAG, limits, "", kind=naming.KIND_PREPARE)
-        env = {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": HF_MOUNT, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "XDG_CACHE_HOME": "/tmp/.cache"}
-        if os.environ.get("HF_ENDPOINT"):  # a Hub mirror; never a token
-            env["HF_ENDPOINT"] = os.environ["HF_ENDPOINT"]
-        heldout_mounts, heldout_env = self._heldout(writable=True) if heldout else ((), {})
-        env.update(heldout_env)
-        spec = RunSpec(
-            image=built.ref,
-            command=command,
-            limits=Limits(time_budget_s=3600, timeout_factor=1.0, mem_limit_bytes=limits.mem_limit_bytes,
-                          pids_limit=limits.pids_limit, tmp_size_bytes=limits.tmp_size_bytes),
-            log_path=log_path,
-            log_root=self.repo.path if self.repo else None,
-            name=naming.container_name("prepare", "prepare", head),
-            labels=naming.managed_labels(naming.KIND_PREPARE, **{naming.L_OWNER: self.executor.owner, naming.L_COMMIT: head}),
-            env=env,
-            mounts=self.mounts(writable=True) + heldout_mounts,
-            user=f"{os.getuid()}:{os.getgid()}",
-            network=True,
-        )
-        return self.executor.run_on_every_node(spec)  # on a cluster every node fills its own caches
-
-    @staticmethod
-    def _first_failure(results: list[RunResult]) -> RunResult:
-        """The run that tells: the first that failed, else the first."""
-        return next((r for r in results if r.reason or r.exit_code), results[0])
-
     def prepare_data(self, log_path: Path) -> RunResult:
-        """Run the repo's own prepare.py with the data cache writable and the network on, then,
-        when it succeeded, put runner.yaml's `heldout:` files into verify_data (on this host).
+        """The repo's own prepare.py, then the held-out files (TrustedRuns.prepare_data).
 
         Raises:
             HeldoutError: a held-out file could not be made (runner/heldout.py).
         """
-        from . import heldout
-
-        Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        if self.cfg.verify_data:
-            Path(self.cfg.verify_data).expanduser().mkdir(parents=True, exist_ok=True)
-        result = self._first_failure(self._trusted_run(("python", "prepare.py"), log_path, heldout=True))
-        if result.exit_code == 0 and not result.reason:
-            heldout.fill(self.cfg, self.progress)  # after prepare.py: a tokenizer it made is copied
-        return result
+        return self.trusted.prepare_data(log_path)
 
     def fetch_hub(self, log_path: Path) -> tuple[RunResult | None, hub.FetchReport]:
-        """Download the Hub repos the code names (and hf_prefetch) into the hub cache.
+        """The Hub repos the code names (and hf_prefetch), into the hub cache (TrustedRuns.fetch_hub).
 
         Returns:
             (the fetch run, or None when there was nothing to fetch; what it fetched and what failed)
         """
-        refs = self.hub_refs()
-        if not refs:
-            return None, hub.FetchReport([], [], [])
-        Path(self.cfg.hf_cache).mkdir(parents=True, exist_ok=True)
-        payload = json.dumps([r.to_dict() for r in refs])
-        results = self._trusted_run(("python", "-I", "-c", hub.FETCH_SCRIPT, payload), log_path)
-        explicit = {hub.parse_prefetch(e).label for e in self.cfg.hf_prefetch}
-        # Each node's own log says what that node fetched: a repo missing on one is missing.
-        reports = [hub.read_fetch_report(r.log_path.read_text(errors="replace"), explicit) for r in results]
-        fetched = [label for label in reports[0].fetched if all(label in r.fetched for r in reports)]
-        merged = hub.FetchReport(fetched, list(dict.fromkeys(f for r in reports for f in r.failed)),
-                                 list(dict.fromkeys(f for r in reports for f in r.fatal)))
-        return self._first_failure(results), merged
+        return self.trusted.fetch_hub(log_path)

@@ -1,19 +1,20 @@
 """The research loop: setup, baseline, then propose -> guard -> commit -> run -> decide -> log,
 until stopped. Resumable after any kill: the ledger is the truth, the branch is reset to the
 last keep it records.
+
+What is decided is runner/policy.py's (pure functions: the baseline's check, which results are
+verified, keep or not, what follows); the threads, tickets and signals are the Scheduler's
+(runner/scheduler.py). What is left here is the side effects around them: git, the ledger, the
+proposer, the alerts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import queue
-import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,11 +32,14 @@ from .records import (BaselineFailed, Confirming, ExperimentRecord, FixFailed, H
                       ResetOnResume, RowRestored, Row, RowStatus, SessionSummary, Start, Stopped, Swept,
                       VerificationUnavailable, VramCeiling)
 from .notify import NOTIFY_FORCED_WAIT_S, Alert, Notifier
-from .policy import RunState, StatusCounts, cap_reached, confirm, decide, duty_cycle, seed_only_change, status_counts
+from .policy import (BaselineCheck, FollowUp, RunState, StatusCounts, cap_reached, confirm, decide, decide_baseline,
+                     default_vram_ceiling_gb, duty_cycle, follow_up, needs_verification, pinned, prefetch_depth,
+                     resumed_verify_mode, resumed_vram_ceiling_gb, seed_only_change, status_counts, unconfirmed)
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
 from .repo import EDITABLE, IN_SCOPE, GuardError, ResearchRepo, branch_name
 from .reruns import load_noise, noise_floor, save_noise
+from .scheduler import Scheduler
 from .spend import Spend, describe, spent
 from .summary import (STATUS_OK, VERDICT_FORGED, VERDICT_NONCAUSAL, VERDICT_OK, VERDICT_OVERFIT, VERDICT_REFUSED,
                       VERDICT_SEED_PINNED, VERDICT_UNNORMALISED, VERDICT_UNVERIFIED, judge, with_val_bpb)
@@ -100,7 +104,8 @@ class Loop:
         self.out = self.reporter.line
         self.ledger = Ledger(repo.path, cfg.tag)
         self.state = RunState()
-        self.stop = threading.Event()
+        self.scheduler = Scheduler()
+        self.stop = self.scheduler.stop  # set by a signal, a failure, a cap; every thread watches it
         self.lock = threading.RLock()  # git, the ledger, the state: one worker at a time
         self.min_delta = 0.0
         self.started = time.monotonic()
@@ -164,11 +169,11 @@ class Loop:
             self.ledger.append_row(row)
             self.ledger.event(RowRestored(commit=row.commit))
         self.state = RunState.recover(self.ledger.experiments())
-        if self.cfg.verify == "auto" and self.ledger.last(VerificationUnavailable) is not None:
-            self.verify_mode = "off"
+        self.verify_mode = resumed_verify_mode(self.cfg.verify, self.ledger.last(VerificationUnavailable) is not None)
         ceiling = self.ledger.last(VramCeiling)
-        if ceiling is not None and self.cfg.limits.vram_gb is None:
-            self.engine.vram_ceiling_gb = ceiling.gb  # the default ceiling outlives the stop
+        ceiling_gb = resumed_vram_ceiling_gb(None if ceiling is None else ceiling.gb, self.cfg.limits.vram_gb)
+        if ceiling_gb is not None:
+            self.engine.vram_ceiling_gb = ceiling_gb  # the default ceiling outlives the stop
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha
@@ -238,16 +243,11 @@ class Loop:
         return run
 
     def _needs_verification(self, run: ExperimentRun, job: "Job | None") -> bool:
-        """Verify where it decides: the baseline, a result that could be kept (better than the best
-        by more than min_delta: a keep, or a near-miss to re-apply), and every confirmation run.
-        A result that is not verified is never kept: the best only gets better, so one that could
-        not be kept when it finished cannot be later. `verify: all` verifies every result."""
-        if self.verify_mode == "off" or run.outcome.status != STATUS_OK or self.stop.is_set():
-            return False
-        if self.verify_mode == "all" or job is None or job.runs:
-            return True
+        """policy.needs_verification of `run` (the baseline's when `job` is None)."""
         with self.lock:
-            return run.outcome.val_bpb < self.state.best_val_bpb - self.min_delta
+            best_val_bpb, min_delta = self.state.best_val_bpb, self.min_delta
+        return needs_verification(self.verify_mode, run.outcome, baseline=job is None, confirming=bool(job and job.runs),
+                                  stopped=self.stop.is_set(), best_val_bpb=best_val_bpb, min_delta=min_delta)
 
     def _record(self, iteration: int, run: ExperimentRun, status: RowStatus, description: str,
                 proposal: Proposal | None, parent: str | None = None, verifies: int | None = None,
@@ -308,17 +308,19 @@ class Loop:
     def baseline(self, slot: Slot | None = None) -> None:
         commit = self.repo.head().sha
         run = self._run(None, commit, 0, slot=slot)
-        if run.result.reason == REASON_INTERRUPTED:
+        decision = decide_baseline(self.verify_mode, run.outcome, interrupted=run.result.reason == REASON_INTERRUPTED,
+                                   peak_vram_mb=run.result.peak_vram_mb)
+        if decision.check == BaselineCheck.INTERRUPTED:
             self.ledger.event(Interrupted(iteration=0, commit=commit, run=run.record()))
             return
-        if run.outcome.status != STATUS_OK:
+        if decision.check == BaselineCheck.CRASHED:
             self.ledger.event(BaselineFailed(commit=commit, reason=run.outcome.reason, run=run.record()))
             raise LoopError(
                 f"the baseline crashed ({run.outcome.reason}): the environment or data is broken, not the idea. "
                 + (f"{run.outcome.detail}. " if run.outcome.detail else "")
                 + f"Read {run.result.log_path}; last lines:\n{block(run.result.tail_lines(15))}"
             )
-        if run.result.peak_vram_mb == 0:
+        if decision.check == BaselineCheck.WATCHDOG_BLIND:
             # The watchdog sampled GPUs the whole run and never saw the baseline's processes on
             # them: it is blind (a runner in its own PID namespace, a driver hiding processes),
             # and no ceiling it holds would ever fire.
@@ -328,17 +330,16 @@ class Loop:
                 "VRAM ceiling: a runner in a container needs --pid host (see the README); if train.py does not use "
                 "the GPU, pass --gpus none"
             )
-        if self.verify_mode == "auto" and run.outcome.verdict in (VERDICT_UNVERIFIED, VERDICT_REFUSED):
+        if decision.check == BaselineCheck.FALL_BACK:
             # This repo's evaluation cannot be replayed (another function name, an argument that
             # is not plain data): the night goes on with the runs' own numbers, and says so.
-            self.verify_mode = "off"
+            self.verify_mode = decision.verify_mode
             self.ledger.event(VerificationUnavailable(why=run.outcome.detail))
             # stderr: the [EXP] stream on stdout stays one line per experiment
             print(f"verification unavailable ({one_line(run.outcome.detail, 200)}): keeps are decided by the runs' "
                   f"own val_bpb; set verify_target (now {self.cfg.verify_target}) to verify them", file=sys.stderr)
             run = dataclasses.replace(run, outcome=dataclasses.replace(run.outcome, verdict=None, detail="", self_reported=None))
-        elif self.verify_mode != "off" and run.outcome.verdict != VERDICT_OK:
-            # Unverifiable here means unverifiable for every experiment: nothing could ever be kept.
+        elif decision.check == BaselineCheck.UNVERIFIABLE:
             self.ledger.event(BaselineFailed(commit=commit, reason=run.outcome.verdict or "", run=run.record()))
             raise LoopError(
                 f"the baseline's val_bpb could not be verified ({run.outcome.verdict}: {one_line(run.outcome.detail, 300)}): "
@@ -349,10 +350,10 @@ class Loop:
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
         self.state.best_heldout_bpb = run.outcome.heldout_bpb
-        if run.result.peak_vram_mb and self.cfg.limits.vram_gb is None:
-            # Default VRAM ceiling: twice what the baseline needed, as NVML measured it.
-            self.engine.vram_ceiling_gb = 2 * run.result.peak_vram_mb / 1024
-            self.ledger.event(VramCeiling(gb=self.engine.vram_ceiling_gb))
+        ceiling_gb = default_vram_ceiling_gb(run.result.peak_vram_mb, self.cfg.limits.vram_gb)
+        if ceiling_gb is not None:
+            self.engine.vram_ceiling_gb = ceiling_gb
+            self.ledger.event(VramCeiling(gb=ceiling_gb))
 
     def measure_noise(self, slot: Slot | None = None) -> None:
         """Rerun the baseline, each time with another seed, until noise_runs more results are in
@@ -386,7 +387,7 @@ class Loop:
         self.out(f"noise floor: {len(values)} baseline runs (other seeds), spread {noise['spread']:.6f}; "
                  f"min_delta {self.min_delta:.6f}")
 
-    # --- jobs: propose -> commit -> run -> settle ------------------------------------
+    # --- jobs: propose -> commit; then for each finished job: decide, record, follow up ---
 
     def _propose(self) -> Job | None:
         """Ask the proposer for the next experiment and commit it off-branch on the best commit.
@@ -462,69 +463,74 @@ class Loop:
         return None
 
     def _execute(self, job: Job, slot: Slot | None) -> None:
-        """Run one job and every follow-up it causes (a crash fix, a re-applied near-miss)."""
+        """For one job and every follow-up it causes (a confirmation run, a re-applied near-miss,
+        a crash fix): run it, decide and record it (policy.decide), follow up (policy.follow_up)."""
         while job is not None and not self.stop.is_set():
             run = self._run_job(job, slot)
             if run is None:
                 return
             with self.lock:
-                follow = self._settle(job, run)
-            if follow == "fix" and self._cap(0):
-                follow = None  # a cap ends the night: no new edit (and no tokens past a spend cap)
-            if follow == "fix":
-                with self.lock:
-                    ctx = self.context()
-                try:
-                    fix = self.proposer.fix_crash(ctx, job.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
-                    if fix is not None:
-                        with self.lock:
-                            self._spent(fix.usage)
-                except Exception as exc:  # no fix this time (an API outage, a malformed reply); the night goes on
-                    self.ledger.event(FixFailed(iteration=job.iteration, error=one_line(f"{type(exc).__name__}: {exc}", 500)))
-                    fix = None
-                with self.lock:
-                    crashed, job = job, None
-                    if fix is not None and not self.stop.is_set():
-                        fix = sanitized(dataclasses.replace(fix, description=f"fix: {fix.description}"))
-                        # On the crashed edit's own parent: if the best moved meanwhile, the
-                        # near-miss path re-applies the fix rather than undoing the newer keep.
-                        try:
-                            job = self._commit_job(crashed.parent, fix, retry_fix=False)
-                        except ProposalRefused:
-                            job = None
-            else:
-                job = follow
+                follow, next_job = self._settle(job, run)
+            if follow == FollowUp.FIX and (self.stop.is_set() or self._cap(0)):
+                follow = FollowUp.NONE  # stopped, or a cap ends the night: no new edit (and no tokens past a spend cap)
+            job = self._fix(job, run) if follow == FollowUp.FIX else next_job
 
-    def _settle(self, job: Job, run: ExperimentRun) -> "Job | str | None":
-        """Decide keep/discard/crash and log it. Caller holds the lock.
+    def _fix(self, crashed: Job, run: ExperimentRun) -> Job | None:
+        """Ask the proposer to fix `crashed` (its output's tail) and commit the fix as a job, or None."""
+        with self.lock:
+            ctx = self.context()
+        try:
+            fix = self.proposer.fix_crash(ctx, crashed.proposal, run.result.tail_lines(LOG_TAIL_FOR_FIX))
+            if fix is not None:
+                with self.lock:
+                    self._spent(fix.usage)
+        except Exception as exc:  # no fix this time (an API outage, a malformed reply); the night goes on
+            self.ledger.event(FixFailed(iteration=crashed.iteration, error=one_line(f"{type(exc).__name__}: {exc}", 500)))
+            fix = None
+        with self.lock:
+            if fix is None or self.stop.is_set():
+                return None
+            fix = sanitized(dataclasses.replace(fix, description=f"fix: {fix.description}"))
+            # On the crashed edit's own parent: if the best moved meanwhile, the
+            # near-miss path re-applies the fix rather than undoing the newer keep.
+            try:
+                return self._commit_job(crashed.parent, fix, retry_fix=False)
+            except ProposalRefused:
+                return None
 
-        Returns a follow-up: "fix" (ask the proposer to fix a crash), a Job (a near-miss
-        re-applied on the new best, to verify), or None.
+    def _settle(self, job: Job, run: ExperimentRun) -> tuple[FollowUp, Job | None]:
+        """Decide keep/discard/crash (policy), log it, and prepare what follows. Caller holds the lock.
+
+        Returns:
+            the follow-up (policy.follow_up), with the job to run next for CONFIRM (the same
+            commit, another seed) and REAPPLY (the near-miss re-applied on the new best; None
+            when it does not merge or the guard refuses it).
         """
         if run.result.reason == REASON_INTERRUPTED:
             self.ledger.event(Interrupted(iteration=job.iteration, commit=job.commit, run=run.record()))
-            return None
+            return FollowUp.NONE, None
         own, confirmation = run, None
         if job.runs:  # a confirmation run of a would-be keep
-            if own.outcome.status != STATUS_OK or own.outcome.verdict not in (None, VERDICT_OK):
+            if unconfirmed(own.outcome):
                 self._record(job.iteration, own, DISCARD, f"{job.proposal.description} [unconfirmed]", job.proposal,
                              parent=job.parent, verifies=job.verifies, earlier=job.runs)
                 self.proposer.observe(job.proposal, DISCARD, None)
                 self.state.since_keep += 1
                 self.repo.reset_hard(self.state.best_commit)
-                return None
+                return FollowUp.NONE, None
             baseline = load_noise(self.ledger)
             confirmation = confirm([r.outcome.val_bpb for r in (*job.runs, own)], baseline and baseline.get("values"))
             run = with_val_bpb(own, confirmation.mean)
         decision = decide(self.state, job, run.outcome, self.min_delta, self.cfg.heldout_tolerance)
         runs = (*job.runs, own)
-        if decision.status == KEEP and len(runs) <= self.cfg.confirm_runs and not self.stop.is_set():
+        follow = follow_up(decision, len(runs), self.cfg.confirm_runs, self.stop.is_set())
+        if follow == FollowUp.CONFIRM:
             # A would-be keep runs again, with another seed, before anything is decided.
             self.ledger.event(Confirming(iteration=job.iteration, commit=job.commit,
                                          values=[r.outcome.val_bpb for r in runs]))
-            return dataclasses.replace(job, runs=runs, seed=len(runs))
-        if decision.status == KEEP and confirmation is not None and confirmation.seed_pinned:
-            decision = dataclasses.replace(decision, status=DISCARD)
+            return follow, dataclasses.replace(job, runs=runs, seed=len(runs))
+        decision = pinned(decision, confirmation)
+        if decision.seed_pinned:
             run = dataclasses.replace(run, outcome=dataclasses.replace(
                 run.outcome, verdict=VERDICT_SEED_PINNED, detail="its runs agree exactly under different seeds"))
         earlier = job.runs
@@ -535,40 +541,51 @@ class Loop:
         extra = {"parent": job.parent, "verifies": job.verifies}
         val = outcome.val_bpb if outcome.status == STATUS_OK else None
         if decision.status == KEEP:
-            row = self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, **extra, earlier=earlier)
-            self.proposer.observe(job.proposal, KEEP, val)
-            self.notifier.send("new_best", f"{self.tag}: new best val_bpb {outcome.val_bpb:.6f} "
-                               f"({outcome.val_bpb - self.state.best_val_bpb:+.6f}) at experiment {job.iteration} "
-                               f"({row.commit}): {row.description}", iteration=job.iteration, commit=row.commit,
-                               val_bpb=outcome.val_bpb, previous_val_bpb=self.state.best_val_bpb)
-            self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
-            if outcome.heldout_bpb is not None:  # a keep without a held-out figure never switches the rule off
-                self.state.best_heldout_bpb = outcome.heldout_bpb
-            self.state.since_keep = 0
-            self.repo.reset_hard(job.commit)  # the branch advances to the keep
-            return None
+            self._keep(job, run, earlier)
+            return FollowUp.NONE, None
         self.state.since_keep += 1
-        if decision.near_miss:
+        if follow == FollowUp.REAPPLY:
             self._record(job.iteration, run, DISCARD, f"{job.proposal.description} [near-miss]", job.proposal, **extra,
                          earlier=earlier)
             self.proposer.observe(job.proposal, DISCARD, val)
-            merged = self.repo.merge_train_py(job.parent, self.state.best_commit, job.commit)
-            if merged is None:
-                self.ledger.event(NearMissConflict(iteration=job.iteration, commit=job.commit))
-                return None
-            # usage {}: its tokens were counted with the near-miss itself
-            again = dataclasses.replace(job.proposal, train_py=merged, usage={},
-                                        description=f"{job.proposal.description} (re-applied)")
-            try:
-                return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
-            except ProposalRefused:
-                return None
+            return follow, self._reapply(job)
         description = job.proposal.description + (" [unconfirmed]" if confirmation and decision.status == DISCARD
                                                   and run.outcome.verdict in (None, VERDICT_OK) else "")
         self._record(job.iteration, run, decision.status, description, job.proposal, **extra, earlier=earlier)
         self.proposer.observe(job.proposal, decision.status, val)
         self.repo.reset_hard(self.state.best_commit)  # nothing of a failed edit stays in the work tree
-        return "fix" if decision.fix and not self.stop.is_set() else None
+        return follow, None
+
+    def _keep(self, job: Job, run: ExperimentRun, earlier: tuple[ExperimentRun, ...]) -> None:
+        """Record `run` as the new best, alert it, and advance the branch to it. Caller holds the lock."""
+        outcome = run.outcome
+        row = self._record(job.iteration, run, KEEP, job.proposal.description, job.proposal, parent=job.parent,
+                           verifies=job.verifies, earlier=earlier)
+        self.proposer.observe(job.proposal, KEEP, outcome.val_bpb)
+        self.notifier.send("new_best", f"{self.tag}: new best val_bpb {outcome.val_bpb:.6f} "
+                           f"({outcome.val_bpb - self.state.best_val_bpb:+.6f}) at experiment {job.iteration} "
+                           f"({row.commit}): {row.description}", iteration=job.iteration, commit=row.commit,
+                           val_bpb=outcome.val_bpb, previous_val_bpb=self.state.best_val_bpb)
+        self.state.best_commit, self.state.best_val_bpb = job.commit, outcome.val_bpb
+        if outcome.heldout_bpb is not None:  # a keep without a held-out figure never switches the rule off
+            self.state.best_heldout_bpb = outcome.heldout_bpb
+        self.state.since_keep = 0
+        self.repo.reset_hard(job.commit)  # the branch advances to the keep
+
+    def _reapply(self, job: Job) -> Job | None:
+        """A near-miss's edit merged onto the new best, committed as a job to verify it; None when
+        it does not merge (an event says so) or the guard refuses it. Caller holds the lock."""
+        merged = self.repo.merge_train_py(job.parent, self.state.best_commit, job.commit)
+        if merged is None:
+            self.ledger.event(NearMissConflict(iteration=job.iteration, commit=job.commit))
+            return None
+        # usage {}: its tokens were counted with the near-miss itself
+        again = dataclasses.replace(job.proposal, train_py=merged, usage={},
+                                    description=f"{job.proposal.description} (re-applied)")
+        try:
+            return self._commit_job(self.state.best_commit, again, verifies=job.iteration, retry_fix=False)
+        except ProposalRefused:
+            return None
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -578,7 +595,7 @@ class Loop:
         Args:
             slots: one per parallel worker (GPUs, CPUs); None or one slot = sequential.
         """
-        restore = self._install_signal_handlers()
+        restore = self.scheduler.install_signal_handlers(self._signalled)
         self.started = time.monotonic()
         slots = slots or [None]
         self.workers = len(slots)
@@ -595,7 +612,10 @@ class Loop:
                 self.measure_noise(slots[0])
             failure = None
             if self.state.best_commit is not None and not self.stop.is_set():
-                failure = self._schedule(slots, self._prefetch(len(slots)))
+                errors = [0, 0]  # proposer errors, refused proposals: in a row
+                failure = self.scheduler.run(slots, prefetch_depth(self.cfg.prefetch, self.proposer.name, len(slots)),
+                                             propose=lambda: self._next_job(errors), execute=self._execute,
+                                             capped=self._cap, on_failure=self._failed)
             summary = self.finish(len(slots))
             if failure is not None:
                 who, exc = failure
@@ -623,12 +643,6 @@ class Loop:
             except SandboxError:
                 pass  # the daemon went away; the next start sweeps
             self.notifier.close(*(() if close_wait_s is None else (close_wait_s,)))
-
-    def _prefetch(self, workers: int) -> int:
-        if self.cfg.prefetch != "auto":
-            return int(self.cfg.prefetch)
-        # An LLM proposal takes long enough to leave the accelerator idle: prepare one ahead.
-        return 1 if (self.proposer.name == "claude" or workers > 1) else 0
 
     def _cap(self, proposed: int) -> bool:
         """Whether one of the night's caps (policy.cap_reached) is reached, `proposed` proposals into
@@ -671,76 +685,10 @@ class Loop:
                 self.stop.wait(min(PROPOSER_BACKOFF_S * 2 ** (errors[0] - 1), 600))
         return None
 
-    def _schedule(self, slots: list, prefetch: int) -> tuple[str, BaseException] | None:
-        """Run experiments on `slots` until stopped or out of budget: one proposer thread and one
-        worker per slot, on futures. Sequential is one slot with prefetch 0.
-
-        The proposer proposes only while it holds a ticket, and a worker returns its ticket when
-        its job (and every follow-up) is done: len(slots) + prefetch tickets, so a proposal is
-        ready for each idle worker plus `prefetch` more, and with prefetch 0 nothing is proposed
-        on a best that a running experiment may still change.
-
-        Returns:
-            (who, exception) for the first exception of the proposer or a worker (the others
-            are stopped; a `stopped` event names it), or None.
-        """
-        jobs: queue.Queue = queue.Queue()
-        tickets = threading.Semaphore(len(slots) + prefetch)
-        done_proposing = threading.Event()
-
-        def produce():
-            proposed, errors = 0, [0, 0]
-            try:
-                # A cap stops the proposing; what was proposed still runs (no tokens, a bounded overrun).
-                while not self.stop.is_set() and not self._cap(proposed):
-                    while not tickets.acquire(timeout=0.2):
-                        if self.stop.is_set():
-                            return
-                    if self._cap(proposed):  # reached while waiting for a worker (max_hours)
-                        return
-                    job = self._next_job(errors)
-                    proposed += 1
-                    if job is None:
-                        tickets.release()
-                    else:
-                        jobs.put(job)
-            finally:
-                done_proposing.set()
-
-        def work(slot):
-            while not self.stop.is_set():
-                try:
-                    job = jobs.get(timeout=0.2)
-                except queue.Empty:
-                    if done_proposing.is_set() and jobs.empty():
-                        return
-                    continue
-                try:
-                    self._execute(job, slot)
-                finally:
-                    tickets.release()
-
-        pool = ThreadPoolExecutor(max_workers=len(slots) + 1, thread_name_prefix="loop")
-        futures: dict[Future, str] = {pool.submit(produce): "proposer"}
-        futures.update({pool.submit(work, slot): f"worker {i}" for i, slot in enumerate(slots)})
-        failure = None
-        pending = set(futures)
-        try:
-            # The main thread keeps the signals: it waits in short steps, never in a blind join.
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    exc = f.exception()
-                    if exc is not None and failure is None:
-                        failure = (futures[f], exc)
-                        self.failure = f"{futures[f]} failed: {exc.__class__.__name__}: {exc}"
-                        self.stop.set()
-                        self.ledger.event(Stopped(reason=self.failure))
-        except KeyboardInterrupt:  # forced stop: the caller removes the containers, nobody waits
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        return failure
+    def _failed(self, who: str, exc: BaseException) -> None:
+        """The first thread that raised (the scheduler has stopped the others): its own `stopped` event."""
+        self.failure = f"{who} failed: {exc.__class__.__name__}: {exc}"
+        self.ledger.event(Stopped(reason=self.failure))
 
     def finish(self, workers: int = 1) -> Summary:
         """Record why the night ended (the `stopped` event, unless a failure recorded its own) and
@@ -790,26 +738,10 @@ class Loop:
         if self.ledger.events_path.exists():
             self.ledger.event(NotifyFailed(target=target, alert=kind, error=error))
 
-    def _install_signal_handlers(self):
-        """First SIGINT/SIGTERM: stop after cleaning up the current run. Second: stop now."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            if self.stop.is_set():
-                raise KeyboardInterrupt
-            # no lock in a signal handler: the main thread may hold it
-            self.stop_reason = self.stop_reason or f"{signal.Signals(signum).name} received"
-            self.stop.set()
-            # A raw write: a signal handler must not take the console's lock (the live panel may hold it).
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current run is cleaned up "
-                        f"(again to force)\n".encode())
-
-        for s in previous:
-            signal.signal(s, handler)
-        return lambda: [signal.signal(s, h) for s, h in previous.items()]
-
+    def _signalled(self, name: str) -> None:
+        """A first SIGINT/SIGTERM (the scheduler then stops the night): it is the stop reason unless
+        one came first. Called in the signal handler: it takes no lock (the main thread may hold it)."""
+        self.stop_reason = self.stop_reason or f"{name} received"
 
 def format_summary(tag: str, counts: StatusCounts, state: RunState, summary: Summary, duty: float | None = None,
                    stopped: str | None = None, spend: str | None = None) -> str:

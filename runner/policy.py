@@ -1,18 +1,20 @@
 """What the loop decides, with no I/O: the state a run carries, rebuilt from the ledger on
-resume, and the keep decision for one finished experiment."""
+resume, the keep decision for one finished experiment, and the decisions around it (what the
+baseline says about the night, which results are verified, what follows a result)."""
 
 from __future__ import annotations
 
 import ast
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import TYPE_CHECKING, Iterable, Protocol
 
 from sandbox.spec import REASON_LOST, REASON_UNWATCHED
 
 from .records import ExperimentRecord, RowStatus
-from .summary import VERDICT_OK, Outcome, OutcomeStatus
+from .summary import VERDICT_OK, VERDICT_REFUSED, VERDICT_UNVERIFIED, Outcome, OutcomeStatus
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -122,6 +124,7 @@ class Decision:
     near_miss: bool = False   # better than the best, but the best moved: re-apply on the new best
     fix: bool = False         # ask the proposer to fix this crash, once
     overfit: str = ""         # why the val gain does not hold on the held-out data (a discard)
+    seed_pinned: bool = False  # a would-be keep whose runs ignore the runner's seeds (a discard; see `confirm`)
 
 
 def overfit(state: RunState, outcome: Outcome, min_delta: float, tolerance: float) -> str:
@@ -226,3 +229,153 @@ def confirm(values: list[float], baseline_values: list[float] | None) -> Confirm
     runner's seeds: confirmation could not test it, so it is not confirmed."""
     varied = baseline_values is not None and len(set(baseline_values)) > 1
     return Confirmation(tuple(values), statistics.fmean(values), varied and len(values) > 1 and len(set(values)) == 1)
+
+
+def unconfirmed(outcome: Outcome) -> bool:
+    """Whether a confirmation run leaves its would-be keep unconfirmed (a discard, whatever the
+    earlier runs said): it ended without a result, or its result was not verified ok."""
+    return outcome.status != OutcomeStatus.OK or outcome.verdict not in (None, VERDICT_OK)
+
+
+def pinned(decision: Decision, confirmation: Confirmation | None) -> Decision:
+    """`decision` after its confirmation: a keep whose runs are seed-pinned (see `confirm`) is a
+    discard (seed_pinned); anything else is unchanged."""
+    if decision.status == RowStatus.KEEP and confirmation is not None and confirmation.seed_pinned:
+        return replace(decision, status=RowStatus.DISCARD, seed_pinned=True)
+    return decision
+
+
+# --- what follows a decided result -----------------------------------------------------------
+
+
+class FollowUp(Enum):
+    """What the worker does next with the experiment it just settled."""
+
+    NONE = "none"        # nothing: the worker takes the next proposal
+    CONFIRM = "confirm"  # run the would-be keep again, with another seed, before anything is decided
+    REAPPLY = "reapply"  # a near-miss: re-apply its edit on the new best and run that
+    FIX = "fix"          # ask the proposer to fix the crash, once
+
+
+def follow_up(decision: Decision, runs: int, confirm_runs: int, stopped: bool) -> FollowUp:
+    """What follows `decision` (the one `decide` made, before `pinned`), after `runs` runs of
+    the experiment (its first and any confirmation runs): a would-be keep runs again until it
+    has had confirm_runs more; a near-miss is re-applied; a crash `decide` marked fixable is sent
+    back to the proposer. A stopped night starts nothing new (a near-miss is still re-applied:
+    its job is committed, and the worker does not run it once stopped)."""
+    if decision.status == RowStatus.KEEP and runs <= confirm_runs and not stopped:
+        return FollowUp.CONFIRM
+    if decision.near_miss:
+        return FollowUp.REAPPLY
+    if decision.fix and not stopped:
+        return FollowUp.FIX
+    return FollowUp.NONE
+
+
+# --- what the baseline says about the night --------------------------------------------------
+
+VRAM_CEILING_FACTOR = 2  # the default VRAM ceiling: this many times the baseline's peak (as NVML measured it)
+MIB_PER_GIB = 1024
+
+
+class BaselineCheck(Enum):
+    """What the baseline's run says about the night."""
+
+    INTERRUPTED = "interrupted"        # stopped while it ran: nothing recorded, the next start runs it again
+    CRASHED = "crashed"                # no result: the environment or data is broken, not an idea
+    WATCHDOG_BLIND = "watchdog_blind"  # the VRAM watchdog saw none of its GPU memory: no ceiling could fire
+    UNVERIFIABLE = "unverifiable"      # verification asked for and the baseline not verified ok: nothing could be kept
+    FALL_BACK = "fall_back"            # verify auto, and this repo's evaluation cannot be replayed: verify off
+    ACCEPTED = "accepted"              # the best to beat
+
+
+@dataclass(frozen=True)
+class BaselineDecision:
+    check: BaselineCheck
+    verify_mode: str  # what the night verifies with from here on: "off" after FALL_BACK, else as it was
+
+
+def decide_baseline(verify_mode: str, outcome: Outcome, interrupted: bool, peak_vram_mb: float | None) -> BaselineDecision:
+    """Whether the night can start from this baseline, and with what verification.
+
+    Args:
+        verify_mode: the night's verify mode (auto | on | all | off | sample).
+        outcome: the baseline's outcome, verified when verification was on.
+        interrupted: the run was stopped by the runner (a signal) before it finished.
+        peak_vram_mb: the watchdog's peak of the baseline's GPU memory; 0 means it sampled GPUs
+            and saw none (it is blind), None that it watched no GPU.
+    """
+    def decided(check: BaselineCheck) -> BaselineDecision:
+        return BaselineDecision(check, "off" if check == BaselineCheck.FALL_BACK else verify_mode)
+
+    if interrupted:
+        return decided(BaselineCheck.INTERRUPTED)
+    if outcome.status != OutcomeStatus.OK:
+        return decided(BaselineCheck.CRASHED)
+    if peak_vram_mb == 0:
+        return decided(BaselineCheck.WATCHDOG_BLIND)
+    if verify_mode == "auto" and outcome.verdict in (VERDICT_UNVERIFIED, VERDICT_REFUSED):
+        # Another function name, an argument that is not plain data: nothing in this repo could
+        # be verified, so auto goes on with the runs' own numbers (on and all refuse instead).
+        return decided(BaselineCheck.FALL_BACK)
+    if verify_mode != "off" and outcome.verdict != VERDICT_OK:
+        # Unverifiable here means unverifiable for every experiment: nothing could ever be kept.
+        return decided(BaselineCheck.UNVERIFIABLE)
+    return decided(BaselineCheck.ACCEPTED)
+
+
+def resumed_verify_mode(configured: str, fell_back: bool) -> str:
+    """The verify mode a resumed night runs with: auto stays off once an earlier session's
+    baseline showed verification unavailable (`fell_back`, its event in the ledger)."""
+    return "off" if configured == "auto" and fell_back else configured
+
+
+def default_vram_ceiling_gb(peak_vram_mb: float | None, configured_gb: float | None) -> float | None:
+    """The VRAM ceiling the night sets when runner.yaml sets none (`configured_gb` None):
+    VRAM_CEILING_FACTOR times the baseline's peak. None when one is configured or no peak was
+    measured (no GPU watched)."""
+    if not peak_vram_mb or configured_gb is not None:
+        return None
+    return VRAM_CEILING_FACTOR * peak_vram_mb / MIB_PER_GIB
+
+
+def resumed_vram_ceiling_gb(recorded_gb: float | None, configured_gb: float | None) -> float | None:
+    """The default VRAM ceiling a resumed night keeps: the one an earlier session recorded,
+    unless runner.yaml sets one now. None: leave the limits as runner.yaml makes them."""
+    return recorded_gb if configured_gb is None else None
+
+
+# --- which results are verified --------------------------------------------------------------
+
+
+def needs_verification(verify_mode: str, outcome: Outcome, *, baseline: bool, confirming: bool, stopped: bool,
+                       best_val_bpb: float, min_delta: float) -> bool:
+    """Verify where it decides: the baseline, a result that could be kept (better than the best
+    by more than min_delta: a keep, or a near-miss to re-apply), and every confirmation run.
+    A result that is not verified is never kept: the best only gets better, so one that could
+    not be kept when it finished cannot be later. `verify: all` verifies every result; nothing
+    is verified with verification off, without a result, or once the night is stopped."""
+    if verify_mode == "off" or outcome.status != OutcomeStatus.OK or stopped:
+        return False
+    if verify_mode == "all" or baseline or confirming:
+        return True
+    return outcome.val_bpb < best_val_bpb - min_delta
+
+
+# --- the harness around a run ----------------------------------------------------------------
+
+
+def rerun_lost(reason: str, stopped: bool) -> bool:
+    """Whether a run is run once more (on a fresh spec): its node died under it (a cluster
+    backend restarts the worker on a live node) and the night is not stopping. The second try
+    is what counts; a second loss is a crash that no fix is asked for (HARNESS_REASONS)."""
+    return reason == REASON_LOST and not stopped
+
+
+def prefetch_depth(configured: int | str, proposer: str, workers: int) -> int:
+    """How many proposals are prepared beyond one per worker: runner.yaml's prefetch, or with
+    auto one when an LLM proposal takes long enough to leave the accelerator idle (the claude
+    proposer, or several workers to keep fed), else none."""
+    if configured != "auto":
+        return int(configured)
+    return 1 if (proposer == "claude" or workers > 1) else 0

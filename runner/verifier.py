@@ -70,7 +70,7 @@ class Verifier:
     def _report(self, run: "ExperimentRun", tag: str, iteration: int, stop, slot) -> protocol.VerifyReport:
         engine = self.engine
         folder = run.result.log_path.with_suffix(".verify")
-        heldout, env = engine._heldout(writable=False)
+        heldout, env = engine.specs.heldout(writable=False)
         secret = protocol.new_secret()  # made now: nothing the run wrote can hold it
         env.update({protocol.ARGS_ENV: json.dumps(self.cfg.verify_args), protocol.SECRET_ENV: secret,
                     protocol.OPS_ENV: ",".join(self.cfg.verify_ops)})
