@@ -369,6 +369,8 @@ class Loop:
             # Each rerun with another seed: the spread is what seeds alone move the number by.
             run = self._run(None, baseline.commit, 0, self.ledger.runs_dir / f"noise-{attempts}.log", slot=slot,
                             seed=attempts, decides=False)
+            with self.lock:  # the accelerator trained: the night's duty cycle counts it
+                self.state.training_s += (run.outcome.metrics.training_seconds or 0.0) if run.outcome.metrics else 0.0
             if run.outcome.status == STATUS_OK:
                 values.append(run.outcome.val_bpb)
             elif run.result.reason != REASON_INTERRUPTED:

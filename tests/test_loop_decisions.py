@@ -134,6 +134,17 @@ def test_a_crashed_noise_run_is_run_again(tmp_path, data_dir):
     assert (path / ".autoresearch/fake/noise.json").exists() and len(backend.runs) == 4
 
 
+def test_noise_reruns_count_as_training_in_the_duty_cycle(tmp_path, data_dir):
+    """The baseline's reruns for the noise band train on the accelerator like any run: the
+    night's training seconds include them (they were left out, so the duty cycle read low)."""
+    loop, path, _ = make(tmp_path, data_dir, [], max_experiments=0, noise_runs=2)
+    loop.run()
+    [summary] = [e for e in events(path) if e["event"] == "summary"]
+    [baseline] = [e for e in events(path) if e["event"] == "experiment"]
+    per_run = baseline["run"]["training_seconds"]
+    assert per_run and summary["training_s"] == pytest.approx(3 * per_run, rel=0.05)
+
+
 def test_resume_with_local_changes_in_the_way_is_one_clear_error(tmp_path, data_dir):
     from runner.engine import Engine
     from runner.loop import Loop
