@@ -413,14 +413,17 @@ def test_report_watch_rewrites_the_page_as_rows_arrive(tmp_path, data_dir):
                              "--watch", "--every", "0.2"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     said: list[str] = []
+    errors: list[str] = []  # drained as it comes: a full stderr pipe would stall the watch
     reader = threading.Thread(target=lambda: said.extend(proc.stdout), daemon=True)
+    err_reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
     reader.start()
+    err_reader.start()
 
     def rows() -> int:
         return page.read_text().count("data-iteration=") if page.exists() else 0
 
     def wait_for(condition):
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not condition() and time.monotonic() < deadline:
             time.sleep(0.1)
         return condition()
@@ -437,9 +440,14 @@ def test_report_watch_rewrites_the_page_as_rows_arrive(tmp_path, data_dir):
         assert wait_for(lambda: rows() == 2)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         reader.join(10)
-        err = proc.stderr.read()
+        err_reader.join(10)
+        err = "".join(errors)
     out = "".join(said)
     assert proc.returncode == 0, err
     assert "stopped watching" in out
