@@ -78,6 +78,7 @@ class LimitsConfig:
 
     timeout_factor: float = 2.0      # deadline = timeout_factor x budget + startup_grace_s
     startup_grace_s: float = 60.0    # imports, data loading and evaluation around training
+    overtime_s: float | None = None  # after the baseline: seconds past its wall time a run may take; null = max(10% of the budget, 10 s)
     kill_grace_s: float = 10.0       # SIGTERM -> SIGKILL
     memory_gb: float = 16.0          # RAM ceiling (no swap)
     cpus: float | None = None        # CPU quota in cores; null = none
@@ -147,7 +148,8 @@ class RunConfig:
     heldout: dict[str, str] = field(default_factory=dict)  # files `runner prepare` puts into verify_data: {path: source[#sha256=HEX]} (runner/heldout.py)
     verify_tolerance: float = 0.002      # relative difference self-reported vs verified beyond which a run is forged
     verify_ops: tuple[str, ...] = ()     # custom operator namespaces (the repo's own kernels) the verifier may run
-    heldout_tolerance: float = 0.02      # bpb: how much less a keep may gain on held-out data than on val (overfit)
+    heldout_tolerance: float = 0.02      # bpb: how much less the night may gain on held-out data than on val (overfit) ...
+    heldout_relative: float = 0.05       # ... plus this fraction of its val gain (held-out text of another distribution)
     command: tuple[str, ...] = ("python", "train.py")
     env: dict[str, str] = field(default_factory=dict)  # extra variables for experiments (no secrets)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -158,6 +160,12 @@ class RunConfig:
         if self.confirm is False or self.confirm == "off":  # YAML reads a bare `off` as false
             return 0
         return 1 if self.confirm == "auto" else int(self.confirm)
+
+    @property
+    def heldout_rule(self) -> "HeldoutRule":
+        """The overfit rule's allowances (runner/policy.py overfit)."""
+        from .policy import HeldoutRule
+        return HeldoutRule(self.heldout_tolerance, self.heldout_relative)
 
     def sandbox_limits(self, time_budget_s: float) -> Limits:
         lim = self.limits
@@ -319,6 +327,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"verify_ops lists operator namespaces such as flash_attn_3, got {namespace!r}")
     if not cfg.heldout_tolerance >= 0:
         raise ConfigError(f"heldout_tolerance must be a number of bpb >= 0, got {cfg.heldout_tolerance!r}")
+    if not 0 <= cfg.heldout_relative < 1:
+        raise ConfigError(f"heldout_relative must be a fraction of the val gain, 0 <= x < 1, got {cfg.heldout_relative!r}")
     if cfg.verify_data is not None:
         data, heldout = Path(cfg.data_dir).expanduser().absolute(), Path(cfg.verify_data).expanduser().absolute()
         if heldout == data or data in heldout.parents or heldout in data.parents:
@@ -350,6 +360,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"min_delta must be a number or 'auto', got {cfg.min_delta!r}")
     if cfg.budget_s is not None and cfg.budget_s <= 0:
         raise ConfigError(f"budget must be positive seconds, got {cfg.budget_s}")
+    if cfg.limits.overtime_s is not None and not cfg.limits.overtime_s >= 0:
+        raise ConfigError(f"limits.overtime_s must be seconds >= 0 (or null for the default), got {cfg.limits.overtime_s!r}")
     for key in ("memory_gb", "pids", "tmp_mb", "out_mb", "log_cap_mb", "log_tail_mb", "kill_grace_s", "timeout_factor",
                 "nofile"):
         if getattr(cfg.limits, key) <= 0:

@@ -230,6 +230,7 @@ class Engine:
         self._base_id = ""  # set with the trainer
         self._time_budget_s: float | None = None
         self.vram_ceiling_gb: float | None = None  # set by the loop from the baseline's peak
+        self.wall_limit_s: float | None = None     # set by the loop from the baseline's wall time
         self._gpu_access: dict[tuple[str, ...], GpuAccess] = {}
         self.specs = SpecFactory(cfg, repo.path if repo else None, self.executor.owner)
         self.verifier = Verifier(self)
@@ -267,6 +268,8 @@ class Engine:
         limits = self.cfg.sandbox_limits(self.time_budget_s())
         if limits.vram_limit_gb is None and self.vram_ceiling_gb:
             limits = dataclasses.replace(limits, vram_limit_gb=round(self.vram_ceiling_gb, 3))
+        if self.wall_limit_s is not None:
+            limits = dataclasses.replace(limits, wall_limit_s=round(self.wall_limit_s, 1))
         return limits
 
     def experiment_image(self, commit: str, tag: str, limits: Limits, digest: str,

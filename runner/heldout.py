@@ -12,8 +12,10 @@ repo. `heldout:` in runner.yaml maps a path under verify_data to where its bytes
 
 A source is an http(s) URL (downloaded on this host), `data_dir:PATH` (a file of the data cache
 prepare.py filled, such as its tokenizer), `package:PACKAGE/PATH` (a file an installed Python
-package ships) or an absolute host path. `#sha256=` pins the bytes written; a pinned download
-already in place is not fetched again.
+package ships) or an absolute host path. `#sha256=` pins the source's bytes; a pinned download
+already in place is not fetched again. `#scramble=python` (after the pin, joined by `&`) writes
+public Python source scrambled with this host's secret (runner/scramble.py): a text that exists
+nowhere else, so that no proposer can remember it and no train.py can carry it.
 
 This is trusted code on the runner's host, run after prepare.py (a tokenizer it trains is
 copied from the data cache). A held-out file that is byte for byte a file experiments read
@@ -22,6 +24,7 @@ copied from the data cache). A held-out file that is byte for byte a file experi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -41,6 +44,7 @@ from sandbox.fsafe import open_beneath
 from . import __version__
 from .data import DataError
 from .errors import ConfigError
+from .scramble import SCRAMBLES, load_secret, scramble_python
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -64,6 +68,7 @@ class HeldoutFile:
     kind: str          # url | data_dir | package | path
     location: str      # the URL, the path below data_dir, PACKAGE/PATH, or the host path
     sha256: str | None = None
+    scramble: str | None = None  # one of scramble.SCRAMBLES: written scrambled with the host's secret
 
     @property
     def source(self) -> str:
@@ -78,30 +83,37 @@ def _relative(text: str, what: str) -> PurePosixPath:
 
 
 def parse(target: str, source: str) -> HeldoutFile:
-    """One `heldout:` entry, `target: source[#sha256=HEX]`.
+    """One `heldout:` entry, `target: source[#sha256=HEX][&scramble=python]`.
 
     Raises:
         ConfigError: the target is not a plain relative path, the source is of no known kind,
             or the pin is not `#sha256=` and 64 lowercase hex digits.
     """
-    location, sep, pin = source.partition("#")
-    sha = None
-    if sep:
-        sha = pin.removeprefix("sha256=")
-        if not pin.startswith("sha256=") or not _SHA256.fullmatch(sha):
-            raise ConfigError(f"heldout.{target}: pin a file as #sha256=<64 lowercase hex digits>, got #{pin}")
+    location, sep, fragment = source.partition("#")
+    options = {}
+    for option in fragment.split("&") if sep else ():
+        key, _, value = option.partition("=")
+        if key not in ("sha256", "scramble") or key in options:
+            raise ConfigError(f"heldout.{target}: after '#' come sha256=<64 lowercase hex digits> and scramble=python, "
+                              f"joined by '&'; got #{fragment}")
+        options[key] = value
+    sha, scramble = options.get("sha256"), options.get("scramble")
+    if sha is not None and not _SHA256.fullmatch(sha):
+        raise ConfigError(f"heldout.{target}: pin a file as #sha256=<64 lowercase hex digits>, got #sha256={sha}")
+    if scramble is not None and scramble not in SCRAMBLES:
+        raise ConfigError(f"heldout.{target}: scramble= takes one of {', '.join(SCRAMBLES)}, got {scramble!r}")
     dest = _relative(target, "target")
     if location.startswith(("http://", "https://")):
-        return HeldoutFile(dest, "url", location, sha)
+        return HeldoutFile(dest, "url", location, sha, scramble)
     if location.startswith("data_dir:"):
-        return HeldoutFile(dest, "data_dir", str(_relative(location[len("data_dir:"):], "data_dir path")), sha)
+        return HeldoutFile(dest, "data_dir", str(_relative(location[len("data_dir:"):], "data_dir path")), sha, scramble)
     if location.startswith("package:"):
         package, _, inner = location[len("package:"):].partition("/")
         if not package.replace(".", "").replace("_", "").isalnum():
             raise ConfigError(f"heldout.{target}: package:PACKAGE/PATH names an importable package, got {location!r}")
-        return HeldoutFile(dest, "package", f"{package}/{_relative(inner, 'package path')}", sha)
+        return HeldoutFile(dest, "package", f"{package}/{_relative(inner, 'package path')}", sha, scramble)
     if location.startswith(("/", "~")):
-        return HeldoutFile(dest, "path", location, sha)
+        return HeldoutFile(dest, "path", location, sha, scramble)
     raise ConfigError(f"heldout.{target}: the source must be an http(s) URL, data_dir:PATH, package:PACKAGE/PATH "
                       f"or an absolute path, got {location!r}")
 
@@ -133,12 +145,16 @@ def fill(cfg: RunConfig, progress: Callable[[str], None] = print) -> list[Path]:
     done = []
     for entry in wanted:
         dest = root / entry.target
-        if entry.kind == "url" and entry.sha256 and dest.is_file() and _sha256_file(dest) == entry.sha256:
+        if entry.kind == "url" and entry.sha256 and not entry.scramble and dest.is_file() and _sha256_file(dest) == entry.sha256:
             digest, how = entry.sha256, "kept"
         else:
             digest = _write(root, entry, lambda out, e=entry: _copy_source(cfg, e, out))
             how = "downloaded" if entry.kind == "url" else "copied"
-        if entry.kind != "data_dir" and (twin := seen.find(dest, digest)) is not None:
+        written = digest
+        if entry.scramble:
+            written = _scramble(root, entry)
+            how += f", scrambled ({entry.scramble}) with this host's secret"
+        if (entry.kind != "data_dir" or entry.scramble) and (twin := seen.find(dest, written)) is not None:
             dest.unlink()
             raise HeldoutError(f"heldout.{entry.target}: {entry.source} is byte for byte {twin}, which experiments "
                                "read; held-out data must be data no experiment sees (docs/heldout.md)")
@@ -146,6 +162,25 @@ def fill(cfg: RunConfig, progress: Callable[[str], None] = print) -> list[Path]:
         progress(f"held-out {entry.target}: {how} from {entry.source} ({dest.stat().st_size:,} bytes; {pin})")
         done.append(dest)
     return done
+
+
+SCRAMBLE_MAX_BYTES = 64 << 20  # scrambling parses the text whole: for held-out source code, not shards
+
+
+def _scramble(root: Path, entry: HeldoutFile) -> str:
+    """Rewrite the written target scrambled with the host's secret (runner/scramble.py); returns
+    the sha256 of what is now there."""
+    dest = root / entry.target
+    if dest.stat().st_size > SCRAMBLE_MAX_BYTES:
+        dest.unlink()
+        raise HeldoutError(f"heldout.{entry.target}: {entry.source} is over {SCRAMBLE_MAX_BYTES >> 20} MiB; scramble= is "
+                           "for held-out source code (a shard of text needs none: no train.py can carry it)")
+    try:
+        secret = load_secret(root)
+    except (OSError, ValueError) as exc:
+        raise HeldoutError(f"heldout.{entry.target}: {exc}") from None
+    scrambled = scramble_python(dest.read_bytes(), secret)
+    return _write(root, dataclasses.replace(entry, sha256=None), lambda out: out.write(scrambled))
 
 
 def _write(root: Path, entry: HeldoutFile, copy: Callable[[_Hashing], None]) -> str:

@@ -30,10 +30,10 @@ from .ledger import Ledger
 from .records import (BaselineFailed, Confirming, ExperimentRecord, FixFailed, HarnessError, Interrupted, Lost,
                       NearMissConflict, Noise, NoiseFailed, NoiseRunFailed, NotifyFailed, ProposerErrored, Refused,
                       ResetOnResume, RowRestored, Row, RowStatus, SessionSummary, Start, Stopped, Swept,
-                      VerificationUnavailable, VramCeiling)
+                      VerificationUnavailable, VramCeiling, WallLimit)
 from .notify import NOTIFY_FORCED_WAIT_S, Alert, Notifier
 from .policy import (BaselineCheck, FollowUp, RunState, StatusCounts, cap_reached, confirm, decide, decide_baseline,
-                     default_vram_ceiling_gb, duty_cycle, follow_up, needs_verification, pinned, prefetch_depth,
+                     default_vram_ceiling_gb, duty_cycle, experiment_wall_limit_s, follow_up, needs_verification, pinned, prefetch_depth,
                      resumed_verify_mode, resumed_vram_ceiling_gb, seed_only_change, status_counts, unconfirmed)
 from .progress import Reporter
 from .proposers.base import Context, Proposal, Proposer, ProposerError, Summary
@@ -174,6 +174,9 @@ class Loop:
         ceiling_gb = resumed_vram_ceiling_gb(None if ceiling is None else ceiling.gb, self.cfg.limits.vram_gb)
         if ceiling_gb is not None:
             self.engine.vram_ceiling_gb = ceiling_gb  # the default ceiling outlives the stop
+        if (wall := self.ledger.last(WallLimit)) is not None:  # so does the measured deadline (this config's allowance)
+            self.engine.wall_limit_s = experiment_wall_limit_s(wall.baseline_wall_s, self.engine.time_budget_s(),
+                                                               self.cfg.limits.overtime_s)
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha
@@ -350,6 +353,13 @@ class Loop:
         self._record(0, run, KEEP, "baseline", None)
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
         self.state.best_heldout_bpb = run.outcome.heldout_bpb
+        self.state.baseline_val_bpb, self.state.baseline_heldout_bpb = run.outcome.val_bpb, run.outcome.heldout_bpb
+        wall_limit_s = experiment_wall_limit_s(run.result.wall_s, self.engine.time_budget_s(), self.cfg.limits.overtime_s)
+        if wall_limit_s is not None:
+            self.engine.wall_limit_s = wall_limit_s
+            self.ledger.event(WallLimit(baseline_wall_s=run.result.wall_s, s=round(wall_limit_s, 3)))
+            self.out(f"wall limit: {wall_limit_s:.1f} s per run (the baseline's {run.result.wall_s:.1f} s "
+                     f"+ {wall_limit_s - run.result.wall_s:.1f} s)")
         ceiling_gb = default_vram_ceiling_gb(run.result.peak_vram_mb, self.cfg.limits.vram_gb)
         if ceiling_gb is not None:
             self.engine.vram_ceiling_gb = ceiling_gb
@@ -523,7 +533,7 @@ class Loop:
             baseline = load_noise(self.ledger)
             confirmation = confirm([r.outcome.val_bpb for r in (*job.runs, own)], baseline and baseline.get("values"))
             run = with_val_bpb(own, confirmation.mean)
-        decision = decide(self.state, job, run.outcome, self.min_delta, self.cfg.heldout_tolerance)
+        decision = decide(self.state, job, run.outcome, self.min_delta, self.cfg.heldout_rule)
         runs = (*job.runs, own)
         follow = follow_up(decision, len(runs), self.cfg.confirm_runs, self.stop.is_set())
         if follow == FollowUp.CONFIRM:

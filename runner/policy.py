@@ -31,6 +31,8 @@ class RunState:
     best_commit: str | None = None
     best_val_bpb: float = math.inf
     best_heldout_bpb: float | None = None  # the best's score on the held-out data, when the verifier had some
+    baseline_val_bpb: float | None = None      # where the night started: the overfit rule compares its whole gain
+    baseline_heldout_bpb: float | None = None
     since_keep: int = 0
 
     @classmethod
@@ -39,6 +41,8 @@ class RunState:
         state = cls()
         for e in experiments:
             state.iteration = max(state.iteration, e.iteration)
+            if e.iteration == BASELINE_ITERATION and e.status == RowStatus.KEEP:
+                state.baseline_val_bpb, state.baseline_heldout_bpb = e.row.val_bpb, e.run.heldout_val_bpb
             if e.status == RowStatus.KEEP:
                 state.best_commit, state.best_val_bpb = e.commit, e.row.val_bpb
                 heldout = e.run.heldout_val_bpb
@@ -127,25 +131,50 @@ class Decision:
     seed_pinned: bool = False  # a would-be keep whose runs ignore the runner's seeds (a discard; see `confirm`)
 
 
-def overfit(state: RunState, outcome: Outcome, min_delta: float, tolerance: float) -> str:
+@dataclass(frozen=True)
+class HeldoutRule:
+    """How much of a val gain must show on the held-out data (see `overfit`)."""
+
+    tolerance: float = 0.02  # bpb the night's held-out gain may fall short of its val gain by, at most
+    relative: float = 0.05   # ... plus this fraction of the val gain (a held-out text of another distribution)
+
+
+def overfit(state: RunState, outcome: Outcome, min_delta: float, rule: HeldoutRule = HeldoutRule()) -> str:
     """Why `outcome` would be an overfit keep, or "" when it is not (or nothing tells).
 
     The held-out data is read by no experiment, so what a run gains there is real; what it gains
-    on val alone may be memorised. The rule: the held-out gain must be at least half the val
-    gain, less the noise (the larger of min_delta and `tolerance`). A result that memorises val
-    gains nothing held-out and is refused whatever its val; an honest gain shows on both.
+    on val alone may be memorised. Two rules, both by construction rather than by recognising an
+    attack:
+
+    - The keep must gain on held-out data too: more than half of min_delta (more than nothing
+      when min_delta is 0) against the current best's held-out score. A result that memorised
+      val, or a slice of it, gains nothing there, whatever its val.
+    - The night's whole val gain, from the baseline to this result, must show on held-out data
+      within max(min_delta, rule.tolerance) + rule.relative x that gain. Compared with the
+      baseline, not the current best, the allowance is granted once per night, not again at
+      every keep: memorised val rides on real gains by that much at most, and never ratchets.
     """
     if outcome.heldout_bpb is None or state.best_heldout_bpb is None:
         return ""
     val_gain = state.best_val_bpb - outcome.val_bpb
     heldout_gain = state.best_heldout_bpb - outcome.heldout_bpb
-    if heldout_gain >= val_gain / 2 - max(min_delta, tolerance):
+    if heldout_gain <= min_delta / 2:
+        return (f"val_bpb improved by {val_gain:.6f} but held-out bpb by {heldout_gain:+.6f} "
+                f"({outcome.heldout_bpb:.6f} against the best's {state.best_heldout_bpb:.6f}; a keep must gain "
+                f"more than {min_delta / 2:.6f} there too)")
+    if state.baseline_val_bpb is None or state.baseline_heldout_bpb is None:
         return ""
-    return (f"val_bpb improved by {val_gain:.6f} but held-out bpb by {heldout_gain:+.6f} "
-            f"({outcome.heldout_bpb:.6f} against the best's {state.best_heldout_bpb:.6f})")
+    night_val = state.baseline_val_bpb - outcome.val_bpb
+    night_heldout = state.baseline_heldout_bpb - outcome.heldout_bpb
+    allowed = max(min_delta, rule.tolerance) + rule.relative * max(night_val, 0.0)
+    if night_val - night_heldout <= allowed:
+        return ""
+    return (f"since the baseline val_bpb improved by {night_val:.6f} but held-out bpb by {night_heldout:.6f}: "
+            f"{night_val - night_heldout:.6f} of the val gain does not hold on data no experiment reads "
+            f"(allowed {allowed:.6f})")
 
 
-def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, heldout_tolerance: float = 0.0) -> Decision:
+def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, heldout: HeldoutRule = HeldoutRule()) -> Decision:
     """Keep only a finite result better than the current best by more than `min_delta`, proposed
     on that best, verified when it was verified at all (a verdict other than ok is a discard),
     and not an overfit on val (see `overfit`; a discard). If the best moved while it ran, it is
@@ -156,7 +185,7 @@ def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, he
         return Decision(RowStatus.DISCARD)  # unverified, forged or noncausal: recorded, never kept
     improved = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
     if improved:
-        why = overfit(state, outcome, min_delta, heldout_tolerance)
+        why = overfit(state, outcome, min_delta, heldout)
         if why:
             return Decision(RowStatus.DISCARD, overfit=why)
         if job.parent == state.best_commit:
@@ -218,17 +247,25 @@ class Confirmation:
 
     values: tuple[float, ...]  # val_bpb of each run, the first (train.py's own seeds) first
     mean: float
-    seed_pinned: bool          # identical under different seeds on a repo whose baseline is not
+    seed_pinned: bool          # far closer together under different seeds than the baseline's runs
+
+
+# Runs under different seeds closer together than this fraction of the baseline's spread over
+# seeds ignored the seeds. Two honest runs land that close by chance about 1% of the time (their
+# difference is ~N(0, 2 sigma^2); the baseline's spread of three runs is ~1.7 sigma).
+PINNED_FRACTION = 0.01
 
 
 def confirm(values: list[float], baseline_values: list[float] | None) -> Confirmation:
     """The rule: a result is kept on the mean of its runs (the first and its confirmation runs,
     each with another seed), held to the same bar as the first was (better than the best by
-    more than min_delta, which `auto` sets from the baseline's spread over seeds). Runs that all
-    agree to the last digit although the baseline's did not show a train.py that overrides the
-    runner's seeds: confirmation could not test it, so it is not confirmed."""
-    varied = baseline_values is not None and len(set(baseline_values)) > 1
-    return Confirmation(tuple(values), statistics.fmean(values), varied and len(values) > 1 and len(set(values)) == 1)
+    more than min_delta, which `auto` sets from the baseline's spread over seeds). Runs that
+    agree far closer than the baseline's did (within PINNED_FRACTION of its spread; exactly,
+    or with a jitter added to look varied) show a train.py that overrides the runner's seeds:
+    confirmation could not test it, so it is not confirmed."""
+    spread = max(baseline_values) - min(baseline_values) if baseline_values else 0.0
+    close = len(values) > 1 and max(values) - min(values) <= PINNED_FRACTION * spread
+    return Confirmation(tuple(values), statistics.fmean(values), spread > 0 and close)
 
 
 def unconfirmed(outcome: Outcome) -> bool:
@@ -343,6 +380,28 @@ def resumed_vram_ceiling_gb(recorded_gb: float | None, configured_gb: float | No
     """The default VRAM ceiling a resumed night keeps: the one an earlier session recorded,
     unless runner.yaml sets one now. None: leave the limits as runner.yaml makes them."""
     return recorded_gb if configured_gb is None else None
+
+
+# Training past the budget: the budget is kept by train.py's own loop, which the host cannot see
+# into. What the host measures is each run's wall time, container start to exit; after the
+# baseline, no run may take longer than the baseline did by more than this allowance (a larger
+# model's slower evaluation, a loaded host), or it is stopped as a timeout and decides nothing.
+OVERTIME_FRACTION = 0.1  # of the training budget ...
+OVERTIME_MIN_S = 10.0    # ... and at least this many seconds
+
+
+def experiment_wall_limit_s(baseline_wall_s: float | None, budget_s: float, overtime_s: float | None) -> float | None:
+    """The deadline experiments run under after the baseline: its wall time plus `overtime_s`
+    (runner.yaml limits.overtime_s), by default the larger of OVERTIME_FRACTION of the budget and
+    OVERTIME_MIN_S. None without a measured baseline (the budget's deadline holds).
+
+    Time past the budget is the one gain no held-out data shows (the model is honestly better),
+    so it is bounded where it is measured: a train.py that ignores its budget trains at most
+    this allowance longer than the baseline did, and further than that it is a timeout."""
+    if not baseline_wall_s or baseline_wall_s <= 0:
+        return None
+    allowance = overtime_s if overtime_s is not None else max(OVERTIME_FRACTION * budget_s, OVERTIME_MIN_S)
+    return baseline_wall_s + allowance
 
 
 # --- which results are verified --------------------------------------------------------------

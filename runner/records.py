@@ -438,6 +438,15 @@ class VramCeiling(Event, kind="vram_ceiling"):
 
 
 @dataclass(frozen=True)
+class WallLimit(Event, kind="wall_limit"):
+    """The deadline experiments run under after the baseline (policy.experiment_wall_limit_s):
+    measured once, kept across a resume."""
+
+    baseline_wall_s: float
+    s: float
+
+
+@dataclass(frozen=True)
 class Noise(Event, kind="noise"):
     """The baseline's spread over seeds (reruns.noise_floor) and the min_delta it set."""
 

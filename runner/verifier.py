@@ -39,8 +39,10 @@ VERIFY_WALL_FACTOR = 2.0
 
 
 def verifier_limits(limits: Limits, run_wall_s: float) -> Limits:
-    """The run's limits, with the deadline VERIFY_WALL_FACTOR x its wall time longer."""
-    return dataclasses.replace(limits, startup_grace_s=limits.startup_grace_s + VERIFY_WALL_FACTOR * max(run_wall_s, 0.0))
+    """The run's limits, with the deadline VERIFY_WALL_FACTOR x its wall time longer (and not the
+    experiments' measured wall limit, which is a training run's)."""
+    return dataclasses.replace(limits, wall_limit_s=None,
+                               startup_grace_s=limits.startup_grace_s + VERIFY_WALL_FACTOR * max(run_wall_s, 0.0))
 
 
 class Verifier:

@@ -47,11 +47,14 @@ class Limits:
     vram_limit_gb: float | None = None  # NVML watchdog ceiling; None = whole device
     nofile: int = 1024                  # open files per process (pids x nofile bounds the host file table share)
     runtime: str | None = None          # OCI runtime of the engine (runsc for gVisor, kata); None = its default
+    wall_limit_s: float | None = None   # a tighter deadline, measured (the baseline's wall time + overtime); None = none
 
     @property
     def deadline_s(self) -> float:
-        """Seconds from container start until the host stops the run."""
-        return self.timeout_factor * self.time_budget_s + self.startup_grace_s
+        """Seconds from container start until the host stops the run: factor x budget + grace,
+        or the measured wall limit where one is set and tighter."""
+        deadline = self.timeout_factor * self.time_budget_s + self.startup_grace_s
+        return deadline if self.wall_limit_s is None else min(deadline, self.wall_limit_s)
 
     @property
     def inner_deadline_s(self) -> float:

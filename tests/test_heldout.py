@@ -64,7 +64,7 @@ def test_the_tinylm_heldout_text_is_pinned_and_never_copied_into_the_example(tmp
     text = HELDOUT_TEXT.read_text()
     assert all(line in text for line in DISTINCTIVE) and VAL_LINE not in text
     spec = yaml.safe_load((example_source() / "runner.yaml").read_text())["heldout"]["tinylm/val.bin"]
-    assert spec.endswith("#sha256=" + _sha(HELDOUT_TEXT.read_bytes()))
+    assert spec.endswith("#sha256=" + _sha(HELDOUT_TEXT.read_bytes()) + "&scramble=python")
     repo = init_example(tmp_path / "tinylm")
     tracked = subprocess.run(["git", "-C", str(repo), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
     assert "runner.yaml" in tracked
@@ -138,7 +138,13 @@ def test_fill_refuses_a_pin_mismatch_a_failed_download_and_data_experiments_read
 @pytest.mark.docker
 def test_runner_prepare_writes_the_tinylm_heldout_text_into_verify_data(tinylm, heldout_dir):
     repo, data = tinylm
-    assert (heldout_dir / "tinylm" / "val.bin").read_bytes() == HELDOUT_TEXT.read_bytes()
+    from runner.scramble import SECRET_NAME, scramble_python
+
+    # The public text, scrambled with this host's secret (kept in verify_data, readable by its owner only).
+    written = (heldout_dir / "tinylm" / "val.bin").read_bytes()
+    secret = heldout_dir / SECRET_NAME
+    assert written == scramble_python(HELDOUT_TEXT.read_bytes(), secret.read_bytes()) != HELDOUT_TEXT.read_bytes()
+    assert secret.stat().st_mode & 0o777 == 0o600
     for folder in (repo, data):
         for path in folder.rglob("*"):
             if path.is_file() and ".git" not in path.parts:
@@ -228,3 +234,48 @@ def test_the_autoresearch_recipe_fills_verify_data_without_changing_prepare_py(t
     assert record["status"] == "ok" and record["verdict"] == "ok", record
     assert record["heldout_val_bpb"] is not None and 0 < record["heldout_val_bpb"] < 8
     assert record["heldout_val_bpb"] != record["val_bpb"]
+
+
+# --- the scramble: a held-out text that exists nowhere else ------------------------------------
+
+
+def test_a_scrambled_heldout_text_is_the_hosts_own_and_the_same_at_each_prepare(tmp_path):
+    """`#scramble=python` writes the pinned public text scrambled with a secret made once in
+    verify_data: prepare again, the same bytes (scores stay comparable); another host (another
+    secret), other bytes. A model that memorised the public text finds few of its contexts."""
+    source = tmp_path / "public.txt"
+    source.write_bytes(HELDOUT_TEXT.read_bytes())
+    pin = _sha(HELDOUT_TEXT.read_bytes())
+    entry = {"tinylm/val.bin": f"{source}#sha256={pin}&scramble=python"}
+    said = []
+    fill(_cfg(tmp_path, entry), said.append)
+    first = (tmp_path / "heldout" / "tinylm" / "val.bin").read_bytes()
+    assert "scrambled (python) with this host's secret" in said[0] and f"#sha256={pin}" not in said[0]
+    fill(_cfg(tmp_path, entry), lambda m: None)
+    assert (tmp_path / "heldout" / "tinylm" / "val.bin").read_bytes() == first
+
+    other = tmp_path / "other-host"
+    other.mkdir()
+    fill(_cfg(other, entry), lambda m: None)
+    assert (other / "heldout" / "tinylm" / "val.bin").read_bytes() != first
+
+    # The files are all there, in another order; keywords and the library's names survive, and
+    # most 24-byte contexts of the public text are gone.
+    public = HELDOUT_TEXT.read_bytes()
+    assert first.count(b"# ===== file: ") == public.count(b"# ===== file: ")
+    import re
+    for kept_as_is in (rb"\bdef ", rb"\bos\.path\.join\b", rb"\bself\b"):
+        assert len(re.findall(kept_as_is, first)) == len(re.findall(kept_as_is, public)), kept_as_is
+    assert first[:200] != public[:200]
+    contexts = {public[i:i + 24] for i in range(0, len(public) - 24)}
+    kept = sum(first[i:i + 24] in contexts for i in range(0, len(first) - 24, 7)) / len(range(0, len(first) - 24, 7))
+    assert kept < 0.5, kept
+
+
+def test_scramble_options_are_checked_where_runner_yaml_is_read(tmp_path):
+    from runner.heldout import parse
+
+    assert parse("a.bin", "/x.txt#scramble=python").scramble == "python"
+    for bad in ("/x.txt#scramble=rot13", "/x.txt#colour=blue", f"/x.txt#sha256={'0' * 64}&sha256={'0' * 64}"):
+        with pytest.raises(ConfigError, match="heldout.a.bin"):
+            parse("a.bin", bad)

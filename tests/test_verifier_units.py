@@ -126,15 +126,82 @@ def _outcome(val: float, heldout: float | None) -> Outcome:
 
 def test_a_val_gain_without_a_held_out_gain_is_an_overfit_discard():
     state = RunState(best_commit="best", best_val_bpb=4.0, best_heldout_bpb=4.1)
-    memorised = decide(state, _Job(), _outcome(0.5, 4.1), 0.0, 0.02)   # val memorised, held-out unchanged
+    memorised = decide(state, _Job(), _outcome(0.5, 4.1), 0.0)   # val memorised, held-out unchanged
     assert memorised.status == "discard" and "held-out" in memorised.overfit
-    honest = decide(state, _Job(), _outcome(3.8, 3.92), 0.0, 0.02)     # both gain
+    honest = decide(state, _Job(), _outcome(3.8, 3.92), 0.0)     # both gain
     assert honest.status == "keep" and not honest.overfit
-    noisy = decide(state, _Job(), _outcome(3.98, 4.105), 0.0, 0.02)     # a small gain, held-out within the noise
-    assert noisy.status == "keep"
-    regressed = decide(state, _Job(), _outcome(3.98, 4.2), 0.0, 0.02)  # held-out worse by more than the noise
-    assert regressed.status == "discard" and regressed.overfit
-    assert decide(RunState(best_commit="best", best_val_bpb=4.0), _Job(), _outcome(0.5, 4.1), 0.0, 0.02).status == "keep"
+    # A val gain whose held-out score stands still or goes back: nothing shows it is real.
+    flat = decide(state, _Job(), _outcome(3.98, 4.105), 0.0)
+    assert flat.status == "discard" and "must gain" in flat.overfit
+    # The held-out gain must clear half of min_delta, as noise would not.
+    assert decide(state, _Job(), _outcome(3.9, 4.09), 0.04).status == "discard"
+    assert decide(state, _Job(), _outcome(3.9, 4.07), 0.04).status == "keep"
+    assert decide(RunState(best_commit="best", best_val_bpb=4.0), _Job(), _outcome(0.5, 4.1), 0.0).status == "keep"
+
+
+def test_memorised_val_rides_on_a_real_gain_only_within_the_nights_allowance():
+    """From a baseline at val 7.6, held-out 7.7: a real gain of 3 bpb shows on both (the held-out
+    text is another distribution: it gains a little less). With a val table worth 0.5 bpb on
+    top, the night's val gain outruns its held-out gain by far more than the allowance
+    (0.02 + 5% of the val gain)."""
+    from runner.policy import HeldoutRule
+
+    state = RunState(best_commit="best", best_val_bpb=7.6, best_heldout_bpb=7.7, baseline_val_bpb=7.6,
+                     baseline_heldout_bpb=7.7)
+    rule = HeldoutRule(tolerance=0.02, relative=0.05)
+    assert decide(state, _Job(), _outcome(4.6, 4.8), 0.0, rule).status == "keep"        # 3.0 on val, 2.9 held-out
+    table = decide(state, _Job(), _outcome(4.1, 4.8), 0.0, rule)                        # 3.5 on val, 2.9 held-out
+    assert table.status == "discard" and "since the baseline" in table.overfit
+
+
+def test_the_overfit_allowance_is_the_nights_not_granted_again_at_each_keep():
+    """A ratchet: each keep gains 0.03 on val and 0.011 held-out, within a per-keep allowance of
+    0.02; against the baseline the shortfall adds up, and the third keep is refused."""
+    from runner.policy import HeldoutRule
+
+    rule = HeldoutRule(tolerance=0.02, relative=0.0)
+    state = RunState(best_commit="best", best_val_bpb=4.0, best_heldout_bpb=4.1, baseline_val_bpb=4.0,
+                     baseline_heldout_bpb=4.1)
+    statuses = []
+    for step in range(1, 4):
+        outcome = _outcome(4.0 - 0.03 * step, 4.1 - 0.011 * step)
+        decision = decide(state, _Job(), outcome, 0.0, rule)
+        statuses.append(decision.status.value)
+        if decision.status == "keep":
+            state.best_val_bpb, state.best_heldout_bpb = outcome.val_bpb, outcome.heldout_bpb
+    assert statuses == ["keep", "discard", "discard"]
+
+
+def test_runs_that_agree_far_closer_than_the_baselines_seeds_are_seed_pinned():
+    """Exactly equal runs, or runs a jitter keeps 1e-7 apart, under different seeds on a repo
+    whose baseline moved by 0.02 with the seed: both ignored the runner's seeds. Honest runs
+    that differ as the baseline's did are not pinned, nor is anything on a repo whose baseline
+    did not move."""
+    from runner.policy import confirm
+
+    baseline = [7.90, 7.91, 7.92]
+    assert confirm([4.5, 4.5], baseline).seed_pinned
+    assert confirm([4.5, 4.5 + 1e-7], baseline).seed_pinned
+    assert not confirm([4.5, 4.51], baseline).seed_pinned
+    assert not confirm([4.5, 4.5], [7.9, 7.9, 7.9]).seed_pinned
+    assert not confirm([4.5], baseline).seed_pinned
+
+
+def test_the_wall_limit_is_the_baselines_wall_time_and_an_allowance():
+    """After the baseline, runs are stopped at its wall time plus 10% of the budget (at least
+    10 s), or runner.yaml's overtime_s; never later than the budget's own deadline."""
+    from runner.policy import experiment_wall_limit_s
+    from sandbox.spec import Limits
+
+    assert experiment_wall_limit_s(340.0, 300.0, None) == 370.0
+    assert experiment_wall_limit_s(7.0, 2.0, None) == 17.0
+    assert experiment_wall_limit_s(7.0, 2.0, 3.0) == 10.0
+    assert experiment_wall_limit_s(None, 300.0, None) is None
+    limits = Limits(time_budget_s=300, timeout_factor=2, startup_grace_s=60)
+    assert limits.deadline_s == 660
+    import dataclasses
+    assert dataclasses.replace(limits, wall_limit_s=370.0).deadline_s == 370.0
+    assert dataclasses.replace(limits, wall_limit_s=9000.0).deadline_s == 660
 
 
 def test_a_keep_without_a_held_out_figure_does_not_switch_the_rule_off():
@@ -158,3 +225,7 @@ def test_the_verifiers_deadline_grows_with_what_the_run_took():
     assert verifier_limits(limits, 0.0).deadline_s == limits.deadline_s
     assert verifier_limits(limits, 40.0).deadline_s == limits.deadline_s + VERIFY_WALL_FACTOR * 40.0
     assert verifier_limits(limits, 40.0).time_budget_s == 3  # what the experiment was given is unchanged
+    # The experiments' wall limit is a training run's: the verifier keeps its own deadline.
+    import dataclasses
+    tight = dataclasses.replace(limits, wall_limit_s=10.0)
+    assert verifier_limits(tight, 8.0).deadline_s == limits.deadline_s + VERIFY_WALL_FACTOR * 8.0
