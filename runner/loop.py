@@ -358,8 +358,6 @@ class Loop:
         if wall_limit_s is not None:
             self.engine.wall_limit_s = wall_limit_s
             self.ledger.event(WallLimit(baseline_wall_s=run.result.wall_s, s=round(wall_limit_s, 3)))
-            self.out(f"wall limit: {wall_limit_s:.1f} s per run (the baseline's {run.result.wall_s:.1f} s "
-                     f"+ {wall_limit_s - run.result.wall_s:.1f} s)")
         ceiling_gb = default_vram_ceiling_gb(run.result.peak_vram_mb, self.cfg.limits.vram_gb)
         if ceiling_gb is not None:
             self.engine.vram_ceiling_gb = ceiling_gb
