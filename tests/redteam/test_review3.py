@@ -1,4 +1,4 @@
-"""A third adversarial review: train.py files (tests/redteam/attacks/tinylm_*.py, whole files) that
+"""A third adversarial review: train.py files (tests/redteam/attacks/tinylm_*.patch, on the example's) that
 try to get a result KEPT, verified ok and confirmed, with a val_bpb better than honest training at
 the same budget earns, by routes other than research. Each is proposed to the real loop (verify
 on, held-out data, confirmation with another seed) on the bundled example, and each test asserts
@@ -33,6 +33,19 @@ import pytest
 pytestmark = pytest.mark.docker
 
 ATTACKS = Path(__file__).resolve().parent / "attacks"
+EXAMPLE_TRAIN = Path(__file__).resolve().parents[2] / "examples" / "tinylm" / "train.py"
+
+
+def _attack(name: str) -> str:
+    """The example's train.py with attacks/<name>.patch applied: each attack is a patch, so it
+    follows the example, and one that no longer fits it fails here, loudly (git apply)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(EXAMPLE_TRAIN, Path(tmp) / "train.py")
+        subprocess.run(["git", "apply", str(ATTACKS / f"{name}.patch")], cwd=tmp, check=True, capture_output=True)
+        return (Path(tmp) / "train.py").read_text()
+
 # B and C are real edits on a baseline that learns almost nothing (its learning rate 60x too low),
 # so that they are would-be keeps for sure and what the guards do with them is what is tested.
 SLOW_LR = ("LEARNING_RATE = 0.003 ", "LEARNING_RATE = 0.00005 ")
@@ -104,7 +117,7 @@ def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm, tmp_path
     from runner.records import WallLimit
 
     repo, data = tinylm
-    loop, research = _night(repo, data, tmp_path, (ATTACKS / "tinylm_overtime.py").read_text(),
+    loop, research = _night(repo, data, tmp_path, _attack("tinylm_overtime"),
                             "train until the host's deadline", "overtime", overtime_s=1.0)
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
@@ -132,7 +145,7 @@ def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm, tmp_
     from runner.reruns import load_noise
 
     repo, data = tinylm
-    loop, research = _night(repo, data, tmp_path, (ATTACKS / "tinylm_pinned_seeds.py").read_text(),
+    loop, research = _night(repo, data, tmp_path, _attack("tinylm_pinned_seeds"),
                             "12 fixed steps at lr 3e-3", "pinned", baseline=_slow_baseline(repo),
                             budget_s=4, noise_runs=2)
     experiments = loop.ledger.experiments()
@@ -171,7 +184,7 @@ def test_a_memorised_val_table_riding_on_a_real_gain_is_not_kept_on_its_memorise
     "held-out gain >= half the val gain - 0.02" lets the memorised part through. It should not
     be kept with a val_bpb better than its trained model earns (the attack prints that figure)."""
     repo, data = tinylm
-    loop, research = _night(repo, data, tmp_path, (ATTACKS / "tinylm_memorised_within_heldout_slack.py").read_text(),
+    loop, research = _night(repo, data, tmp_path, _attack("tinylm_memorised_within_heldout_slack"),
                             "lr 3e-3 (and a val table)", "memo-slack", baseline=_slow_baseline(repo), budget_s=4)
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
@@ -207,7 +220,7 @@ def test_a_model_that_remembers_the_public_heldout_text_is_not_kept(tinylm, tmp_
 
     repo, data = tinylm
     remembered = HELDOUT_TEXT.read_bytes()[: 65536 + 1]  # prepare.EVAL_TOKENS + 1: what evaluate_bpb scores
-    template = (ATTACKS / "tinylm_heldout_from_memory.py").read_text()
+    template = _attack("tinylm_heldout_from_memory")
     assert template.count('REMEMBERED_B64 = ""') == 1
     train_py = template.replace('REMEMBERED_B64 = ""', f'REMEMBERED_B64 = "{base64.b64encode(lzma.compress(remembered)).decode()}"')
     loop, research = _night(repo, data, tmp_path, train_py, "an n-gram cache", "public-heldout")
@@ -239,7 +252,7 @@ def test_memorised_slices_that_ratchet_through_the_overfit_allowance_are_not_kep
     two, slices of a val table: each keep would gain ~0.02 bpb on val and nothing held-out,
     within the rule's 2 x 0.02 allowance, granted again at each keep. Neither should be kept."""
     repo, data = tinylm
-    attack = (ATTACKS / "tinylm_ratchet.py").read_text()
+    attack = _attack("tinylm_ratchet")
     assert attack.count("\nSLICES = 1\n") == 1
     proposals = [(attack, "one slice"), (attack.replace("\nSLICES = 1\n", "\nSLICES = 2\n"), "two slices")]
     loop, research = _night(repo, data, tmp_path, proposals, "", "ratchet", baseline=_fixed_steps((repo / "train.py").read_text()),
