@@ -4,6 +4,7 @@ tests/test_loop.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import git
@@ -123,6 +124,33 @@ def test_resume_keeps_the_default_vram_ceiling(tmp_path, data_dir):
                  Scripted([]), out=lambda line: None)
     again.setup(resume=True)
     assert again.engine.limits().vram_limit_gb == 3.5
+
+
+def test_after_the_baseline_runs_stop_at_its_wall_time_and_the_allowance(tmp_path, data_dir):
+    """The baseline's wall time, measured by the host, sets every later run's deadline (its wall
+    time + overtime_s): a proposal that sleeps past it is a timeout, long before the budget's
+    own deadline; a resume keeps the measured wall time and applies its own config's allowance."""
+    from runner.engine import Engine
+    from runner.loop import Loop
+    from runner.records import WallLimit
+
+    loop, path, _ = make(tmp_path, data_dir, [("import time\ntime.sleep(30)\n" + variant(VALUE=1.0), "trains past the budget")], max_experiments=1,
+                         overtime_s=1.0)
+    loop.run()
+    limit = loop.ledger.last(WallLimit)
+    baseline = loop.ledger.experiments()[0]
+    assert limit is not None and limit.s == pytest.approx(baseline.run.wall_s + 1.0, abs=0.01)
+    assert loop.engine.limits().deadline_s == pytest.approx(limit.s, abs=0.1)
+    assert loop.engine.limits().deadline_s < loop.cfg.sandbox_limits(loop.engine.time_budget_s()).deadline_s
+    overtime = loop.ledger.experiments()[-1]
+    assert overtime.outcome == "timeout" and overtime.row.status == "discard"
+    assert overtime.run.wall_s < 10  # stopped at the wall limit, not at 2 x budget + grace
+
+    cfg = dataclasses.replace(loop.cfg, limits=dataclasses.replace(loop.cfg.limits, overtime_s=5.0))
+    again = Loop(cfg, loop.repo, Engine(cfg, loop.repo, progress=lambda m: None, backend=FakeBackend().pair()),
+                 Scripted([]), out=lambda line: None)
+    again.setup(resume=True)
+    assert again.engine.limits().deadline_s == pytest.approx(limit.baseline_wall_s + 5.0, abs=0.1)
 
 
 def test_a_crashed_noise_run_is_run_again(tmp_path, data_dir):
