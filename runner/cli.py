@@ -11,8 +11,10 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -485,10 +487,13 @@ def report(
             from .config import ConfigError
 
             raise ConfigError(f"--every must be a positive number of seconds, got {every}")
-        try:
-            rep.watch(repo.resolve(), tag, out, poll_s=every, say=typer.echo)
-        except KeyboardInterrupt:
-            typer.echo("stopped watching")
+        # Ctrl-C or SIGTERM stops the watch at its next look, whatever the signal dispositions it
+        # inherited (a shell's background job starts with SIGINT ignored).
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        rep.watch(repo.resolve(), tag, out, poll_s=every, stop=stop, say=typer.echo)
+        typer.echo("stopped watching")
         return
     try:
         data = rep.collect(repo.resolve(), tag)
