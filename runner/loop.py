@@ -176,7 +176,7 @@ class Loop:
             self.engine.vram_ceiling_gb = ceiling_gb  # the default ceiling outlives the stop
         if (wall := self.ledger.last(WallLimit)) is not None:  # so does the measured deadline (this config's allowance)
             self.engine.wall_limit_s = experiment_wall_limit_s(wall.baseline_wall_s, self.engine.time_budget_s(),
-                                                               self.cfg.limits.overtime_s)
+                                                               self.cfg.limits.overtime_s, self.workers)
         if self.state.best_commit is None:
             return  # killed before the baseline finished: run it again
         head = self.repo.head().sha
@@ -354,7 +354,8 @@ class Loop:
         self.state.best_commit, self.state.best_val_bpb = commit, run.outcome.val_bpb
         self.state.best_heldout_bpb = run.outcome.heldout_bpb
         self.state.baseline_val_bpb, self.state.baseline_heldout_bpb = run.outcome.val_bpb, run.outcome.heldout_bpb
-        wall_limit_s = experiment_wall_limit_s(run.result.wall_s, self.engine.time_budget_s(), self.cfg.limits.overtime_s)
+        wall_limit_s = experiment_wall_limit_s(run.result.wall_s, self.engine.time_budget_s(), self.cfg.limits.overtime_s,
+                                               self.workers)
         if wall_limit_s is not None:
             self.engine.wall_limit_s = wall_limit_s
             self.ledger.event(WallLimit(baseline_wall_s=run.result.wall_s, s=round(wall_limit_s, 3)))

@@ -59,8 +59,10 @@ class Limits:
     @property
     def inner_deadline_s(self) -> float:
         """When the run stops itself, with no runner watching (killed, or its host lost): later
-        than the host's deadline and its kill grace, so a live runner always acts first."""
-        return self.deadline_s + self.kill_grace_s + INNER_DEADLINE_MARGIN_S
+        than the host's deadline and its kill grace, so a live runner always acts first. From the
+        budget, never the measured wall limit: the run can read this one (its parent's argv), and
+        a train.py that knew exactly when the host stops it could train until just before."""
+        return self.timeout_factor * self.time_budget_s + self.startup_grace_s + self.kill_grace_s + INNER_DEADLINE_MARGIN_S
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -188,20 +188,25 @@ def test_runs_that_agree_far_closer_than_the_baselines_seeds_are_seed_pinned():
 
 
 def test_the_wall_limit_is_the_baselines_wall_time_and_an_allowance():
-    """After the baseline, runs are stopped at its wall time plus 10% of the budget (at least
-    10 s), or runner.yaml's overtime_s; never later than the budget's own deadline."""
+    """After the baseline, runs are stopped at its wall time plus the largest of 10% of the
+    budget, 10 s and the baseline's own time outside the budget (twice that with several
+    workers), or runner.yaml's overtime_s; never later than the budget's own deadline, which is
+    what the run itself can read."""
     from runner.policy import experiment_wall_limit_s
     from sandbox.spec import Limits
 
-    assert experiment_wall_limit_s(340.0, 300.0, None) == 370.0
-    assert experiment_wall_limit_s(7.0, 2.0, None) == 17.0
-    assert experiment_wall_limit_s(7.0, 2.0, 3.0) == 10.0
+    assert experiment_wall_limit_s(320.0, 300.0, None) == 350.0   # 10% of the budget
+    assert experiment_wall_limit_s(345.0, 300.0, None) == 390.0   # the baseline's 45 s of startup and evaluation
+    assert experiment_wall_limit_s(7.0, 2.0, None) == 17.0        # at least 10 s
+    assert experiment_wall_limit_s(23.0, 10.0, None, workers=2) == 49.0  # shared: twice 13 s
+    assert experiment_wall_limit_s(7.0, 2.0, 3.0, workers=4) == 10.0     # overtime_s as runner.yaml says
     assert experiment_wall_limit_s(None, 300.0, None) is None
     limits = Limits(time_budget_s=300, timeout_factor=2, startup_grace_s=60)
     assert limits.deadline_s == 660
     import dataclasses
     assert dataclasses.replace(limits, wall_limit_s=370.0).deadline_s == 370.0
     assert dataclasses.replace(limits, wall_limit_s=9000.0).deadline_s == 660
+    assert dataclasses.replace(limits, wall_limit_s=370.0).inner_deadline_s == limits.inner_deadline_s > 660
 
 
 def test_a_keep_without_a_held_out_figure_does_not_switch_the_rule_off():
