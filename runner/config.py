@@ -78,7 +78,7 @@ class LimitsConfig:
 
     timeout_factor: float = 2.0      # deadline = timeout_factor x budget + startup_grace_s
     startup_grace_s: float = 60.0    # imports, data loading and evaluation around training
-    overtime_s: float | None = None  # after the baseline: seconds past its wall time a run may take; null = max(10% of the budget, 10 s)
+    overtime_s: float | None = None  # after the baseline: seconds past its wall time a run may take; null = policy.experiment_wall_limit_s's default
     kill_grace_s: float = 10.0       # SIGTERM -> SIGKILL
     memory_gb: float = 16.0          # RAM ceiling (no swap)
     cpus: float | None = None        # CPU quota in cores; null = none
