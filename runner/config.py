@@ -275,6 +275,12 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _anchored(cfg: RunConfig, base: Path) -> RunConfig:
+    """`cfg` with each relative path under `base`: a path is mounted into containers, which need it absolute."""
+    paths = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), Path)}
+    return dataclasses.replace(cfg, **{k: base / v.expanduser() for k, v in paths.items() if not v.expanduser().is_absolute()})
+
+
 def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
     """runner.yaml of `repo` (if present) with `overrides` (CLI options that were given) on top.
 
@@ -292,8 +298,9 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
         data["verify"] = "on" if data["verify"] else "off"
     if isinstance(data, dict) and isinstance(data.get("confirm"), bool):  # `confirm: off` (on: the default, auto)
         data["confirm"] = "auto" if data["confirm"] else "off"
-    cfg = _build(RunConfig, data)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = _anchored(_build(RunConfig, data), Path(repo).resolve())  # runner.yaml's relative paths: from the repo
+    overrides = {k: Path(v).expanduser().absolute() if isinstance(v, Path) else v  # the command line's: from here
+                 for k, v in (overrides or {}).items() if v is not None}
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in dataclasses.fields(LimitsConfig)}}
     if limit_overrides:
         overrides["limits"] = dataclasses.replace(cfg.limits, **limit_overrides)

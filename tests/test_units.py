@@ -92,6 +92,19 @@ def test_config_rejects_unknown_and_mistyped_keys(tmp_path):
         load_config(tmp_path)
 
 
+def test_relative_paths_are_made_absolute(tmp_path, monkeypatch):
+    """A path is mounted into containers: `--data-dir data` is from where the command runs,
+    runner.yaml's `verify_data: heldout` from the repo."""
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    repo.mkdir(), elsewhere.mkdir()
+    (repo / "runner.yaml").write_text("verify_data: heldout\ndata_dir: ~/cache\n")
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(repo)
+    assert cfg.verify_data == repo.resolve() / "heldout" and cfg.data_dir == Path.home() / "cache"
+    cfg = load_config(repo, {"data_dir": Path("data")})
+    assert cfg.data_dir == elsewhere / "data"
+
+
 def test_cli_overrides_config_file(tmp_path):
     (tmp_path / "runner.yaml").write_text("budget_s: 30\nlimits:\n  memory_gb: 4\n  pids: 64\n")
     cfg = load_config(tmp_path, {"budget_s": 5, "memory_gb": 2})
