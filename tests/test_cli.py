@@ -27,6 +27,7 @@ def test_run_json_on_the_example_reports_a_real_val_bpb(tinylm):
                 "wall_s", "overhead_s", "log"):
         assert key in record, key
     assert record["status"] == "ok" and record["reason"] == "" and record["exit_code"] == 0
+    assert record["verdict"] == "ok" and record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
     # A uniform guess over 256 byte values scores 8 bits per byte; training must beat it.
     assert 0 < record["val_bpb"] < 7.5 and math.isfinite(record["val_bpb"])
     assert record["image"] == f"autoresearch-runner/adhoc:{record['commit'][:12]}"

@@ -188,12 +188,35 @@ def test_no_experiment_can_read_the_tinylm_heldout_text(tinylm, tmp_path, docker
 
 
 @pytest.mark.docker
-def test_an_honest_tinylm_run_is_scored_on_the_heldout_text(tinylm):
+def test_an_honest_tinylm_run_is_verified_and_scored_on_the_heldout_text(tinylm, tmp_path, heldout_dir):
+    """An honest run verifies ok with the verifier's own val_bpb and a held-out figure of its own.
+    Verified again against held-out data its evaluation cannot read, it is not ok: a verification
+    without a held-out figure, where there is held-out data, never is."""
+    import shutil
+
+    from runner.engine import Engine
+    from runner.repo import ResearchRepo
+
     repo, data = tinylm
-    record, _ = run_json(repo, data, "--budget", "3")
-    assert record["status"] == "ok" and record["verdict"] == "ok", record
-    assert record["heldout_val_bpb"] is not None and 0 < record["heldout_val_bpb"] < 8
-    assert record["heldout_val_bpb"] != record["val_bpb"]
+    cfg = load_config(repo, {"data_dir": data, "budget_s": 3})
+    engine = Engine(cfg, ResearchRepo(repo), progress=lambda m: None)
+    finished = engine.run_commit(ResearchRepo(repo).head().sha, "heldout", tmp_path / "run.log")
+    run = engine.verify(finished, "heldout")
+    record = run.record()
+    assert record.status == "ok" and record.verdict == "ok", record
+    assert record.val_bpb == pytest.approx(record.self_reported_val_bpb, rel=1e-3) and 0 < record.val_bpb < 8
+    assert record.heldout_val_bpb is not None and 0 < record.heldout_val_bpb < 8
+    assert record.heldout_val_bpb != record.val_bpb
+
+    broken = tmp_path / "broken-heldout"
+    shutil.copytree(heldout_dir, broken)
+    (broken / "tinylm" / "val.bin").unlink()
+    (broken / "tinylm" / "val.bin").mkdir()  # what the evaluation opens is not a file
+    cfg = load_config(repo, {"data_dir": data, "budget_s": 3, "verify_data": broken})
+    again = Engine(cfg, ResearchRepo(repo), progress=lambda m: None).verify(finished, "heldout")
+    record = again.record()
+    assert record.status != "ok" or record.verdict != "ok", record
+    assert "held-out evaluation failed" in again.outcome.detail and "IsADirectoryError" in again.outcome.detail, record
 
 
 @pytest.mark.docker

@@ -70,6 +70,7 @@ NORM_CAUSAL_POSITIONS = 64                   # per normalisation row: positions 
 # bit-identical on the kernels we know; this absorbs reduced-precision rounding where it is not,
 # and bounds what could hide in it.
 ATOL_NATS = {"float32": 1e-4, "low": 5e-3}
+OVERLAP_MIN_CPUS = 4                         # the held-out pass loads beside the val pass on this many cores
 
 
 class Unverifiable(Exception):
@@ -533,8 +534,9 @@ def _load(folder: str, workdir: str, call: dict):
     return program.module()
 
 
-def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Clock | None = None):
-    """The repo's own evaluation of the exported program: (val_bpb, the call, the program, the model)."""
+def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Clock | None = None, gate=None):
+    """The repo's own evaluation of the exported program: (val_bpb, the call, the program, the model).
+    `gate`, when given, is called once everything is loaded, just before the evaluation starts."""
     sys.path.insert(0, os.getcwd())  # the repo (/repo): its fixed evaluation code, never train.py's
     call = _read_call(folder)
     module, function = _evaluation()  # first: the repo's own kernels (verify_ops) register their operators on import
@@ -545,6 +547,8 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     model = _scored_model(program, probes or Probes(random.Random()))
     model.held = _held_tensors(program)
     model.pristine = {name: value.detach().clone() for name, value in model.held.items()}  # before the first call
+    if gate is not None:
+        gate()
     with _autocast(call):
         value = function(model, *args, **kwargs)
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
@@ -552,44 +556,99 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     return float(value), call, program, model
 
 
-def _heldout(folder: str) -> tuple[bool, VerifyReport | None]:
+class _HeldoutPass:
     """The whole verification again with $HOME/.cache/autoresearch being the held-out copy of the
-    data, in a fresh interpreter (the evaluation module reads its paths at import), probes
-    included: a model could be honest on val only. It answers through a pipe of its own.
-    Returns (whether there is held-out data, its report or None when it gave none)."""
-    import subprocess
+    data, probes included (a model could be honest on val only), in a child process forked with
+    torch imported and nothing of the repo's: the evaluation module reads its paths at import.
+    It is forked before the val pass (a process that has run torch's thread pool cannot fork a
+    working one) and evaluates only when `report()` tells it to, one evaluation on the device at
+    a time. With cores to spare it loads the program meanwhile; on a host with few, it waits
+    first (a load beside the val pass would only slow both). It answers through a pipe of its
+    own; what it prints goes to a file. `present`: whether there is held-out data at all."""
 
-    data = os.environ.get(protocol.HELDOUT_ENV, "")
-    if not data.endswith(DATA_SUFFIX) or not os.path.isdir(data):
-        return False, None
-    try:
-        if not os.listdir(data):
-            return False, None
-    except OSError as exc:
-        return True, VerifyReport.unverified(f"the held-out data cannot be read ({exc.strerror}): make it readable "
-                                             f"by all, like the data cache")
-    env = dict(os.environ, HOME=data[: -len(DATA_SUFFIX)])
-    read_end, write_end = os.pipe()
-    done = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--heldout", folder, str(write_end)],
-                          env=env, capture_output=True, text=True, pass_fds=(write_end,))
-    os.close(write_end)
-    with os.fdopen(read_end) as f:
-        answer = f.read(1 << 16)
-    report = protocol.parse_report(answer, HELDOUT_SECRET)
-    if report.verdict == Verdict.UNVERIFIED and not report.val_bpb:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        return True, VerifyReport.unverified(f"the held-out evaluation failed: {tail[0][:300]}")
-    return True, report
+    def __init__(self, folder: str):
+        self.pid, self.failed, self.present = None, None, False
+        data = os.environ.get(protocol.HELDOUT_ENV, "")
+        if not data.endswith(DATA_SUFFIX) or not os.path.isdir(data):
+            return
+        try:
+            self.present = bool(os.listdir(data))
+        except OSError as exc:
+            self.present = True
+            self.failed = VerifyReport.unverified(f"the held-out data cannot be read ({exc.strerror}): make it "
+                                                  f"readable by all, like the data cache")
+        if not self.present or self.failed:
+            return
+        self.answer, answer_end = os.pipe()
+        go_end, self.go = os.pipe()
+        self.output = tempfile.TemporaryFile("w+")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.close(self.answer)
+                os.close(self.go)
+                os.dup2(self.output.fileno(), 1)
+                os.dup2(self.output.fileno(), 2)
+                os.environ["HOME"] = data[: -len(DATA_SUFFIX)]
+                code = heldout_main(folder, answer_end, go_end, overlap=_spare_cores())
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(answer_end)
+        os.close(go_end)
+
+    def report(self) -> VerifyReport:
+        """Its report, once it has evaluated (or failed to)."""
+        if self.failed:
+            return self.failed
+        with contextlib.suppress(BrokenPipeError):  # it may have ended already (it failed to load)
+            os.write(self.go, b"g")
+        os.close(self.go)
+        with os.fdopen(self.answer) as f:
+            self.go = self.answer = None
+            answer = f.read(1 << 16)
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        self.output.seek(0)
+        printed = self.output.read()
+        self.output.close()
+        report = protocol.parse_report(answer, HELDOUT_SECRET)
+        if report.verdict == Verdict.UNVERIFIED and not report.val_bpb:
+            tail = printed.strip().splitlines()[-1:] or [f"exit {os.waitstatus_to_exitcode(status)}"]
+            return VerifyReport.unverified(f"the held-out evaluation failed: {tail[0][:300]}")
+        return report
+
+    def cancel(self) -> None:
+        """Stop it unheard (the val pass already decided)."""
+        if self.pid is not None:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+            for fd in (self.go, self.answer):
+                if fd is not None:
+                    os.close(fd)
+            self.output.close()
+            self.pid = None
 
 
-def _probe(folder: str, clock: _Clock) -> VerifyReport:
-    """Evaluate and probe: the report of one pass, on whichever data $HOME points at."""
+def _probe(folder: str, clock: _Clock, gate=None) -> VerifyReport:
+    """Evaluate and probe: the report of one pass, on whichever data $HOME points at (`gate`: as
+    for evaluate)."""
     import torch
 
     rng = random.Random(int.from_bytes(os.urandom(16), "big"))
     probes = Probes(rng)
     with tempfile.TemporaryDirectory() as workdir:
-        verified, call, program, model = evaluate(folder, workdir, probes, clock)
+        verified, call, program, model = evaluate(folder, workdir, probes, clock, gate)
     clock.lap("evaluate")
     if not math.isfinite(verified):
         return VerifyReport.unverified("the evaluation of the exported program gave no finite number")
@@ -624,23 +683,36 @@ def _probe(folder: str, clock: _Clock) -> VerifyReport:
 def verify(folder: str, clock: _Clock) -> VerifyReport:
     """The report: the evaluation on val with its probes, then on the held-out data with its own.
     Where there is held-out data, a verification without a held-out figure is not ok."""
-    report = _probe(folder, clock)
-    if report.verdict != Verdict.OK:
-        return report
-    has_heldout, heldout = _heldout(folder)
+    heldout = _HeldoutPass(folder)
+    try:
+        report = _probe(folder, clock)
+        if report.verdict != Verdict.OK or not heldout.present:
+            return report
+        held = heldout.report()
+    finally:
+        heldout.cancel()
     clock.lap("heldout")
-    if not has_heldout:
-        return report
-    if heldout.verdict != Verdict.OK or heldout.val_bpb is None:
-        verdict = heldout.verdict if heldout.verdict != Verdict.OK else Verdict.UNVERIFIED
-        return dataclasses.replace(report, verdict=verdict, why=f"on the held-out data: {heldout.why}",
-                                   heldout_error=heldout.why)
-    return dataclasses.replace(report, heldout_bpb=heldout.val_bpb)
+    if held.verdict != Verdict.OK or held.val_bpb is None:
+        verdict = held.verdict if held.verdict != Verdict.OK else Verdict.UNVERIFIED
+        return dataclasses.replace(report, verdict=verdict, why=f"on the held-out data: {held.why}",
+                                   heldout_error=held.why)
+    return dataclasses.replace(report, heldout_bpb=held.val_bpb)
+
+
+def _warm_imports() -> None:
+    """What both passes import to load a program (torch, torch.export and its deserialiser, which
+    pulls in sympy: ~3.5 s on a CPU core), imported once, before the held-out pass forks."""
+    import torch.export  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # a private module: a speed-up only, wherever it lives
+        importlib.import_module("torch._export.serde.serialize")
 
 
 def main(folder: str) -> int:
     secret = os.environ.pop(protocol.SECRET_ENV, "")
     clock = _Clock()
+    _warm_imports()
+    clock.lap("import")
     try:
         report = verify(folder, clock)
     except Refused as exc:
@@ -654,9 +726,23 @@ def main(folder: str) -> int:
     return 0
 
 
-def heldout_main(folder: str, fd: int) -> int:
+def _spare_cores() -> bool:
+    """Whether this process may use cores enough that a load beside an evaluation costs it nothing."""
+    return len(os.sched_getaffinity(0)) >= OVERLAP_MIN_CPUS
+
+
+def heldout_main(folder: str, fd: int, go: int, overlap: bool) -> int:
+    """The held-out pass (in the forked child): its report through `fd`, once `go` says so
+    (loaded first when `overlap`)."""
+    def wait_for_go():  # evaluate once the val pass is done with the device, or not at all
+        with os.fdopen(go, "rb") as f:
+            if f.read(1) != b"g":
+                sys.exit(0)
+
+    if not overlap:
+        wait_for_go()
     try:
-        report = _probe(folder, _Clock())
+        report = _probe(folder, _Clock(), wait_for_go if overlap else None)
     except (Refused, Unverifiable) as exc:
         report = VerifyReport(Verdict.REFUSED if isinstance(exc, Refused) else Verdict.UNVERIFIED, why=str(exc))
     with os.fdopen(fd, "w") as f:
@@ -665,6 +751,4 @@ def heldout_main(folder: str, fd: int) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--heldout":
-        sys.exit(heldout_main(sys.argv[2], int(sys.argv[3])))
     sys.exit(main(sys.argv[1]))
