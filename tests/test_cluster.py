@@ -65,6 +65,31 @@ def _start(repo: Path, data: Path, address: str, tag: str, *extra: str) -> list[
             "--cluster", address, "--proposer", "offline", "--workers", "2", *extra]
 
 
+def test_images_reach_a_node_through_a_registry_by_digest(cluster, tinylm, tmp_path):
+    """With `registry:` an image is pushed once and pulled by digest on the node: the same image
+    id there, named by the registry digest, nothing through the object store. (First in this
+    file: what it pulls leaves the base layers on the second node, which the next test's first
+    image then need not carry through the object store.)"""
+    ray, _, host2, _ = cluster
+    _, data = tinylm
+    repo = _clone(tinylm, tmp_path / "repo")
+    with registry(tmp_path / "registry") as address:
+        with open(repo / "runner.yaml", "a") as f:
+            f.write(f"registry: {address}\n")
+        subprocess.run(["git", "-C", str(repo), "add", "runner.yaml"], check=True)
+        subprocess.run(["git", "-C", str(repo), "commit", "-qm", "a registry"], check=True)
+        r = runner_cli(*_start(repo, data, ray.address, "reg", "--budget", "2", "--max-experiments", "3")[3:],
+                       env=DRIVER_ENV, timeout=1200)
+        assert r.returncode == 0, r.stdout + r.stderr
+    engine2 = docker.DockerClient(base_url=host2)
+    pulled = {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=reg"})
+              if any(d.startswith(address + "/") for d in i.attrs.get("RepoDigests") or [])}
+    experiments = Ledger(repo, "reg").experiments()
+    on_node2 = [e for e in experiments if e.run.image_id in pulled]
+    assert on_node2, "no experiment ran on the second node from the registry"
+    assert all(e.run.image_transfer_bytes == 0 for e in experiments)
+
+
 def test_a_loop_spreads_over_two_nodes_with_one_ledger(cluster, tinylm, tmp_path):
     ray, _, host2, _ = cluster
     _, data = tinylm
@@ -162,34 +187,11 @@ def test_a_node_with_other_data_is_one_clear_error(cluster, tinylm, tmp_path):
     assert "node 127.0.0.1" in r.stderr
 
 
-def test_images_reach_a_node_through_a_registry_by_digest(cluster, tinylm, tmp_path):
-    """With `registry:` an image is pushed once and pulled by digest on the node: the same image
-    id there, named by the registry digest, nothing through the object store."""
-    ray, _, host2, _ = cluster
-    _, data = tinylm
-    repo = _clone(tinylm, tmp_path / "repo")
-    with registry(tmp_path / "registry") as address:
-        with open(repo / "runner.yaml", "a") as f:
-            f.write(f"registry: {address}\n")
-        subprocess.run(["git", "-C", str(repo), "add", "runner.yaml"], check=True)
-        subprocess.run(["git", "-C", str(repo), "commit", "-qm", "a registry"], check=True)
-        r = runner_cli(*_start(repo, data, ray.address, "reg", "--budget", "2", "--max-experiments", "3")[3:],
-                       env=DRIVER_ENV, timeout=1200)
-        assert r.returncode == 0, r.stdout + r.stderr
-    engine2 = docker.DockerClient(base_url=host2)
-    pulled = {i.id for i in engine2.images.list(filters={"label": f"{naming.L_TAG}=reg"})
-              if any(d.startswith(address + "/") for d in i.attrs.get("RepoDigests") or [])}
-    experiments = Ledger(repo, "reg").experiments()
-    on_node2 = [e for e in experiments if e.run.image_id in pulled]
-    assert on_node2, "no experiment ran on the second node from the registry"
-    assert all(e.run.image_transfer_bytes == 0 for e in experiments)
-
-
 def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tinylm, tmp_path):
     ray, node2, host2, _ = cluster
     _, data = tinylm
     repo = _clone(tinylm, tmp_path / "repo")
-    loop = subprocess.Popen(_start(repo, data, ray.address, "lost", "--budget", "10", "--max-experiments", "3"),
+    loop = subprocess.Popen(_start(repo, data, ray.address, "lost", "--budget", "5", "--max-experiments", "3"),
                             env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
