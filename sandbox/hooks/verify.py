@@ -683,6 +683,8 @@ def _probe(folder: str, clock: _Clock, gate=None) -> VerifyReport:
 def verify(folder: str, clock: _Clock) -> VerifyReport:
     """The report: the evaluation on val with its probes, then on the held-out data with its own.
     Where there is held-out data, a verification without a held-out figure is not ok."""
+    _warm_imports()
+    clock.lap("import")
     heldout = _HeldoutPass(folder)
     try:
         report = _probe(folder, clock)
@@ -711,8 +713,6 @@ def _warm_imports() -> None:
 def main(folder: str) -> int:
     secret = os.environ.pop(protocol.SECRET_ENV, "")
     clock = _Clock()
-    _warm_imports()
-    clock.lap("import")
     try:
         report = verify(folder, clock)
     except Refused as exc:
