@@ -276,9 +276,11 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 def _anchored(cfg: RunConfig, base: Path) -> RunConfig:
-    """`cfg` with each relative path under `base`: a path is mounted into containers, which need it absolute."""
-    paths = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), Path)}
-    return dataclasses.replace(cfg, **{k: base / v.expanduser() for k, v in paths.items() if not v.expanduser().is_absolute()})
+    """`cfg` with each path's ~ expanded and a relative one under `base` (an absolute one stays
+    itself: base / absolute is the absolute path). Paths are mounted into containers, which need
+    them absolute."""
+    return dataclasses.replace(cfg, **{f.name: base / getattr(cfg, f.name).expanduser() for f in dataclasses.fields(cfg)
+                                       if isinstance(getattr(cfg, f.name), Path)})
 
 
 def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
@@ -299,12 +301,11 @@ def load_config(repo: Path, overrides: dict | None = None) -> RunConfig:
     if isinstance(data, dict) and isinstance(data.get("confirm"), bool):  # `confirm: off` (on: the default, auto)
         data["confirm"] = "auto" if data["confirm"] else "off"
     cfg = _anchored(_build(RunConfig, data), Path(repo).resolve())  # runner.yaml's relative paths: from the repo
-    overrides = {k: Path(v).expanduser().absolute() if isinstance(v, Path) else v  # the command line's: from here
-                 for k, v in (overrides or {}).items() if v is not None}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in {f.name for f in dataclasses.fields(LimitsConfig)}}
     if limit_overrides:
         overrides["limits"] = dataclasses.replace(cfg.limits, **limit_overrides)
-    cfg = dataclasses.replace(cfg, repo=Path(repo).resolve(), **overrides)
+    cfg = _anchored(dataclasses.replace(cfg, repo=Path(repo).resolve(), **overrides), Path.cwd())  # the command line's: from here
     if cfg.ca_bundle is None:
         cfg = dataclasses.replace(cfg, ca_bundle=default_ca_bundle())
     if cfg.hf_cache is None:
