@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from sandbox.backend import EXECUTORS, BackendSettings
-from sandbox.spec import GiB, MiB, Limits
+from sandbox.spec import GiB, MiB, Limits, confined_cpuset
 
 from .errors import ConfigError  # noqa: F401  (raised here, and imported from here by most callers)
 from .text import redact_url
@@ -82,7 +82,7 @@ class LimitsConfig:
     kill_grace_s: float = 10.0       # SIGTERM -> SIGKILL
     memory_gb: float = 16.0          # RAM ceiling (no swap)
     cpus: float | None = None        # CPU quota in cores; null = none
-    cpuset: str | None = None        # pin experiments to these host CPUs, e.g. "0-7"
+    cpuset: str | None = None        # pin experiments to these host CPUs, e.g. "0-7"; null = the runner's own when it is confined (taskset, a Slurm cpuset), else any
     pids: int = 512                  # processes + threads
     tmp_mb: int = 1024               # /tmp tmpfs
     out_mb: int = 256                # /out tmpfs
@@ -168,7 +168,12 @@ class RunConfig:
         return HeldoutRule(self.heldout_tolerance, self.heldout_relative)
 
     def sandbox_limits(self, time_budget_s: float) -> Limits:
+        """The sandbox's limits for a run of `time_budget_s`. Without limits.cpuset, runs on this
+        host's engine keep to the CPUs this process may use (sandbox.spec.confined_cpuset): a
+        runner confined to part of a shared host does not spread its experiments over the rest.
+        On a cluster the driver's CPUs say nothing of a node's."""
         lim = self.limits
+        cpuset = lim.cpuset or (confined_cpuset() if not self.cluster and self.backend == "docker" else None)
         return Limits(
             time_budget_s=time_budget_s,
             timeout_factor=lim.timeout_factor,
@@ -176,7 +181,7 @@ class RunConfig:
             kill_grace_s=lim.kill_grace_s,
             mem_limit_bytes=int(lim.memory_gb * GiB),
             cpus=lim.cpus,
-            cpuset=lim.cpuset,
+            cpuset=cpuset,
             pids_limit=lim.pids,
             tmp_size_bytes=lim.tmp_mb * MiB,
             out_size_bytes=lim.out_mb * MiB,

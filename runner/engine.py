@@ -22,7 +22,7 @@ from sandbox import images, naming
 from sandbox.backend import Backend, SandboxError, open_backend
 from sandbox.gpu import GpuLease, RealNvml, devices_access
 from sandbox.hooks.seeds import SEED_ENV
-from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec
+from sandbox.spec import GpuAccess, Limits, Mount, RunResult, RunSpec, expand_cpuset
 
 from . import hub
 from .config import DATA_MOUNT, ConfigError, LimitsConfig, RunConfig
@@ -31,7 +31,7 @@ from .deps import resolve_dependencies
 from .policy import rerun_lost
 from .records import RunRecord
 from .repo import ResearchRepo, read_time_budget
-from .specs import SpecFactory, expand_cpuset, uids_in_use
+from .specs import SpecFactory, uids_in_use
 from .summary import REASON_HUB_OFFLINE, Outcome, OutcomeStatus, judge, memory_gb
 from .trusted import TrustedRuns
 from .verifier import Verifier

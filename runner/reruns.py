@@ -43,12 +43,16 @@ class ExperimentImage:
     created: str
 
     @classmethod
-    def of(cls, store: ImageStore, image: ImageRecord) -> "ExperimentImage":
+    def of(cls, store: ImageStore, image: ImageRecord) -> "ExperimentImage | None":
+        """The image's record; None when it was removed since it was listed."""
         labels = image.labels
         below = labels.get(naming.L_SOURCES) or labels.get(naming.L_TRAINER, "")
+        added = store.added_bytes(image.id, below)
+        if added is None:
+            return None
         return cls(ref=image.ref, id=image.id, tag=labels.get(naming.L_TAG, ""), commit=labels.get(naming.L_COMMIT, ""),
                    data_digest=labels.get(naming.L_DATA, ""), limits=recorded_limits(labels.get(naming.L_LIMITS, "{}")),
-                   size_added_bytes=store.added_bytes(image.id, below), created=image.created)
+                   size_added_bytes=added, created=image.created)
 
 
 def recorded_limits(label: str) -> Limits:
@@ -64,8 +68,8 @@ def recorded_limits(label: str) -> Limits:
 
 def experiment_images(store: ImageStore, tag: str | None = None) -> list[ExperimentImage]:
     labels = {naming.L_TAG: tag} if tag else {}
-    found = store.images(naming.KIND_EXPERIMENT, **labels)
-    return sorted((ExperimentImage.of(store, i) for i in found), key=lambda e: e.created)
+    found = filter(None, (ExperimentImage.of(store, i) for i in store.images(naming.KIND_EXPERIMENT, **labels)))
+    return sorted(found, key=lambda e: e.created)
 
 
 def find_experiment_image(store: ImageStore, what: str, tag: str | None = None) -> ExperimentImage:
@@ -76,11 +80,12 @@ def find_experiment_image(store: ImageStore, what: str, tag: str | None = None) 
     """
     if ":" in what or "/" in what:
         image = store.image(what)
-        if image is None:
-            raise RepoError(f"no image {what} on this engine: `runner images` lists them, `runner import` brings one")
-        if image.labels.get(naming.L_KIND) != naming.KIND_EXPERIMENT:
+        if image is not None and image.labels.get(naming.L_KIND) != naming.KIND_EXPERIMENT:
             raise RepoError(f"{what} is not an autoresearch-runner experiment image")
-        return ExperimentImage.of(store, image)
+        found = None if image is None else ExperimentImage.of(store, image)
+        if found is None:
+            raise RepoError(f"no image {what} on this engine: `runner images` lists them, `runner import` brings one")
+        return found
     matches = [e for e in experiment_images(store, tag) if e.commit.startswith(what.lower())]
     if not matches:
         raise RepoError(f"no experiment image for commit {what}: `runner images` lists them")
@@ -327,4 +332,8 @@ def import_image(store: ImageStore, path: Path) -> ExperimentImage:
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
         record = dataclasses.replace(record, source="imported")
         (RECORDS_DIR / f"{image.id.replace('sha256:', '')}.json").write_text(json.dumps(to_json(record)))
-    return ExperimentImage.of(store, store.image(ref))
+    image = store.image(ref)
+    loaded = None if image is None else ExperimentImage.of(store, image)
+    if loaded is None:
+        raise RepoError(f"{ref} was removed while it was imported: import it again")
+    return loaded

@@ -11,7 +11,7 @@ from typing import Iterable
 
 from sandbox import naming
 from sandbox.backend import RunningRun
-from sandbox.spec import EXPORT_DIR, GpuAccess, Limits, Mount, RunSpec
+from sandbox.spec import EXPORT_DIR, GpuAccess, Limits, Mount, RunSpec, expand_cpuset
 
 from .config import DATA_MOUNT, HELDOUT_ENV, HELDOUT_MOUNT, HF_MOUNT, RunConfig
 
@@ -47,15 +47,6 @@ def experiment_env(cfg: RunConfig, limits: Limits, export: bool = False) -> dict
         env["AUTORESEARCH_VERIFY_DIR"] = EXPORT_DIR
     env.update(cfg.env)
     return env
-
-
-def expand_cpuset(cpuset: str) -> list[int]:
-    """The CPUs a cpuset string names ("0-3,6": [0, 1, 2, 3, 6])."""
-    cpus: list[int] = []
-    for part in cpuset.split(","):
-        lo, _, hi = part.partition("-")
-        cpus += list(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def uids_in_use(running: Iterable[RunningRun]) -> set[int]:

@@ -175,8 +175,9 @@ class ImageStore(abc.ABC):
         """The runner's images of `kind` (naming.KIND_*) whose labels match `labels`."""
 
     @abc.abstractmethod
-    def added_bytes(self, image_id: str, below_id: str) -> int:
-        """Bytes of the layers between `image_id` and the image `below_id` it was built on."""
+    def added_bytes(self, image_id: str, below_id: str) -> int | None:
+        """Bytes of the layers between `image_id` and the image `below_id` it was built on; None
+        when `image_id` is gone (removed since it was listed: another runner's gc, another user)."""
 
     @abc.abstractmethod
     def tag_image(self, image_id: str, ref: str) -> None:

@@ -263,10 +263,13 @@ class DockerImageStore(ImageStore):
         return [_record(i) for i in self.client.images.list(filters=naming.managed_filter(kind, **labels))]
 
     @_engine_errors("reading an image's size")
-    def added_bytes(self, image_id: str, below_id: str) -> int:
+    def added_bytes(self, image_id: str, below_id: str) -> int | None:
         # An image's Size is that of all its layers: what it adds is the difference (its history
         # need not link to the image below: experiment images are loaded, not built on it).
-        size = self.client.api.inspect_image(image_id)["Size"]
+        try:
+            size = self.client.api.inspect_image(image_id)["Size"]
+        except docker.errors.ImageNotFound:
+            return None
         below = images.find_image(self.client, below_id) if below_id else None
         if below is not None:
             return max(0, size - below.attrs.get("Size", 0))

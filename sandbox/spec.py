@@ -7,6 +7,7 @@ Nothing here talks to Docker.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,30 @@ class Limits:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+
+def expand_cpuset(cpuset: str) -> list[int]:
+    """The CPUs a cpuset string names ("0-3,6": [0, 1, 2, 3, 6])."""
+    cpus: list[int] = []
+    for part in cpuset.strip().split(","):
+        lo, _, hi = part.partition("-")
+        cpus += list(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def confined_cpuset(online: Path = Path("/sys/devices/system/cpu/online")) -> str | None:
+    """This process's CPUs as a cpuset string when it may use fewer than the host has online
+    (started under taskset, or in a Slurm or cgroup cpuset); None when it may use them all, or
+    when the host does not say which are online.
+
+    A container is started by the Docker daemon, outside the allocation of whoever asked for it:
+    without a cpuset it runs on every CPU of the host."""
+    mine = sorted(os.sched_getaffinity(0))
+    try:
+        host = set(expand_cpuset(online.read_text()))
+    except (OSError, ValueError):
+        return None
+    return ",".join(map(str, mine)) if host - set(mine) else None
 
 @dataclass(frozen=True)
 class Mount:

@@ -80,3 +80,24 @@ def test_doctor_reports_each_part(tinylm):
     r = runner_cli("doctor", "--repo", str(repo), "--data-dir", str(data))
     assert r.returncode == 0, r.stdout
     assert "[ok] Docker engine" in r.stdout and "[ok] base image" in r.stdout and "[ok] data cache" in r.stdout
+
+
+def test_a_runner_confined_to_one_cpu_keeps_its_runs_there(tmp_path, data_dir):
+    """Started under taskset (or in a Slurm cpuset), the runner's experiments run on its CPUs
+    only, although the Docker daemon that starts them may use every CPU of the host."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ALL_CPUS
+
+    if len(ALL_CPUS) < 2:
+        pytest.skip("needs a host with two CPUs")
+    cpu = ALL_CPUS[-1]
+    repo = make_repo(tmp_path / "r", "import os\nprint('CPUS', sorted(os.sched_getaffinity(0)), 'OMP', os.environ.get('OMP_NUM_THREADS'))\n" + SUMMARY)
+    r = subprocess.run([sys.executable, "-m", "runner", "run", "--repo", str(repo), "--data-dir", str(data_dir), "--json"],
+                       capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["limits"]["cpuset"] == str(cpu)
+    assert f"CPUS [{cpu}] OMP 1" in open(record["log"]).read()

@@ -22,7 +22,8 @@ from runner.ledger import Ledger
 from runner.records import Lost
 from sandbox import naming
 
-pytestmark = pytest.mark.docker
+# One Ray cluster at a time on this host: every module that starts one is in one xdist group.
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ray"), pytest.mark.whole_host]
 
 
 @pytest.fixture(scope="module")

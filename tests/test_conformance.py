@@ -23,7 +23,8 @@ from sandbox import images, naming
 from sandbox.backend import Sandbox, SandboxError
 from sandbox.spec import Limits, RunSpec
 
-pytestmark = pytest.mark.docker
+# One Ray cluster at a time on this host: every module that starts one is in one xdist group.
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ray"), pytest.mark.whole_host]
 
 
 @contextlib.contextmanager

@@ -314,6 +314,7 @@ if KNOB != 1.0:
 """ + SUMMARY
 
 
+@pytest.mark.whole_host  # --workers 2: a CPU each
 def test_a_second_ctrl_c_stops_now_and_leaves_no_container(tmp_path, data_dir, docker_client):
     """Two workers, each in an experiment that ignores SIGTERM: the first Ctrl-C would wait for
     the kill grace; the second must stop at once and remove both containers, not leak them."""

@@ -37,9 +37,9 @@ def test_rerun_of_a_kept_and_a_discarded_commit(finished_run):
     path, data, rows, tag = finished_run
     kept, discarded = rows[1], rows[2]
     assert (kept.status, discarded.status) == ("keep", "discard")
-    out = _rerun(path, data, kept.commit, "--n", "2")
+    out = _rerun(path, data, kept.commit, "--n", "2", "--tag", tag)
     assert out["recorded_val_bpb"] == 1.5 and out["new_val_bpb"] == [1.5, 1.5] and out["diff"] == [0.0, 0.0]
-    out = _rerun(path, data, discarded.commit)
+    out = _rerun(path, data, discarded.commit, "--tag", tag)
     assert out["recorded_status"] == "discard" and out["new_val_bpb"] == [1.9] and out["diff"] == [0.0]
 
 
@@ -48,7 +48,7 @@ def test_rerun_refuses_other_data(finished_run, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "manifest.json").write_text('{"files": {"train.bin": "different"}}')
-    r = runner_cli("rerun", rows[1].commit, "--repo", str(path), "--data-dir", str(other))
+    r = runner_cli("rerun", rows[1].commit, "--repo", str(path), "--data-dir", str(other), "--tag", tag)
     assert r.returncode == 2 and "is not what" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -127,7 +127,8 @@ def test_an_experiment_image_is_its_archive_on_any_engine_and_a_build_where_load
 
     from sandbox import images
 
-    engine = engine_for(make_repo(tmp_path / "repo", MINI_TRAIN, MINI_PREPARE), budget_s=1)
+    # a commit of its own (the same files committed in the same second are finished_run's commit)
+    engine = engine_for(make_repo(tmp_path / "repo", MINI_TRAIN + "# arch\n", MINI_PREPARE), budget_s=1)
     sha = engine.repo.head().sha
     built = engine.experiment_image(sha, "arch", engine.limits(), "x")
     assert not built.reused and built.parent_id and 0 < len(built.archive) < 64 << 10
@@ -148,3 +149,23 @@ def test_an_experiment_image_is_its_archive_on_any_engine_and_a_build_where_load
     assert not again.reused and again.archive == b"" and docker_client.images.get(again.ref).labels[
         "io.autoresearch-runner.commit"] == sha
     docker_client.images.remove(again.ref, force=True)
+
+
+def test_an_image_removed_while_it_is_listed_is_left_out(finished_run, docker_client):
+    """Another runner's gc (another user's, on a shared engine) may remove an image between the
+    listing and the reading of its size: `runner images` and rerun go on without it."""
+    from runner.reruns import experiment_images
+    from sandbox import naming
+    from sandbox.backend import ImageRecord
+    from sandbox.docker_backend import DockerImageStore
+
+    _, _, _, tag = finished_run
+    gone = ImageRecord(f"autoresearch-runner/{tag}:gone", "sha256:" + "0" * 64,
+                       naming.managed_labels(naming.KIND_EXPERIMENT, **{naming.L_TAG: tag, naming.L_COMMIT: "0" * 40}))
+
+    class ListedBeforeTheRemoval(DockerImageStore):
+        def images(self, kind, **labels):
+            return [*super().images(kind, **labels), gone]
+
+    listed = experiment_images(ListedBeforeTheRemoval(docker_client), tag)
+    assert listed and listed == experiment_images(DockerImageStore(docker_client), tag)

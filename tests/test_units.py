@@ -227,3 +227,30 @@ def test_confirm_off_in_runner_yaml_is_read_as_off(tmp_path):
     assert load_config(tmp_path).confirm_runs == 1
     (tmp_path / "runner.yaml").write_text("confirm: 3\n")
     assert load_config(tmp_path).confirm_runs == 3
+
+
+def test_a_confined_process_names_its_cpus_and_an_unconfined_one_none(tmp_path):
+    import os
+
+    from runner.config import load_config
+    from sandbox.spec import confined_cpuset
+
+    mine = sorted(os.sched_getaffinity(0))
+    online = tmp_path / "online"
+    online.write_text(f"{mine[0]}-{mine[-1]}\n" if mine == list(range(mine[0], mine[-1] + 1)) else ",".join(map(str, mine)))
+    assert confined_cpuset(online) is None                      # every online CPU: no cpuset
+    online.write_text(f"{mine[-1] + 1},{','.join(map(str, mine))}\n")
+    assert confined_cpuset(online) == ",".join(map(str, mine))  # one CPU it may not use: its own
+    assert confined_cpuset(tmp_path / "absent") is None         # the host does not say: none
+
+    if len(mine) < 2:
+        return
+    os.sched_setaffinity(0, mine[:1])  # as under `taskset -c <first>`
+    try:
+        assert load_config(tmp_path).sandbox_limits(5).cpuset == str(mine[0])
+        (tmp_path / "runner.yaml").write_text(f"limits:\n  cpuset: '{mine[-1]}'\n")
+        assert load_config(tmp_path).sandbox_limits(5).cpuset == str(mine[-1])  # runner.yaml's wins
+        (tmp_path / "runner.yaml").write_text("cluster: 127.0.0.1:6379\n")
+        assert load_config(tmp_path).sandbox_limits(5).cpuset is None  # the driver's CPUs say nothing of a node's
+    finally:
+        os.sched_setaffinity(0, mine)

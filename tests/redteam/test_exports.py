@@ -30,15 +30,7 @@ def _forged_export(docker_client, tmp_path, extra_dockerfile: str, names: list[s
             t.addfile(info, io.BytesIO(data))
     context.seek(0)
     image, _ = docker_client.images.build(fileobj=context, custom_context=True, labels=labels, rm=True)
-    before = {name: _id(docker_client, name) for name in names}
-    for name in names:
-        image.tag(*name.rsplit(":", 1))
-    saved = b"".join(docker_client.api.get_image(names[0]))
-    for name, old_id in before.items():  # put this engine's names back as they were
-        if old_id:
-            docker_client.images.get(old_id).tag(*name.rsplit(":", 1))
-        else:
-            docker_client.images.remove(name, noprune=True)
+    saved = _named(b"".join(docker_client.api.get_image(image.id)), names)
     path = tmp_path / "forged.tar"
     with tarfile.open(path, "w") as tar:
         for member, data in (("record.json", json.dumps({"ref": "x", "id": image.id,
@@ -48,6 +40,30 @@ def _forged_export(docker_client, tmp_path, extra_dockerfile: str, names: list[s
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+def _named(saved: bytes, names: list[str]) -> bytes:
+    """A docker-save archive of one image, rewritten to claim `names`, as a hostile host's save
+    would: the names are written into the file, never onto this engine (tests run in parallel,
+    and a moment with the base image's name on a forged image would poison another's build)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(saved)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        manifest = json.loads(src.extractfile("manifest.json").read())
+        manifest[0]["RepoTags"] = names
+        layer = manifest[0]["Layers"][-1].split("/")[0]
+        repositories = {}
+        for name in names:
+            repository, tag = name.rsplit(":", 1)
+            repositories.setdefault(repository, {})[tag] = layer
+        rewritten = {"manifest.json": json.dumps(manifest).encode(), "repositories": json.dumps(repositories).encode()}
+        for member in src.getmembers():
+            if member.name not in rewritten:
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        for name, data in rewritten.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def _id(docker_client, ref):
