@@ -11,7 +11,6 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 .venv/bin/runner base-image build
-# Two pytest workers (RUNNER_TEST_WORKERS): a run's container startup, image builds and Docker
-# calls leave a core idle that the other worker's test uses. Tests that share a module-scoped
-# fixture, and the Ray cluster tests, stay together on one worker (tests/conftest.py).
-exec .venv/bin/python -m pytest -q --durations=30 -n "${RUNNER_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# Two pytest workers (RUNNER_TEST_WORKERS), each on its share of the CPUs. Tests that share a
+# module-scoped fixture, and the Ray cluster tests, stay together on one worker (tests/conftest.py).
+exec .venv/bin/python -m pytest -q --durations=30 -n "${RUNNER_TEST_WORKERS:-2}" --dist loadscope "$@"

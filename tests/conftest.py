@@ -190,26 +190,32 @@ def run_train(tmp_path, engine_for):
     return run
 
 
-def pytest_collection_modifyitems(config, items):
-    """The suite runs on several pytest-xdist workers (scripts/test.sh: --dist loadgroup). A test
-    that uses a module-scoped fixture joins that fixture's group, so the fixture is made once, on
-    one worker, as in a serial run; a module that marks itself `xdist_group` (the Ray clusters:
-    one at a time on this host) keeps its mark. Groups go first, largest first: a worker that
-    takes a long group late would be the run's tail."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        shared = sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items() if defs[-1].scope == "module")
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
-    size: dict[str, int] = {}
-    for item in items:
-        if marker := item.get_closest_marker("xdist_group"):
-            size[marker.args[0]] = size.get(marker.args[0], 0) + 1
-    order = {id(item): i for i, item in enumerate(items)}
 
-    def key(item):
-        marker = item.get_closest_marker("xdist_group")
-        return (-size[marker.args[0]], marker.args[0], order[id(item)]) if marker else (1, "", order[id(item)])
+# Modules that start a Ray cluster: one cluster at a time on this host (their tests, one unit).
+RAY_MODULES = ("tests/test_cluster.py", "tests/test_cluster_gpu.py", "tests/test_conformance.py")
 
-    items.sort(key=key)
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` (scripts/test.sh) with this suite's scopes: the Ray modules are one unit;
+    a module with a module-scoped fixture is one (the fixture is made once, as in a serial run);
+    any other test is a unit of its own, for whichever worker is free. xdist reorders the units
+    by size, so the long Ray unit starts first. (Scopes by path: `--dist loadgroup` marks travel
+    in node ids, which pytest 9.2 no longer lets a plugin change: pytest-xdist issue 1386.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    shares_a_fixture = {}
+
+    class SuiteScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path in RAY_MODULES:
+                return "ray"
+            if path not in shares_a_fixture:
+                source = config.rootpath / path
+                shares_a_fixture[path] = source.is_file() and 'scope="module"' in source.read_text()
+            return path if shares_a_fixture[path] else nodeid
+
+    return SuiteScopes(config, log)

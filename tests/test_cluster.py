@@ -22,8 +22,7 @@ from runner.ledger import Ledger
 from runner.records import Lost
 from sandbox import naming
 
-# One Ray cluster at a time on this host: every module that starts one is in one xdist group.
-pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ray"), pytest.mark.whole_host]
+pytestmark = [pytest.mark.docker, pytest.mark.whole_host]  # one unit of conftest.RAY_MODULES
 
 
 @pytest.fixture(scope="module")

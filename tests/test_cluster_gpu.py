@@ -28,8 +28,7 @@ from sandbox import gpu, ray_backend
 from sandbox.backend import BackendSettings, SandboxError
 from sandbox.gpu import GpuDevice, GpuError
 
-# One Ray cluster at a time on this host: every module that starts one is in one xdist group.
-pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.whole_host]
+pytestmark = pytest.mark.whole_host  # one unit of conftest.RAY_MODULES
 
 H100, L4 = "Fake H100", "Fake L4"
 

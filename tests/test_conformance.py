@@ -23,8 +23,7 @@ from sandbox import images, naming
 from sandbox.backend import Sandbox, SandboxError
 from sandbox.spec import Limits, RunSpec
 
-# One Ray cluster at a time on this host: every module that starts one is in one xdist group.
-pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ray"), pytest.mark.whole_host]
+pytestmark = [pytest.mark.docker, pytest.mark.whole_host]  # one unit of conftest.RAY_MODULES
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import secrets
 import tarfile
 
 import pytest
@@ -35,7 +36,8 @@ def attack(tmp_path, engine_for, docker_client):
         repo = make_repo(tmp_path / "repo", train_py)
         prepare_digest = _sha((repo / "prepare.py").read_bytes())
         engine = engine_for(repo, **{**LIMITS, **overrides})
-        run = engine.run_commit(engine.repo.head().sha, "redteam", repo / ".autoresearch" / "run.log")
+        tag = f"redteam-{secrets.token_hex(3)}"  # its own: attacks of other tests may be running beside it
+        run = engine.run_commit(engine.repo.head().sha, tag, repo / ".autoresearch" / "run.log")
 
         # The evaluation code, on the host and in the image, is byte for byte what it was.
         assert _sha((repo / "prepare.py").read_bytes()) == prepare_digest
@@ -47,7 +49,7 @@ def attack(tmp_path, engine_for, docker_client):
         finally:
             c.remove(force=True)
         # Nothing of the run is left: no container, no process that was in it.
-        leftovers = docker_client.containers.list(all=True, filters=naming.managed_filter(naming.KIND_RUN, **{naming.L_TAG: "redteam"}))
+        leftovers = docker_client.containers.list(all=True, filters=naming.managed_filter(naming.KIND_RUN, **{naming.L_TAG: tag}))
         assert leftovers == []
         assert run.result.container_id and _processes_of(run.result.container_id) == []
         # The host log stays within its cap (head + kept tail + a marker line).
