@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -123,11 +124,12 @@ def heldout_dir(tmp_path_factory) -> Path:
 
 
 def pytest_runtest_setup(item):
-    """A test marked `whole_host` (it starts a Ray cluster, or runs workers that each need a CPU)
-    has every CPU of this machine while it runs, its fixtures' processes included; any other
-    test its worker's share."""
+    """A test of the Ray unit, or one marked `whole_host` (workers that each need a CPU), has
+    every CPU of this machine while it runs, its fixtures' processes included; any other test
+    its worker's share."""
     if MY_CPUS != ALL_CPUS:
-        os.sched_setaffinity(0, ALL_CPUS if item.get_closest_marker("whole_host") else MY_CPUS)
+        whole = item.get_closest_marker("whole_host") or shared_unit(item.nodeid.split("::", 1)[0]) == "ray"
+        os.sched_setaffinity(0, ALL_CPUS if whole else MY_CPUS)
 
 
 @pytest.fixture(scope="session")
@@ -191,31 +193,30 @@ def run_train(tmp_path, engine_for):
 
 
 
-# Modules that start a Ray cluster: one cluster at a time on this host (their tests, one unit).
-RAY_MODULES = ("tests/test_cluster.py", "tests/test_cluster_gpu.py", "tests/test_conformance.py")
+@functools.lru_cache(maxsize=None)
+def shared_unit(path: str) -> str | None:
+    """The unit of work a test module's tests share under pytest-xdist: "ray" for every module
+    that starts a Ray cluster (tests/cluster.py: one cluster at a time on this host, with every
+    CPU), the module itself for one with a module-scoped fixture (made once, as in a serial run),
+    else None: each test is a unit of its own."""
+    source = REPO_ROOT / path
+    text = source.read_text() if source.is_file() else ""
+    if "RayCluster(" in text:
+        return "ray"
+    return path if 'scope="module"' in text else None
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadscope` (scripts/test.sh) with this suite's scopes: the Ray modules are one unit;
-    a module with a module-scoped fixture is one (the fixture is made once, as in a serial run);
-    any other test is a unit of its own, for whichever worker is free. xdist reorders the units
-    by size, so the long Ray unit starts first. (Scopes by path: `--dist loadgroup` marks travel
-    in node ids, which pytest 9.2 no longer lets a plugin change: pytest-xdist issue 1386.)"""
+    """`--dist loadscope` (scripts/test.sh) with the scopes of shared_unit. xdist starts the
+    largest units first, the long Ray unit among them. (By path: `--dist loadgroup`'s marks
+    travel in node ids, which pytest 9.2 no longer lets a plugin change: pytest-xdist issue 1386.)"""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    shares_a_fixture = {}
-
     class SuiteScopes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            if path in RAY_MODULES:
-                return "ray"
-            if path not in shares_a_fixture:
-                source = config.rootpath / path
-                shares_a_fixture[path] = source.is_file() and 'scope="module"' in source.read_text()
-            return path if shares_a_fixture[path] else nodeid
+            return shared_unit(nodeid.split("::", 1)[0]) or nodeid
 
     return SuiteScopes(config, log)

@@ -22,7 +22,7 @@ from runner.ledger import Ledger
 from runner.records import Lost
 from sandbox import naming
 
-pytestmark = [pytest.mark.docker, pytest.mark.whole_host]  # one unit of conftest.RAY_MODULES
+pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")

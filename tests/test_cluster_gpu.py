@@ -28,8 +28,6 @@ from sandbox import gpu, ray_backend
 from sandbox.backend import BackendSettings, SandboxError
 from sandbox.gpu import GpuDevice, GpuError
 
-pytestmark = pytest.mark.whole_host  # one unit of conftest.RAY_MODULES
-
 H100, L4 = "Fake H100", "Fake L4"
 
 

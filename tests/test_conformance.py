@@ -23,7 +23,7 @@ from sandbox import images, naming
 from sandbox.backend import Sandbox, SandboxError
 from sandbox.spec import Limits, RunSpec
 
-pytestmark = [pytest.mark.docker, pytest.mark.whole_host]  # one unit of conftest.RAY_MODULES
+pytestmark = pytest.mark.docker
 
 
 @contextlib.contextmanager
