@@ -197,11 +197,12 @@ def run_train(tmp_path, engine_for):
 def shared_unit(path: str) -> str | None:
     """The unit of work a test module's tests share under pytest-xdist: "ray" for every module
     that starts a Ray cluster (tests/cluster.py: one cluster at a time on this host, with every
-    CPU), the module itself for one with a module-scoped fixture (made once, as in a serial run),
-    else None: each test is a unit of its own."""
+    CPU) or a fake GPU host (tests/gpuhost.py: fake hosts share one engine, whose containers hold
+    the fake GPUs' leases), the module itself for one with a module-scoped fixture (made once, as
+    in a serial run), else None: each test is a unit of its own."""
     source = REPO_ROOT / path
     text = source.read_text() if source.is_file() else ""
-    if "RayCluster(" in text:
+    if "RayCluster(" in text or "FakeGpuHost(" in text:
         return "ray"
     return path if 'scope="module"' in text else None
 
