@@ -16,9 +16,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-# Under pytest-xdist (scripts/test.sh), each worker keeps to its share of this machine's CPUs (split
-# as the runner splits them among its own workers), and so do the runs it starts: a confined runner's experiments keep to its CPUs
-# (sandbox.spec.confined_cpuset). Two workers' torch runs then never take turns on one core
+# Under pytest-xdist (RUNNER_TEST_WORKERS=2 scripts/test.sh), each worker keeps to its share of this
+# machine's CPUs (split as the runner splits them among its own workers), and so do the runs it
+# starts: a confined runner's experiments keep to its CPUs (sandbox.spec.confined_cpuset). Two
+# workers' torch runs then never take turns on one core
 # (measured on 2 cores: two tinylm run+verify pairs side by side took 51 s unpinned, 39 s pinned;
 # one after the other, 64 s). Tests marked `whole_host` get every CPU back while they run.
 ALL_CPUS = sorted(os.sched_getaffinity(0))
@@ -190,7 +191,6 @@ def run_train(tmp_path, engine_for):
         return engine.run_commit(engine.repo.head().sha, "test", repo / ".autoresearch" / "run.log")
 
     return run
-
 
 
 @functools.lru_cache(maxsize=None)
