@@ -69,7 +69,6 @@ class Limits:
         return dataclasses.asdict(self)
 
 
-
 def expand_cpuset(cpuset: str) -> list[int]:
     """The CPUs a cpuset string names ("0-3,6": [0, 1, 2, 3, 6])."""
     cpus: list[int] = []
