@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sandbox.backend import SandboxError
+from sandbox.backend import SandboxError, SetupError
 from sandbox.images import BuiltImage
 from sandbox.spec import REASON_INTERRUPTED
 
@@ -458,13 +458,14 @@ class Loop:
         a backoff; None if stopped meanwhile.
 
         Raises:
-            SandboxError: the harness kept failing through every backoff.
+            SandboxError: the harness kept failing through every backoff, or is set up wrong
+                (SetupError: no retry would mend it).
         """
         for delay in (*HARNESS_BACKOFF_S, None):
             try:
                 return self._run(job, job.commit, job.iteration, slot=slot)
             except SandboxError as exc:
-                if delay is None or self.stop.is_set():
+                if delay is None or self.stop.is_set() or isinstance(exc, SetupError):
                     raise
                 self.ledger.event(HarnessError(iteration=job.iteration, commit=job.commit,
                                                error=one_line(str(exc), 500), retry_in_s=delay))

@@ -20,6 +20,11 @@ class SandboxError(RuntimeError):
     """The harness failed (daemon down, image missing, API error). Never an experiment outcome."""
 
 
+class SetupError(SandboxError):
+    """The harness is set up wrong in a way that running again cannot mend (a node holds other
+    data than this host): the loop stops with it at once instead of retrying the experiment."""
+
+
 class Sandbox(abc.ABC):
     @abc.abstractmethod
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:

@@ -37,7 +37,7 @@ import docker.errors
 import requests
 
 from . import gpu, naming
-from .backend import Backend, BackendSettings, Executor, RunningRun, SandboxError, held_gpus
+from .backend import Backend, BackendSettings, Executor, RunningRun, SandboxError, SetupError, held_gpus
 from .docker_backend import DockerExecutor, DockerImageStore, connect, owner_alive
 from .fsafe import write_beneath
 from .spec import EXPORT_FILES, REASON_INTERRUPTED, REASON_LOST, GpuAccess, Mount, RunResult, RunSpec
@@ -190,7 +190,7 @@ class NodeWorker:
         except (OSError, ValueError) as exc:
             found = f"unreadable ({exc})"
         if found != expected:
-            raise SandboxError(f"node {self.node['ip']} ({self.node['host']}) holds other data in {data} "
+            raise SetupError(f"node {self.node['ip']} ({self.node['host']}) holds other data in {data} "
                                f"(digest {found[:12]}, the image was built for {expected[:12]}): "
                                f"run `runner prepare --cluster` so every node has the same data")
 
@@ -346,7 +346,9 @@ class RayExecutor(Executor):
             return self._lost(spec, t0, exc, node)
         except ray.exceptions.RayTaskError as exc:  # the node's harness failed (its data, its engine)
             cause = getattr(exc, "cause", None)
-            raise SandboxError(str(cause) if isinstance(cause, SandboxError) else str(exc).strip().splitlines()[-1]) from None
+            if isinstance(cause, SandboxError):  # as the node raised it (a SetupError stays one)
+                raise cause from None
+            raise SandboxError(str(exc).strip().splitlines()[-1]) from None
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:  # shipping, on this host
             raise SandboxError(f"Docker engine error shipping {spec.image} to its node: {exc}") from None
         write_beneath(spec.log_path, spec.log_root, log)

@@ -25,15 +25,16 @@ from sandbox.spec import REASON_EXIT, REASON_INTERRUPTED, REASON_TIMEOUT, RunRes
 
 
 class FakeBackend(ImageStore, Executor):
-    def __init__(self, fail_on_run: int | None = None, crash_runs: set[int] = frozenset(), fail_from: int | None = None):
-        """`fail_on_run`: the n-th run (1-based) raises SandboxError, as an engine hiccup would;
+    def __init__(self, fail_on_run: int | None = None, crash_runs: set[int] = frozenset(), fail_from: int | None = None,
+                 failure: type[SandboxError] = SandboxError):
+        """`fail_on_run`: the n-th run (1-based) raises `failure`, as an engine hiccup would;
         `fail_from`: that run and every later one do, as a dead engine would.
         `crash_runs`: those runs exit 1 whatever they run (a flaky node, an OOM of bad luck)."""
         self.owner = f"fake:{os.getpid()}"
         self.snapshots: dict[str, tuple[bytes, bytes]] = {}
         self.records: dict[str, ImageRecord] = {}
         self.runs: list[RunSpec] = []
-        self.fail_on_run, self.fail_from = fail_on_run, fail_from
+        self.fail_on_run, self.fail_from, self.failure = fail_on_run, fail_from, failure
         self.crash_runs = set(crash_runs)
 
     def pair(self) -> Backend:
@@ -94,7 +95,7 @@ class FakeBackend(ImageStore, Executor):
     def run(self, spec: RunSpec, stop: threading.Event | None = None) -> RunResult:
         self.runs.append(spec)
         if len(self.runs) == self.fail_on_run or (self.fail_from is not None and len(self.runs) >= self.fail_from):
-            raise SandboxError("the fake engine went away")
+            raise self.failure("the fake engine went away")
         stop = stop or threading.Event()
         with tempfile.TemporaryDirectory() as tmp:
             for blob in self.snapshots[spec.image]:

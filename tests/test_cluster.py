@@ -15,20 +15,21 @@ from pathlib import Path
 
 import docker
 import pytest
-from cluster import DRIVER_ENV, RayCluster, registry, second_engine
-from conftest import runner_cli
+from cluster import DRIVER_ENV, RayCluster, copy_image, python_only_image, registry, second_engine
+from conftest import MINI_PREPARE, SUMMARY, make_repo, runner_cli
 
 from runner.ledger import Ledger
 from runner.records import Lost
 from sandbox import naming
+from sandbox.images import CPU_BASE_ALIAS
 
 pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def cluster(tinylm):
+def cluster(tinylm, docker_client):
     """(RayCluster, the second node's process, its DOCKER_HOST, a data dir the second node sees
-    differently)."""
+    differently). The second engine starts with the CPU base image, as a provisioned node would."""
     _, data = tinylm
     root = Path(tempfile.mkdtemp(prefix="ar-cluster-", dir="/tmp"))  # Ray's socket paths must stay short
     skewed, other = root / "skewed-data", root / "other-data"
@@ -38,6 +39,7 @@ def cluster(tinylm):
     (other / "tinylm" / "manifest.json").write_text('{"another": "prepare"}')
     try:
         with second_engine(root / "engine") as host2:
+            copy_image(docker_client, docker.DockerClient(base_url=host2), CPU_BASE_ALIAS)
             ray = RayCluster(root / "ray")
             try:
                 ray.start_head()
@@ -60,25 +62,32 @@ def _clone(tinylm, path: Path) -> Path:
     return path
 
 
+# The tests of where runs go (not of what they train) run this: train.py sleeps its budget and
+# reports VALUE, a knob the offline proposer tunes, on a base of python alone (tests/cluster.py),
+# so what moves to the second node is ~270 MB, not torch's 1.3 GB.
+SLEEPER = """import os, time
+VALUE = 2.0       # the val_bpb this script reports
+time.sleep(float(os.environ["AUTORESEARCH_TIME_BUDGET"]))
+""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+
+
+def _sleeper(path: Path, config: str = "") -> Path:
+    config = f"noise_runs: 0\nconfirm: off\nbase_image: {python_only_image(docker.from_env())}\n" + config
+    return make_repo(path, SLEEPER, MINI_PREPARE, extra={"runner.yaml": config})
+
+
 def _start(repo: Path, data: Path, address: str, tag: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "runner", "start", "--tag", tag, "--repo", str(repo), "--data-dir", str(data),
             "--cluster", address, "--proposer", "offline", "--workers", "2", *extra]
 
 
-def test_images_reach_a_node_through_a_registry_by_digest(cluster, tinylm, tmp_path):
+def test_images_reach_a_node_through_a_registry_by_digest(cluster, data_dir, tmp_path):
     """With `registry:` an image is pushed once and pulled by digest on the node: the same image
-    id there, named by the registry digest, nothing through the object store. (First in this
-    file: what it pulls leaves the base layers on the second node, which the next test's first
-    image then need not carry through the object store.)"""
+    id there, named by the registry digest, nothing through the object store."""
     ray, _, host2, _ = cluster
-    _, data = tinylm
-    repo = _clone(tinylm, tmp_path / "repo")
     with registry(tmp_path / "registry") as address:
-        with open(repo / "runner.yaml", "a") as f:
-            f.write(f"registry: {address}\n")
-        subprocess.run(["git", "-C", str(repo), "add", "runner.yaml"], check=True)
-        subprocess.run(["git", "-C", str(repo), "commit", "-qm", "a registry"], check=True)
-        r = runner_cli(*_start(repo, data, ray.address, "reg", "--budget", "2", "--max-experiments", "3")[3:],
+        repo = _sleeper(tmp_path / "repo", f"registry: {address}\n")
+        r = runner_cli(*_start(repo, data_dir, ray.address, "reg", "--budget", "2", "--max-experiments", "3")[3:],
                        env=DRIVER_ENV, timeout=1200)
         assert r.returncode == 0, r.stdout + r.stderr
     engine2 = docker.DockerClient(base_url=host2)
@@ -175,11 +184,11 @@ def _commands_reach_every_node(repo: Path, address: str, engine2, experiments) -
     assert not shipped & left
 
 
-def test_a_node_with_other_data_is_one_clear_error(cluster, tinylm, tmp_path):
+def test_a_node_with_other_data_is_one_clear_error(cluster, tmp_path):
     """The second node sees other files at the data path: a run there stops the loop with one
     line naming the node, and nothing is recorded as an experiment result of it."""
     ray, _, _, skewed = cluster
-    repo = _clone(tinylm, tmp_path / "repo")
+    repo = _sleeper(tmp_path / "repo")
     r = runner_cli(*_start(repo, skewed, ray.address, "skew", "--budget", "2", "--max-experiments", "4")[3:],
                    env=DRIVER_ENV, timeout=1200)
     assert r.returncode == 2, r.stdout + r.stderr
@@ -187,11 +196,10 @@ def test_a_node_with_other_data_is_one_clear_error(cluster, tinylm, tmp_path):
     assert "node 127.0.0.1" in r.stderr
 
 
-def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, tinylm, tmp_path):
+def test_a_node_lost_mid_run_is_retried_once_and_the_night_goes_on(cluster, data_dir, tmp_path):
     ray, node2, host2, _ = cluster
-    _, data = tinylm
-    repo = _clone(tinylm, tmp_path / "repo")
-    loop = subprocess.Popen(_start(repo, data, ray.address, "lost", "--budget", "5", "--max-experiments", "3"),
+    repo = _sleeper(tmp_path / "repo")
+    loop = subprocess.Popen(_start(repo, data_dir, ray.address, "lost", "--budget", "5", "--max-experiments", "3"),
                             env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

@@ -112,6 +112,22 @@ def test_an_engine_that_stays_down_stops_the_night_with_an_error(tmp_path, data_
     assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep", "keep"]
 
 
+def test_a_harness_set_up_wrong_stops_the_night_without_retrying(tmp_path, data_dir, monkeypatch):
+    """A SetupError (a node holding other data) is not a hiccup: no backoff, no second try."""
+    from runner import loop as loop_module
+    from runner.loop import LoopError
+    from sandbox.backend import SetupError
+
+    monkeypatch.setattr(loop_module, "HARNESS_BACKOFF_S", (0.1, 0.1))
+    backend = FakeBackend(fail_on_run=2, failure=SetupError)
+    loop, path, lines = make(tmp_path, data_dir, [(variant(VALUE=1.5), "better")], backend=backend, max_experiments=1)
+    with pytest.raises(LoopError, match="SetupError: the fake engine went away"):
+        loop.run()
+    assert len(backend.runs) == 2 and not any("running it again" in line for line in lines)
+    assert [e for e in events(path) if e["event"] == "harness_error"] == []
+    assert [e["row"]["status"] for e in events(path) if e["event"] == "experiment"] == ["keep"]
+
+
 def test_resume_keeps_the_default_vram_ceiling(tmp_path, data_dir):
     from runner.engine import Engine
     from runner.loop import Loop

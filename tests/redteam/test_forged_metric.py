@@ -72,6 +72,10 @@ def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
     repo, data = tinylm
     clone = tmp_path / "repo"
     shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    # inductor's C++ compile on a busy 2-core host outlasts the default minute of start-up: a
+    # repo that compiles on a slow host says so in its runner.yaml, as this one does
+    with open(clone / "runner.yaml", "a") as f:
+        f.write("limits:\n  startup_grace_s: 300\n")
     text = (clone / "train.py").read_text()
     anchor = "model = GPT().to(device)\n"
     assert anchor in text
