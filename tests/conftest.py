@@ -16,7 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-# Under pytest-xdist (RUNNER_TEST_WORKERS=2 scripts/test.sh), each worker keeps to its share of this
+# Under pytest-xdist (scripts/test.sh runs two workers), each worker keeps to its share of this
 # machine's CPUs (split as the runner splits them among its own workers), and so do the runs it
 # starts: a confined runner's experiments keep to its CPUs (sandbox.spec.confined_cpuset). Two
 # workers' torch runs then never take turns on one core
