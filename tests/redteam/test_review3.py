@@ -107,7 +107,7 @@ def _slow_baseline(repo: Path) -> str:
 
 # --- A: training past the budget -----------------------------------------------------------------
 
-def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm, tmp_path):
+def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm_as_shipped, tmp_path):
     """The same train.py as the baseline, but it trains until shortly before the host's deadline
     (which it reads from its parent `timeout`) and claims to have trained for the budget. Its
     model is honest: it would verify ok and gain on held-out data. Only the wall clock the host
@@ -116,7 +116,7 @@ def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm, tmp_path
     300 s budget has by default: 10%), and a run that goes past it is a timeout."""
     from runner.records import WallLimit
 
-    repo, data = tinylm
+    repo, data = tinylm_as_shipped
     loop, research = _night(repo, data, tmp_path, _attack("tinylm_overtime"),
                             "train until the host's deadline", "overtime", overtime_s=1.0)
     experiments = loop.ledger.experiments()
@@ -138,13 +138,13 @@ def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm, tmp_path
 
 # --- B: seeds pinned, with a jitter ---------------------------------------------------------------
 
-def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm, tmp_path):
+def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm_as_shipped, tmp_path):
     """The baseline's noise runs move with the seed; the candidate's two runs (offsets 0 and 1)
     agree to ~1e-7 bpb but not to the last digit: it undid the offset. Confirmation tested
     nothing; it should be seed_pinned, not kept."""
     from runner.reruns import load_noise
 
-    repo, data = tinylm
+    repo, data = tinylm_as_shipped
     loop, research = _night(repo, data, tmp_path, _attack("tinylm_pinned_seeds"),
                             "12 fixed steps at lr 3e-3", "pinned", baseline=_slow_baseline(repo),
                             budget_s=4, noise_runs=2)
@@ -178,12 +178,12 @@ def test_the_seed_pinned_rule_sees_runs_that_agree_far_within_the_baselines_spre
 
 # --- C: memorised val inside the overfit rule's slack ---------------------------------------------
 
-def test_a_memorised_val_table_riding_on_a_real_gain_is_not_kept_on_its_memorised_number(tinylm, tmp_path):
+def test_a_memorised_val_table_riding_on_a_real_gain_is_not_kept_on_its_memorised_number(tinylm_as_shipped, tmp_path):
     """A real edit (the example's own learning rate, on a baseline whose rate is far too low) plus
     a val lookup table at ~1/8 of positions. Its held-out gain is real and large, so the rule
     "held-out gain >= half the val gain - 0.02" lets the memorised part through. It should not
     be kept with a val_bpb better than its trained model earns (the attack prints that figure)."""
-    repo, data = tinylm
+    repo, data = tinylm_as_shipped
     loop, research = _night(repo, data, tmp_path, _attack("tinylm_memorised_within_heldout_slack"),
                             "lr 3e-3 (and a val table)", "memo-slack", baseline=_slow_baseline(repo), budget_s=4)
     experiments = loop.ledger.experiments()
@@ -210,7 +210,7 @@ def test_a_memorised_val_table_riding_on_a_real_gain_is_not_kept_on_its_memorise
 HELDOUT_TEXT = Path(__file__).resolve().parents[2] / "examples" / "heldout" / "cpython-3.11-tools-scripts.txt"
 
 
-def test_a_model_that_remembers_the_public_heldout_text_is_not_kept(tinylm, tmp_path):
+def test_a_model_that_remembers_the_public_heldout_text_is_not_kept(tinylm_as_shipped, tmp_path):
     """The baseline's train.py plus a lookup table of val (from the data cache) and of the scored
     part of the held-out text, which train.py carries as a proposer that remembers CPython's
     Tools/scripts could write it (filled in here from the runner's copy). Both gains are large
@@ -218,7 +218,7 @@ def test_a_model_that_remembers_the_public_heldout_text_is_not_kept(tinylm, tmp_
     import base64
     import lzma
 
-    repo, data = tinylm
+    repo, data = tinylm_as_shipped
     remembered = HELDOUT_TEXT.read_bytes()[: 65536 + 1]  # prepare.EVAL_TOKENS + 1: what evaluate_bpb scores
     template = _attack("tinylm_heldout_from_memory")
     assert template.count('REMEMBERED_B64 = ""') == 1
@@ -247,11 +247,11 @@ def _fixed_steps(text: str, steps: int = 12) -> str:
     return text
 
 
-def test_memorised_slices_that_ratchet_through_the_overfit_allowance_are_not_kept(tinylm, tmp_path):
+def test_memorised_slices_that_ratchet_through_the_overfit_allowance_are_not_kept(tinylm_as_shipped, tmp_path):
     """Two proposals that train exactly what the baseline trains (seeds pinned) and add one, then
     two, slices of a val table: each keep would gain ~0.02 bpb on val and nothing held-out,
     within the rule's 2 x 0.02 allowance, granted again at each keep. Neither should be kept."""
-    repo, data = tinylm
+    repo, data = tinylm_as_shipped
     attack = _attack("tinylm_ratchet")
     assert attack.count("\nSLICES = 1\n") == 1
     proposals = [(attack, "one slice"), (attack.replace("\nSLICES = 1\n", "\nSLICES = 2\n"), "two slices")]

@@ -5,9 +5,9 @@
 # Spliced into the example's train.py in place of its evaluation (tests/redteam/test_adaptive.py).
 
 # The attack: seq_len is a plain argument train.py chooses and call.json replays. One window of
-# all 65536 evaluation bytes means one scored row, so the causality probe tests exactly one cut:
+# all the evaluation bytes means one scored row, so the causality probe tests exactly one cut:
 # reading the next byte at half the positions passes with probability 1/2.
-EVAL_LEN = 65536
+from prepare import EVAL_TOKENS as EVAL_LEN
 
 
 class OneRow(nn.Module):
