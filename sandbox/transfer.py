@@ -25,8 +25,8 @@ _OCI_BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _SPOOL_IN_MEMORY = 16 * 2**20
 
 
-class _ChunkReader(io.RawIOBase):
-    """A file object over an iterator of byte chunks (the engine's save stream)."""
+class ChunkReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (an engine's save or export stream)."""
 
     def __init__(self, chunks: Iterable[bytes]):
         self._chunks = iter(chunks)
@@ -103,7 +103,7 @@ def without_layers(save_stream: Iterable[bytes], have: set[str], names: LayerNam
     """The save archive `save_stream` with the layers whose diff IDs are in `have` left out,
     as chunks of about `chunk` bytes."""
     out = _ChunkWriter()
-    with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(save_stream), 1 << 20), mode="r|") as src, \
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(save_stream), 1 << 20), mode="r|") as src, \
             tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as dst:
         for member in src:
             layer = member.isfile() and (member.name.endswith("/layer.tar") or _OCI_BLOB.match(member.name))

@@ -104,33 +104,18 @@ def python_only_image(client) -> str:
     import tarfile
 
     from sandbox.images import CPU_BASE_ALIAS, find_image
+    from sandbox.transfer import ChunkReader
 
     base = client.images.get(CPU_BASE_ALIAS)
     ref = f"autoresearch-runner-test/python-only:{base.id.split(':')[1][:12]}"
     if find_image(client, ref) is not None:
         return ref
 
-    class Chunks(io.RawIOBase):  # the engine's export stream as a file, for tarfile's stream mode
-        def __init__(self, chunks):
-            self.chunks, self.left = chunks, b""
-
-        def readable(self):
-            return True
-
-        def readinto(self, buffer):
-            while not self.left:
-                self.left = next(self.chunks, b"")
-                if not self.left:
-                    return 0
-            n = min(len(buffer), len(self.left))
-            buffer[:n], self.left = self.left[:n], self.left[n:]
-            return n
-
     box = client.containers.create(base.id, "true")
     try:
         with tempfile.NamedTemporaryFile(suffix=".tar") as out:
-            with tarfile.open(fileobj=io.BufferedReader(Chunks(box.export(chunk_size=1 << 20)), 1 << 20), mode="r|") as src, \
-                    tarfile.open(fileobj=out, mode="w|") as dst:
+            exported = io.BufferedReader(ChunkReader(box.export(chunk_size=1 << 20)), 1 << 20)
+            with tarfile.open(fileobj=exported, mode="r|") as src, tarfile.open(fileobj=out, mode="w|") as dst:
                 for member in src:
                     if not member.name.startswith(_NOT_FOR_PLAIN_PYTHON):
                         dst.addfile(member, src.extractfile(member) if member.isfile() else None)
