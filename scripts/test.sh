@@ -14,7 +14,7 @@ fi
 # Two pytest-xdist workers (RUNNER_TEST_WORKERS=1: serial), each on its share of the CPUs; the
 # Ray and fake-GPU-host tests, and the tests of one module-scoped fixture, stay together on one
 # worker (tests/conftest.py). Measured side by side on this project's 2-core host (2026-12-01):
-# 2647 s serial, 1674 s on two workers; 1383 s on two since the cluster tests and the suite's
+# 2647 s serial, 1674 s on two workers; 1383-1470 s on two since the cluster tests and the suite's
 # tinylm evaluation were made lighter.
 workers=${RUNNER_TEST_WORKERS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
 parallel=()
