@@ -191,8 +191,8 @@ class NodeWorker:
             found = f"unreadable ({exc})"
         if found != expected:
             raise SetupError(f"node {self.node['ip']} ({self.node['host']}) holds other data in {data} "
-                               f"(digest {found[:12]}, the image was built for {expected[:12]}): "
-                               f"run `runner prepare --cluster` so every node has the same data")
+                             f"(digest {found[:12]}, the image was built for {expected[:12]}): "
+                             f"run `runner prepare --cluster` so every node has the same data")
 
 
 def open_ray(settings: BackendSettings, vram_probe=None, runs: bool = True) -> Backend:

@@ -53,6 +53,10 @@ SUMMARY = textwrap.dedent('''\
     ''')
 
 
+# SUMMARY reporting the script's own VALUE constant as its val_bpb (a knob a proposer can tune).
+VALUE_SUMMARY = SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+
+
 def make_repo(path: Path, train_py: str, prepare_py: str = MINI_PREPARE, extra: dict | None = None) -> Path:
     """A committed research repo at `path` with the given train.py."""
     path.mkdir(parents=True, exist_ok=True)

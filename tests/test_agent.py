@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, SUMMARY, make_repo
+from conftest import REPO_ROOT, VALUE_SUMMARY, make_repo
 
 pytestmark = pytest.mark.docker
 
@@ -19,7 +19,7 @@ SECRET = "sk-ant-agent-only-0123456789"
 TRAIN = """import os
 VALUE = 2.0
 print("KEY_SEEN=" + str(any("sk-ant" in v for v in os.environ.values())), flush=True)
-""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+""" + VALUE_SUMMARY
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import docker
 import pytest
 from cluster import DRIVER_ENV, RayCluster, copy_image, python_only_image, registry, second_engine
-from conftest import MINI_PREPARE, SUMMARY, make_repo, runner_cli
+from conftest import MINI_PREPARE, VALUE_SUMMARY, make_repo, runner_cli
 
 from runner.ledger import Ledger
 from runner.records import Lost
@@ -68,7 +68,7 @@ def _clone(tinylm, path: Path) -> Path:
 SLEEPER = """import os, time
 VALUE = 2.0       # the val_bpb this script reports
 time.sleep(float(os.environ["AUTORESEARCH_TIME_BUDGET"]))
-""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+""" + VALUE_SUMMARY
 
 
 def _sleeper(path: Path, config: str = "") -> Path:

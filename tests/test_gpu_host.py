@@ -13,7 +13,7 @@ from pathlib import Path
 
 import docker
 import pytest
-from conftest import SUMMARY, make_repo, runner_cli
+from conftest import VALUE_SUMMARY, make_repo, runner_cli
 from gpuhost import FakeGpuHost, ProcessTable
 
 from sandbox import gpu, naming
@@ -28,7 +28,7 @@ print("GPUFACTS " + json.dumps({
     "nodes": sorted(n for n in os.listdir("/dev") if n.startswith("nvidia")),
     "libcuda": os.path.exists("/usr/local/nvidia/lib64/libcuda.so.1"),
     "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "nvidia": os.environ.get("NVIDIA_VISIBLE_DEVICES")}))
-""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+""" + VALUE_SUMMARY
 
 RUNNER_YAML = "base_image: autoresearch-runner/base:cpu\ngpu_runtime: devices\nverify: off\n"
 

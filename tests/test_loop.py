@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import SUMMARY, make_repo, runner_cli
+from conftest import SUMMARY, VALUE_SUMMARY, make_repo, runner_cli
 
 from runner.ledger import HEADER
 from runner.records import ExperimentRecord, ProposerErrored, Refused
@@ -26,7 +26,7 @@ CRASH = 0         # 1 = exit with an error
 time.sleep(SLEEP_S)
 if CRASH:
     raise SystemExit("boom: CRASH is set")
-""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+""" + VALUE_SUMMARY
 
 
 def variant(**values) -> str:

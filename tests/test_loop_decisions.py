@@ -9,7 +9,7 @@ import json
 
 import git
 import pytest
-from conftest import SUMMARY, make_repo
+from conftest import VALUE_SUMMARY, make_repo
 from fake_backend import FakeBackend
 
 from runner.proposers.base import Proposal, Proposer, Summary
@@ -18,7 +18,7 @@ TRAIN = """VALUE = 2.0
 CRASH = 0
 if CRASH:
     raise SystemExit("boom")
-""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+""" + VALUE_SUMMARY
 
 
 def variant(**values) -> str:
@@ -343,7 +343,7 @@ SEEDED = """import os
 SEED = int(os.environ.get("AUTORESEARCH_SEED", "0"))
 VALUES = [2.0, 2.0, 2.0]   # val_bpb under seed offsets 0, 1, 2
 VALUE = VALUES[SEED % 3]
-""" + SUMMARY.replace('print("val_bpb:          1.234567")', 'print(f"val_bpb:          {VALUE:.6f}")')
+""" + VALUE_SUMMARY
 
 
 def seeded(values) -> str:
