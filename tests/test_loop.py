@@ -280,10 +280,16 @@ def test_proposer_outage_backs_off_and_the_loop_goes_on(tmp_path, data_dir, monk
 
 class Exploding(Scripted):
     """Proposes once, then fails every time with a bug (not a ProposerError): each failure is a
-    refused proposal, and after MAX_REFUSED_IN_A_ROW of them the run must stop, loudly."""
+    refused proposal, and after MAX_REFUSED_IN_A_ROW of them the run must stop, loudly. It fails
+    only once its one experiment is recorded: a proposer bug stops every thread at once, so a
+    prefetching proposer that failed sooner would interrupt that experiment (on a busy host)."""
 
     def propose(self, ctx):
         if not self.proposals:
+            events = self.repo.path / ".autoresearch" / "t" / "events.jsonl"
+            deadline = time.monotonic() + 120
+            while events.read_text().count('"event": "experiment"') < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
             raise RuntimeError("a bug in the proposer")
         return super().propose(ctx)
 
