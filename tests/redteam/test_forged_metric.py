@@ -141,12 +141,19 @@ def _variant(repo, tmp_path, **replace: str):
     return clone
 
 
-def test_autoresearch_evaluation_signature_is_verified_with_a_rebuilt_tokenizer(arlike):
-    """evaluate_bpb(model, tokenizer, batch_size): the verifier makes its own tokenizer with
-    Tokenizer.from_directory() (never train.py's object), evaluates model(x, y, reduction='none'),
-    finds the implied probabilities normalised, and scores the held-out split too."""
+# autoresearch's evaluation, inside its bf16 autocast: torch.export does not record an ambient
+# autocast, so the verifier must replay it (a float32 input into a bf16 graph fails to run).
+ARLIKE_EVAL = "val_bpb = evaluate_bpb(model, tokenizer, BATCH)\n"
+AUTOCAST = 'with torch.autocast("cpu", dtype=torch.bfloat16):\n    ' + ARLIKE_EVAL
+
+
+def test_autoresearch_evaluation_signature_is_verified_with_a_rebuilt_tokenizer(arlike, tmp_path):
+    """evaluate_bpb(model, tokenizer, batch_size) inside a bf16 autocast: the verifier makes its own
+    tokenizer with Tokenizer.from_directory() (never train.py's object), replays the autocast,
+    evaluates model(x, y, reduction='none'), finds the implied probabilities normalised, and
+    scores the held-out split too."""
     repo, data = arlike
-    record = _run(repo, data)
+    record = _run(_variant(repo, tmp_path, train_py=(ARLIKE_EVAL, AUTOCAST)), data)
     assert record["status"] == "ok" and record["verdict"] == "ok", record
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
     assert record["heldout_val_bpb"] is not None and record["heldout_val_bpb"] != record["val_bpb"]
