@@ -47,7 +47,7 @@ class ExperimentImage:
         """The image's record; None when it was removed since it was listed."""
         labels = image.labels
         below = labels.get(naming.L_SOURCES) or labels.get(naming.L_TRAINER, "")
-        added = store.added_bytes(image.id, below)
+        added = store.added_bytes(image.id, below, image.size)
         if added is None:
             return None
         return cls(ref=image.ref, id=image.id, tag=labels.get(naming.L_TAG, ""), commit=labels.get(naming.L_COMMIT, ""),

@@ -77,7 +77,8 @@ class ImageRecord:
     ref: str            # the runner's own name for it (autoresearch-runner/<...>), else its id
     id: str
     labels: dict[str, str]
-    created: str = ""
+    created: str = ""   # when it was made, UTC, ISO 8601 to the second (sorts as it reads)
+    size: int | None = None  # bytes of all its layers, where the store said
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,10 @@ class ImageStore(abc.ABC):
         """The runner's images of `kind` (naming.KIND_*) whose labels match `labels`."""
 
     @abc.abstractmethod
-    def added_bytes(self, image_id: str, below_id: str) -> int | None:
+    def added_bytes(self, image_id: str, below_id: str, size: int | None = None) -> int | None:
         """Bytes of the layers between `image_id` and the image `below_id` it was built on; None
-        when `image_id` is gone (removed since it was listed: another runner's gc, another user)."""
+        when `image_id` is gone (removed since it was listed: another runner's gc, another user).
+        `size`: the image's own, where a listing gave it (ImageRecord.size)."""
 
     @abc.abstractmethod
     def tag_image(self, image_id: str, ref: str) -> None:

@@ -62,7 +62,7 @@ class FakeBackend(ImageStore, Executor):
     def images(self, kind, **labels):
         return [r for r in self.records.values() if all(r.labels.get(k) == v for k, v in labels.items())]
 
-    def added_bytes(self, image_id, below_id):
+    def added_bytes(self, image_id, below_id, size=None):
         return 0
 
     def tag_image(self, image_id, ref):
