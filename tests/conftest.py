@@ -88,10 +88,13 @@ def run_json(repo: Path, data_dir: Path, *extra: str) -> tuple[dict, str]:
     return record, Path(record["log"]).read_text(errors="replace")
 
 
-def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str, tag: str, budget_s: float = 2,
-                           verify: str = "on"):
-    """A copy of `repo` run through the real loop (verify on): its baseline, then one experiment
-    whose proposal is `train_py`. Returns (the finished Loop, the copy's ResearchRepo)."""
+def loop_night(repo, data, tmp_path, proposals: list[tuple[str, str]], tag: str, baseline: str | None = None,
+               **overrides):
+    """A copy of the prepared `repo` (its train.py replaced by `baseline` when given) run through
+    the real loop with verify on, no baseline reruns and no other proposer: its baseline, then
+    one experiment per (train_py, description) of `proposals`, in order, each confirmed as the
+    defaults do. `overrides`: runner.yaml settings (budget_s, verify, noise_runs, ...). Returns
+    (the finished Loop, the copy's ResearchRepo)."""
     import shutil
 
     from runner.config import load_config
@@ -102,20 +105,25 @@ def loop_with_one_proposal(repo, data, tmp_path, train_py: str, description: str
 
     clone = tmp_path / "loop-repo"
     shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
+    if baseline is not None:
+        (clone / "train.py").write_text(baseline)
+        subprocess.run(["git", "-C", str(clone), "commit", "-qam", "baseline"], check=True)
+    queue = list(proposals)
 
-    class OneProposal(Proposer):
-        name = "one-proposal"
+    class Scripted(Proposer):
+        name = "scripted"
 
         def propose(self, ctx):
+            train_py, description = queue.pop(0)
             return Proposal(train_py, description, "")
 
         def summarize(self, ctx, rows):
             return Summary([], [])
 
-    cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": budget_s, "max_experiments": 1, "verify": verify,
-                              "noise_runs": 0})
+    cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": 2, "max_experiments": len(queue), "verify": "on",
+                              "noise_runs": 0, **overrides})
     research = ResearchRepo(clone)
-    loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), OneProposal(), out=lambda line: None)
+    loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), Scripted(), out=lambda line: None)
     loop.run()
     return loop, research
 

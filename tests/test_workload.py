@@ -1,5 +1,6 @@
-"""What karpathy/autoresearch needs of the sandbox, on the real daemon: compiled code runs, the
-repo's uv.lock is installed exactly, and a Hub kernel fetched by `runner prepare` loads offline.
+"""What karpathy/autoresearch needs of the sandbox, on the real daemon: the repo's uv.lock is
+installed exactly, and a Hub kernel fetched by `runner prepare` loads offline. (Its compiled
+model trains and verifies: tests/redteam/test_forged_metric.py.)
 
 The package index and the Hub are servers this module starts on the daemon's bridge address
 (tests/servers.py); the lock's other packages come from the package registry the host uses.
@@ -17,41 +18,6 @@ from conftest import MINI_PREPARE, SUMMARY, make_repo, run_json, runner_cli
 from servers import FakeHub, PackageIndex, bridge_address, serving
 
 pytestmark = pytest.mark.docker
-
-COMPILED_TRAIN = textwrap.dedent('''\
-    import glob, math
-    import torch
-    import torch.nn.functional as F
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(256, 32), torch.nn.Linear(32, 256))
-    compiled = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data = torch.tensor(list(b"the sandbox runs compiled kernels from /tmp. " * 40))
-    x, y = data[:-1], data[1:]
-    for step in range(30):
-        loss = F.cross_entropy(compiled(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        val_bpb = F.cross_entropy(compiled(x), y).item() / math.log(2)
-    # inductor built and loaded these shared objects from its cache dir on /tmp
-    print("COMPILED_SO", len(glob.glob("/tmp/torchinductor/**/*.so", recursive=True)))
-    print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
-    print("training_seconds: 1.0")
-    ''')
-
-
-def test_torch_compiled_model_trains_to_a_val_bpb_on_cpu(run_train):
-    run = run_train(COMPILED_TRAIN, budget_s=30)
-    log = run.result.log_path.read_text()
-    assert run.outcome.status == "ok", run.result.tail_lines(40)
-    assert 0 < run.outcome.val_bpb < 8.0
-    compiled = [line for line in log.splitlines() if line.startswith("COMPILED_SO ")]
-    assert compiled and int(compiled[0].split()[1]) >= 1, log[-3000:]
-
 
 # --- a research repo with its own uv.lock and a Hub kernel ------------------------------------
 

@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import loop_with_one_proposal, make_repo, run_json, runner_cli
+from conftest import loop_night, make_repo, run_json, runner_cli
 
 pytestmark = pytest.mark.docker
 
@@ -25,9 +25,8 @@ ARLIKE_LOSS = "        return loss\n"
 ARLIKE = Path(__file__).resolve().parent.parent / "fixtures" / "arlike"
 
 
-def _attack(repo: Path, data: Path, tmp_path: Path, anchor: str, code: str, before: bool = True) -> dict:
-    """`repo` copied, `code` put before (or in place of) `anchor` in its train.py, committed,
-    run with `runner run --json`: its record."""
+def _attack_repo(repo: Path, tmp_path: Path, anchor: str, code: str, before: bool = True) -> Path:
+    """`repo` copied, `code` put before (or in place of) `anchor` in its train.py, committed."""
     clone = tmp_path / "attack"
     shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
     text = (clone / "train.py").read_text()
@@ -35,7 +34,12 @@ def _attack(repo: Path, data: Path, tmp_path: Path, anchor: str, code: str, befo
     code = textwrap.indent(textwrap.dedent(code), " " * (len(anchor) - len(anchor.lstrip())))
     (clone / "train.py").write_text(text.replace(anchor, code + (anchor if before else "")))
     subprocess.run(["git", "-C", str(clone), "commit", "-qam", "attack"], check=True)
-    record = run_json(clone, data, "--budget", "2")[0]
+    return clone
+
+
+def _attack(repo: Path, data: Path, tmp_path: Path, anchor: str, code: str, before: bool = True) -> dict:
+    """The attack's repo (_attack_repo) run with `runner run --json`: its record."""
+    record = run_json(_attack_repo(repo, tmp_path, anchor, code, before), data, "--budget", "2")[0]
     assert record["status"] == "ok", record
     return record
 
@@ -213,7 +217,7 @@ def test_argument_names_with_terminal_escapes_reach_no_terminal(tinylm, tmp_path
     (title), C1 CSI and a carriage return; the verifier quotes it, the runner prints it."""
     repo, data = tinylm
     evil = "\\x1b]52;c;b3duZWQ=\\x07\\x1b]0;title\\x07\\x9b31m\\rprepare.X"
-    record = _attack(repo, data, tmp_path, TINYLM_EVAL, f'''
+    clone = _attack_repo(repo, tmp_path, TINYLM_EVAL, f'''
 import json as _json, os as _os
 _write = _json.dump
 
@@ -224,13 +228,11 @@ def _evil_dump(obj, f, *args, **kwargs):
 
 _json.dump = _evil_dump
 ''')
-    _refused(record, "unverified")
-    clone = tmp_path / "attack"
     shown = runner_cli("run", "--repo", str(clone), "--data-dir", str(data), "--budget", "2")
     assert shown.returncode == 0, shown.stderr
     for control in ("\x1b", "\x07", "\x9b", "\r"):
         assert control not in shown.stdout + shown.stderr
-    assert "unverified" in shown.stdout
+    assert "verdict:unverified" in shown.stdout and "prepare.X" in shown.stdout, shown.stdout
 
 
 # --- class 4: the validation data is readable in every experiment ----------------------------------
@@ -272,7 +274,7 @@ def test_a_model_that_memorised_val_is_not_kept_when_held_out_data_disagrees(tin
     reads, does not follow: discarded as overfit, the branch stays at the baseline."""
     repo, data = tinylm
     memorised = (repo / "train.py").read_text().replace(TINYLM_EVAL, textwrap.indent(MEMORISE_VAL, "    ") + TINYLM_EVAL)
-    loop, research = loop_with_one_proposal(repo, data, tmp_path, memorised, "an n-gram cache", "memo")
+    loop, research = loop_night(repo, data, tmp_path, [(memorised, "an n-gram cache")], "memo")
     rows = loop.ledger.rows()
     runs = [e.run for e in loop.ledger.experiments()]
     assert [r.status for r in rows] == ["keep", "discard"], runs

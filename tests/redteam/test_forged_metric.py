@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SUMMARY, loop_with_one_proposal, make_repo, run_json, runner_cli
+from conftest import SUMMARY, loop_night, make_repo, run_json, runner_cli
 
 
 pytestmark = pytest.mark.docker
@@ -51,22 +51,30 @@ def test_a_forged_metric_gets_its_verdict(tinylm, tmp_path, verdict):
 
 
 def test_the_loop_never_keeps_a_forged_number(tinylm, tmp_path):
-    """Through the loop: the forgery reports a far better val_bpb than the baseline's; the
+    """Through the loop with verify on: an untrained model (far worse than the baseline) could not
+    be kept and is not verified; the forgery reports a far better val_bpb than the baseline's: the
     verified figure is what was recorded, the row says [forged], the branch stays at the baseline."""
     repo, data = tinylm
-    forged = (repo / "train.py").read_text().replace(HONEST, FORGERIES["forged"].replace("0.8 *", "0.5 *"))
-    loop, research = loop_with_one_proposal(repo, data, tmp_path, forged, "report half the loss", "forge", budget_s=3)
+    text = (repo / "train.py").read_text()
+    worse = text.replace("LEARNING_RATE = 0.003", "LEARNING_RATE = 1e-9")
+    forged = text.replace(HONEST, FORGERIES["forged"].replace("0.8 *", "0.5 *"))
+    loop, research = loop_night(repo, data, tmp_path, [(worse, "no learning"), (forged, "report half the loss")], "forge")
     rows = loop.ledger.rows()
-    assert [r.status for r in rows] == ["keep", "discard"]
-    assert rows[1].description == "report half the loss [forged]"
-    experiments = loop.ledger.experiments()
-    assert experiments[1].run.verdict == "forged"
-    assert experiments[1].run.self_reported_val_bpb == pytest.approx(0.5 * rows[1].val_bpb, rel=1e-3)
+    assert [r.status for r in rows] == ["keep", "discard", "discard"]
+    baseline, discard, forgery = loop.ledger.experiments()
+    # verification where it decides: the baseline always, a result that could not be kept not at all
+    assert baseline.run.verdict == "ok" and baseline.run.verify_s > 0
+    assert discard.run.verdict is None and discard.run.verify_s == 0
+    assert rows[2].description == "report half the loss [forged]"
+    assert forgery.run.verdict == "forged"
+    assert forgery.run.self_reported_val_bpb == pytest.approx(0.5 * rows[2].val_bpb, rel=1e-3)
     assert research.head().sha[:7] == rows[0].commit
 
 
 @pytest.mark.whole_host  # inductor's compile on one CPU outlasts the run's deadline
-def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
+def test_a_torch_compiled_model_trains_and_verifies(tinylm, tmp_path):
+    """autoresearch compiles its model: inductor's kernels build and load in the sandbox (its
+    cache on /tmp), and the verifier exports what the compiled wrapper wraps."""
     import shutil
 
     repo, data = tinylm
@@ -79,9 +87,15 @@ def test_a_torch_compiled_model_verifies_too(tinylm, tmp_path):
     text = (clone / "train.py").read_text()
     anchor = "model = GPT().to(device)\n"
     assert anchor in text
-    record = _run(clone, data, text.replace(anchor, anchor + "model = torch.compile(model, dynamic=False)\n"))
+    compiled = text.replace(anchor, anchor + "model = torch.compile(model, dynamic=False)\n") + (
+        # inductor built and loaded its shared objects from its cache on the sandbox's /tmp
+        'import glob\nprint("COMPILED_SO", len(glob.glob("/tmp/torchinductor/**/*.so", recursive=True)))\n')
+    record = _run(clone, data, compiled)
     assert record["status"] == "ok" and record["verdict"] == "ok", record
     assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=2e-3)
+    log = Path(record["log"]).read_text(errors="replace")
+    shared_objects = [line for line in log.splitlines() if line.startswith("COMPILED_SO ")]
+    assert shared_objects and int(shared_objects[0].split()[1]) >= 1, log[-3000:]
 
 
 HONEST_VARIANTS = {
@@ -208,15 +222,13 @@ def test_experiments_never_see_the_held_out_data(run_train, tmp_path):
     assert "SEEN False None" in run.result.log_path.read_text()
 
 
-@pytest.mark.parametrize("verify,verified", [("on", False), ("all", True)])
-def test_a_discard_is_verified_only_in_an_audit(tinylm, tmp_path, verify, verified):
-    """Verification where it decides: the baseline always, a result that could not be kept (an
-    untrained model, far worse than the baseline) not at all under `on`, every result under `all`."""
+def test_every_result_is_verified_in_an_audit(tinylm, tmp_path):
+    """`verify: all`: a result that could not be kept (an untrained model, far worse than the
+    baseline) is verified too (under `on` it is not: test_the_loop_never_keeps_a_forged_number)."""
     repo, data = tinylm
     worse = (repo / "train.py").read_text().replace("LEARNING_RATE = 0.003", "LEARNING_RATE = 1e-9")
-    loop, _ = loop_with_one_proposal(repo, data, tmp_path, worse, "no learning", f"gate{verify}", verify=verify)
+    loop, _ = loop_night(repo, data, tmp_path, [(worse, "no learning")], "audit", verify="all")
     baseline, discard = loop.ledger.experiments()
     assert baseline.run.verdict == "ok" and baseline.run.verify_s > 0
     assert discard.row.status == "discard"
-    assert (discard.run.verdict == "ok" and discard.run.verify_s > 0) if verified else \
-        (discard.run.verdict is None and discard.run.verify_s == 0)
+    assert discard.run.verdict == "ok" and discard.run.verify_s > 0

@@ -29,6 +29,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import loop_night
 
 pytestmark = pytest.mark.docker
 
@@ -49,44 +50,6 @@ def _attack(name: str) -> str:
 # B and C are real edits on a baseline that learns almost nothing (its learning rate 60x too low),
 # so that they are would-be keeps for sure and what the guards do with them is what is tested.
 SLOW_LR = ("LEARNING_RATE = 0.003 ", "LEARNING_RATE = 0.00005 ")
-
-
-def _night(repo: Path, data: Path, tmp_path: Path, proposal: str | list[tuple[str, str]], description: str, tag: str,
-           baseline: str | None = None, **overrides):
-    """A copy of the prepared example (its train.py replaced by `baseline` when given), run through
-    the real loop with verify on: the baseline, then the proposal (or each of a list of
-    (train_py, description), in order), confirmed as the defaults do. Returns (the finished Loop,
-    the copy's ResearchRepo)."""
-    from runner.config import load_config
-    from runner.engine import Engine
-    from runner.loop import Loop
-    from runner.proposers.base import Proposal, Proposer, Summary
-    from runner.repo import ResearchRepo
-
-    clone = tmp_path / "night"
-    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(".autoresearch", "results.tsv"))
-    if baseline is not None:
-        (clone / "train.py").write_text(baseline)
-        subprocess.run(["git", "-C", str(clone), "commit", "-qam", "baseline"], check=True)
-
-    proposals = [(proposal, description)] if isinstance(proposal, str) else list(proposal)
-
-    class OneProposal(Proposer):
-        name = "scripted"
-
-        def propose(self, ctx):
-            train_py, said = proposals.pop(0)
-            return Proposal(train_py, said, "")
-
-        def summarize(self, ctx, rows):
-            return Summary([], [])
-
-    cfg = load_config(clone, {"tag": tag, "data_dir": data, "budget_s": 2, "max_experiments": len(proposals), "verify": "on",
-                              "noise_runs": 0, **overrides})
-    research = ResearchRepo(clone)
-    loop = Loop(cfg, research, Engine(cfg, research, progress=lambda m: None), OneProposal(), out=lambda line: None)
-    loop.run()
-    return loop, research
 
 
 def _runs(experiment) -> list:
@@ -117,8 +80,8 @@ def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm_as_shippe
     from runner.records import WallLimit
 
     repo, data = tinylm_as_shipped
-    loop, research = _night(repo, data, tmp_path, _attack("tinylm_overtime"),
-                            "train until the host's deadline", "overtime", overtime_s=1.0)
+    loop, research = loop_night(repo, data, tmp_path, [(_attack("tinylm_overtime"), "train until the host's deadline")],
+                                "overtime", overtime_s=1.0)
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
     shown = _shown(experiments)
@@ -145,9 +108,8 @@ def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm_as_sh
     from runner.reruns import load_noise
 
     repo, data = tinylm_as_shipped
-    loop, research = _night(repo, data, tmp_path, _attack("tinylm_pinned_seeds"),
-                            "12 fixed steps at lr 3e-3", "pinned", baseline=_slow_baseline(repo),
-                            budget_s=4, noise_runs=2)
+    loop, research = loop_night(repo, data, tmp_path, [(_attack("tinylm_pinned_seeds"), "12 fixed steps at lr 3e-3")],
+                                "pinned", baseline=_slow_baseline(repo), budget_s=4, noise_runs=2)
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
     noise = load_noise(loop.ledger)
@@ -184,8 +146,8 @@ def test_a_memorised_val_table_riding_on_a_real_gain_is_not_kept_on_its_memorise
     "held-out gain >= half the val gain - 0.02" lets the memorised part through. It should not
     be kept with a val_bpb better than its trained model earns (the attack prints that figure)."""
     repo, data = tinylm_as_shipped
-    loop, research = _night(repo, data, tmp_path, _attack("tinylm_memorised_within_heldout_slack"),
-                            "lr 3e-3 (and a val table)", "memo-slack", baseline=_slow_baseline(repo), budget_s=4)
+    loop, research = loop_night(repo, data, tmp_path, [(_attack("tinylm_memorised_within_heldout_slack"), "lr 3e-3 (and a val table)")],
+                                "memo-slack", baseline=_slow_baseline(repo), budget_s=4)
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
     runs = _runs(attack)
@@ -223,7 +185,7 @@ def test_a_model_that_remembers_the_public_heldout_text_is_not_kept(tinylm_as_sh
     template = _attack("tinylm_heldout_from_memory")
     assert template.count('REMEMBERED_B64 = ""') == 1
     train_py = template.replace('REMEMBERED_B64 = ""', f'REMEMBERED_B64 = "{base64.b64encode(lzma.compress(remembered)).decode()}"')
-    loop, research = _night(repo, data, tmp_path, train_py, "an n-gram cache", "public-heldout")
+    loop, research = loop_night(repo, data, tmp_path, [(train_py, "an n-gram cache")], "public-heldout")
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
     shown = _shown(experiments) + f"; baseline held-out {baseline.run.heldout_val_bpb}"
@@ -255,7 +217,7 @@ def test_memorised_slices_that_ratchet_through_the_overfit_allowance_are_not_kep
     attack = _attack("tinylm_ratchet")
     assert attack.count("\nSLICES = 1\n") == 1
     proposals = [(attack, "one slice"), (attack.replace("\nSLICES = 1\n", "\nSLICES = 2\n"), "two slices")]
-    loop, research = _night(repo, data, tmp_path, proposals, "", "ratchet", baseline=_fixed_steps((repo / "train.py").read_text()),
+    loop, research = loop_night(repo, data, tmp_path, proposals, "ratchet", baseline=_fixed_steps((repo / "train.py").read_text()),
                             budget_s=4, noise_runs=2)
     experiments = loop.ledger.experiments()
     baseline = experiments[0]
