@@ -151,6 +151,26 @@ def test_an_experiment_image_is_its_archive_on_any_engine_and_a_build_where_load
     docker_client.images.remove(again.ref, force=True)
 
 
+def test_the_image_list_says_what_looking_each_image_up_says(finished_run, docker_client):
+    """The store lists images in one request (the engine's list) rather than inspecting each:
+    every listed record is the record of that image looked up alone, name, labels, creation
+    time and size included, and the experiments' sizes are what they add above the sources."""
+    from runner.reruns import experiment_images
+    from sandbox import naming
+    from sandbox.docker_backend import DockerImageStore
+
+    _, _, rows, tag = finished_run
+    store = DockerImageStore(docker_client)
+    listed = store.images(naming.KIND_EXPERIMENT, **{naming.L_TAG: tag})
+    # (the module's gc test may have removed the discarded one's)
+    assert listed and {r.labels[naming.L_COMMIT][:7] for r in listed} <= {r.commit for r in rows}
+    for record in listed:
+        assert store.image(record.id) == record
+        assert record.size and record.created.endswith("Z")
+    whole = {r.id: r.size for r in listed}  # what an experiment adds is a sliver of its image
+    assert all(0 < e.size_added_bytes < whole[e.id] / 100 for e in experiment_images(store, tag))
+
+
 def test_an_image_removed_while_it_is_listed_is_left_out(finished_run, docker_client):
     """Another runner's gc (another user's, on a shared engine) may remove an image between the
     listing and the reading of its size: `runner images` and rerun go on without it."""
