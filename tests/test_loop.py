@@ -136,11 +136,11 @@ def test_crash_gets_one_fix_attempt(tmp_path, data_dir):
 def test_offline_loop_on_the_example(tinylm, tmp_path):
     repo, data = tinylm
     r = runner_cli("start", "--repo", str(repo), "--data-dir", str(data), "--tag", "demo",
-                   "--budget", "3", "--max-experiments", "2", "--proposer", "offline")
+                   "--budget", "3", "--max-experiments", "1", "--proposer", "offline")
     assert r.returncode == 0, r.stderr
     exp = [line for line in r.stdout.splitlines() if line.startswith("[EXP] demo ")]
-    assert len(exp) == 3 and "status:keep | baseline" in exp[0]
-    assert "=== autoresearch demo: 2 experiments after the baseline" in r.stdout and "next ideas:" in r.stdout
+    assert len(exp) == 2 and "status:keep | baseline" in exp[0]
+    assert "=== autoresearch demo: 1 experiment after the baseline" in r.stdout and "next ideas:" in r.stdout
     events = [json.loads(line) for line in (repo / ".autoresearch/demo/events.jsonl").read_text().splitlines()]
     kept = [e["commit"] for e in events if e["event"] == "experiment" and e["row"]["status"] == "keep"]
     import git

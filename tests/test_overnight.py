@@ -146,7 +146,7 @@ def test_an_alert_that_fails_is_logged_and_the_night_goes_on(tmp_path, data_dir,
     err = capfd.readouterr().err
     assert f"notify: new_best alert to http://127.0.0.1:{webhook.server_port} failed: HTTP 500" in err
     assert SECRET_PATH not in err + everything_written(path) and SECRET_QUERY not in err + everything_written(path)
-    assert lines[-1].startswith("\n=== autoresearch fake: 1 experiments after the baseline")
+    assert lines[-1].startswith("\n=== autoresearch fake: 1 experiment after the baseline")
 
 
 def test_a_command_target_gets_each_alert_as_json_on_stdin(tmp_path, data_dir):
