@@ -250,16 +250,18 @@ def _rss_growth_mb(fn):
     return result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
-def test_printing_2gb_is_capped_and_still_judged(attack):
+def test_printing_half_a_gigabyte_is_capped_and_still_judged(attack):
+    """64 times the log cap (the log keeps its head and tail; the runner's memory does not grow
+    with what is printed; the summary at the end still counts)."""
     run, growth_mb = _rss_growth_mb(lambda: attack(script("""
     import sys
     line = ("y" * 1023 + "\\n").encode()
     chunk = line * 1024
-    for _ in range(2048):
+    for _ in range(512):
         sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
     """), budget_s=60))
-    assert run.result.log_bytes >= 2 * 1024**3
+    assert run.result.log_bytes >= 512 * 1024**2
     assert run.result.log_truncated
     assert run.outcome.status == "ok" and run.outcome.val_bpb == pytest.approx(1.234567)
     assert growth_mb < 64, f"runner memory grew {growth_mb:.0f} MB"
