@@ -90,8 +90,8 @@ class StatusCounts:
 
     def __str__(self) -> str:
         """How every view says it: the Ctrl-C summary, `runner status`, the report, the alerts."""
-        return (f"{self.tried} experiment{'' if self.tried == 1 else 's'} after the baseline ({self.keep} keep, {self.discard} discard, "
-                f"{self.crash} crash), keep rate {100 * self.keep_rate:.1f}%")
+        return (f"{self.tried} experiment{'' if self.tried == 1 else 's'} after the baseline ({self.keep} keep, "
+                f"{self.discard} discard, {self.crash} crash), keep rate {100 * self.keep_rate:.1f}%")
 
 
 def status_counts(experiments: Iterable[tuple[int, RowStatus]]) -> StatusCounts:
