@@ -15,7 +15,7 @@ from pathlib import Path
 
 import docker
 import pytest
-from cluster import DRIVER_ENV, RayCluster, copy_image, python_only_image, registry, second_engine
+from cluster import DRIVER_ENV, RayCluster, provision, python_only_image, registry, second_engine
 from conftest import MINI_PREPARE, VALUE_SUMMARY, make_repo, runner_cli
 
 from runner.ledger import Ledger
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.docker
 @pytest.fixture(scope="module")
 def cluster(tinylm, docker_client):
     """(RayCluster, the second node's process, its DOCKER_HOST, a data dir the second node sees
-    differently). The second engine starts with the CPU base image, as a provisioned node would."""
+    differently). The second engine starts with the CPU base image and nothing else, as a
+    provisioned node would (tests/cluster.py: provision)."""
     _, data = tinylm
     root = Path(tempfile.mkdtemp(prefix="ar-cluster-", dir="/tmp"))  # Ray's socket paths must stay short
     skewed, other = root / "skewed-data", root / "other-data"
@@ -39,7 +40,7 @@ def cluster(tinylm, docker_client):
     (other / "tinylm" / "manifest.json").write_text('{"another": "prepare"}')
     try:
         with second_engine(root / "engine") as host2:
-            copy_image(docker_client, docker.DockerClient(base_url=host2), CPU_BASE_ALIAS)
+            provision(docker.DockerClient(base_url=host2), docker_client, CPU_BASE_ALIAS)
             ray = RayCluster(root / "ray")
             try:
                 ray.start_head()
