@@ -6,6 +6,7 @@ import json
 import secrets
 
 import pytest
+from cluster import python_only_image
 from conftest import make_repo, runner_cli
 from test_loop import MINI_TRAIN, Scripted, make_loop, variant
 
@@ -19,7 +20,8 @@ def finished_run(tmp_path_factory, docker_client):
     data = root / "data"
     data.mkdir()
     (data / "manifest.json").write_text('{"files": {"train.bin": "abc"}}')
-    path = make_repo(root / "r", MINI_TRAIN)
+    # train.py needs python alone: on the python-only base an exported experiment is ~270 MB, not 1.3 GB
+    path = make_repo(root / "r", MINI_TRAIN, extra={"runner.yaml": f"base_image: {python_only_image(docker_client)}\n"})
     tag = f"rr{secrets.token_hex(3)}"  # images of earlier sessions must not mix in
     loop, _, _ = make_loop(path, lambda repo: Scripted(repo, [(variant(VALUE=1.5), "better"), (variant(VALUE=1.9), "worse")]),
                            data, max_experiments=2, tag=tag)
@@ -76,7 +78,7 @@ def test_gc_never_removes_the_kept_chain(finished_run, docker_client):
     path, _, rows, tag = finished_run
     r = runner_cli("images", "gc", "--tag", tag, "--repo", str(path))
     assert r.returncode == 0, r.stderr
-    from sandbox.docker_backend import DockerExecutor, DockerImageStore
+    from sandbox.docker_backend import DockerImageStore
 
     left = {i.commit[:7] for i in experiment_images(DockerImageStore(docker_client), tag)}
     assert rows[0].commit in left and rows[1].commit in left   # baseline and the keep

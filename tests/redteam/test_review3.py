@@ -3,6 +3,9 @@ try to get a result KEPT, verified ok and confirmed, with a val_bpb better than 
 the same budget earns, by routes other than research. Each is proposed to the real loop (verify
 on, held-out data, confirmation with another seed) on the bundled example, and each test asserts
 the outcome the guards should reach. Where a test fails, the attack works: see the file's header.
+The attacks whose margins are shares of the val bytes scored run on the example as it ships
+(`tinylm_as_shipped`); the overtime and pinned-seed ones, which no evaluation size changes, on the
+suite's (`tinylm`: a quarter of val scored).
 
 - tinylm_overtime.py: trains until shortly before the host's deadline, not for TIME_BUDGET, and
   reports training_seconds as if it had kept to it. Held by the wall limit: after the baseline the
@@ -70,7 +73,7 @@ def _slow_baseline(repo: Path) -> str:
 
 # --- A: training past the budget -----------------------------------------------------------------
 
-def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm_as_shipped, tmp_path):
+def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm, tmp_path):
     """The same train.py as the baseline, but it trains until shortly before the host's deadline
     (which it reads from its parent `timeout`) and claims to have trained for the budget. Its
     model is honest: it would verify ok and gain on held-out data. Only the wall clock the host
@@ -79,7 +82,7 @@ def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm_as_shippe
     300 s budget has by default: 10%), and a run that goes past it is a timeout."""
     from runner.records import WallLimit
 
-    repo, data = tinylm_as_shipped
+    repo, data = tinylm
     loop, research = loop_night(repo, data, tmp_path, [(_attack("tinylm_overtime"), "train until the host's deadline")],
                                 "overtime", overtime_s=1.0)
     experiments = loop.ledger.experiments()
@@ -101,13 +104,13 @@ def test_a_run_that_trains_until_the_hosts_deadline_is_not_kept(tinylm_as_shippe
 
 # --- B: seeds pinned, with a jitter ---------------------------------------------------------------
 
-def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm_as_shipped, tmp_path):
+def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm, tmp_path):
     """The baseline's noise runs move with the seed; the candidate's two runs (offsets 0 and 1)
     agree to ~1e-7 bpb but not to the last digit: it undid the offset. Confirmation tested
     nothing; it should be seed_pinned, not kept."""
     from runner.reruns import load_noise
 
-    repo, data = tinylm_as_shipped
+    repo, data = tinylm
     loop, research = loop_night(repo, data, tmp_path, [(_attack("tinylm_pinned_seeds"), "12 fixed steps at lr 3e-3")],
                                 "pinned", baseline=_slow_baseline(repo), budget_s=4, noise_runs=2)
     experiments = loop.ledger.experiments()
