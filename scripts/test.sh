@@ -20,9 +20,8 @@ fi
 .venv/bin/runner base-image build
 # Two pytest-xdist workers (RUNNER_TEST_WORKERS=1: serial), each on its share of the CPUs; the
 # Ray and fake-GPU-host tests, and the tests of one module-scoped fixture, stay together on one
-# worker (tests/conftest.py). Measured side by side on this project's 2-core host (2026-12-01):
-# 2647 s serial, 1674 s on two workers; 1383-1470 s on two since the cluster tests and the suite's
-# tinylm evaluation were made lighter.
+# worker (tests/conftest.py). Measured on this project's 2-core host, fresh clones: 2647 s serial,
+# 1674 s on two workers (2026-12-01); 1127 s on two (2026-12-02, README: "Run the tests").
 workers=${RUNNER_TEST_WORKERS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
 parallel=()
 if [ "$workers" -gt 1 ]; then parallel=(-n "$workers" --dist loadscope); fi
