@@ -66,10 +66,16 @@ def recorded_limits(label: str) -> Limits:
     return Limits(**{k: v for k, v in (recorded if isinstance(recorded, dict) else {}).items() if k in known})
 
 
+def _age(image: ExperimentImage) -> tuple[str, str]:
+    """Oldest first: by creation time, which engines list to the second, then by id (images made
+    in one second keep one order, listing after listing)."""
+    return image.created, image.id
+
+
 def experiment_images(store: ImageStore, tag: str | None = None) -> list[ExperimentImage]:
     labels = {naming.L_TAG: tag} if tag else {}
     found = filter(None, (ExperimentImage.of(store, i) for i in store.images(naming.KIND_EXPERIMENT, **labels)))
-    return sorted(found, key=lambda e: e.created)
+    return sorted(found, key=_age)
 
 
 def find_experiment_image(store: ImageStore, what: str, tag: str | None = None) -> ExperimentImage:
@@ -211,7 +217,7 @@ def gc_plan(images: list[ExperimentImage], statuses: dict[str, RowStatus], keep_
         if statuses.get(img.commit) in (RowStatus.DISCARD, RowStatus.CRASH):
             by_tag.setdefault(img.tag, []).append(img)
     for imgs in by_tag.values():
-        imgs.sort(key=lambda e: e.created, reverse=True)
+        imgs.sort(key=_age, reverse=True)
         doomed += imgs[keep_discarded:]
     return doomed
 

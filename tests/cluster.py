@@ -76,6 +76,10 @@ def _data_root(root: Path):
 def provision(engine, source, ref: str) -> None:
     """`engine` holding `ref` (an image of engine `source`) and nothing else of an earlier session
     (containers, other images): loaded from `source` (copy_image) unless it is there already."""
+    import contextlib
+
+    import docker.errors
+
     wanted = source.images.get(ref)
     for container in engine.containers.list(all=True):
         container.remove(force=True)
@@ -84,7 +88,8 @@ def provision(engine, source, ref: str) -> None:
         if image.id == wanted.id:
             held = True
         else:
-            engine.images.remove(image.id, force=True)
+            with contextlib.suppress(docker.errors.ImageNotFound):  # gone with an image removed before it
+                engine.images.remove(image.id, force=True)
     if held:
         engine.images.get(wanted.id).tag(*ref.rsplit(":", 1))
     else:
