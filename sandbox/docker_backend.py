@@ -208,16 +208,21 @@ def engine_version(client: docker.DockerClient) -> str:
     return f"Docker engine {v.get('Version')} (API {v.get('ApiVersion')})"
 
 
+def _our_name(tags, image_id: str) -> str:
+    """The runner's own name among an image's tags (autoresearch-runner/...), else its id."""
+    return next((t for t in tags if t.startswith(naming.REPO + "/")), image_id)
+
+
 def _record(image) -> ImageRecord:
     """An image as the engine inspects it (docker.models.images.Image)."""
-    ref = next((t for t in image.tags if t.startswith(naming.REPO + "/")), image.id)
+    ref = _our_name(image.tags, image.id)
     created = image.attrs.get("Created", "")  # RFC 3339 with nanoseconds: to the second, as listed
     return ImageRecord(ref, image.id, dict(image.labels or {}), created and created[:19] + "Z", image.attrs.get("Size"))
 
 
 def _listed(summary: dict) -> ImageRecord:
     """An image as the engine lists it (GET /images/json): the same record without inspecting it."""
-    ref = next((t for t in summary.get("RepoTags") or () if t.startswith(naming.REPO + "/")), summary["Id"])
+    ref = _our_name(summary.get("RepoTags") or (), summary["Id"])
     created = datetime.datetime.fromtimestamp(summary.get("Created", 0), datetime.timezone.utc)
     return ImageRecord(ref, summary["Id"], dict(summary.get("Labels") or {}), created.strftime("%Y-%m-%dT%H:%M:%SZ"),
                        summary.get("Size"))
