@@ -112,7 +112,8 @@ def test_a_candidate_that_pins_its_seeds_and_jitters_is_seed_pinned(tinylm, tmp_
 
     repo, data = tinylm
     loop, research = loop_night(repo, data, tmp_path, [(_attack("tinylm_pinned_seeds"), "12 fixed steps at lr 3e-3")],
-                                "pinned", baseline=_slow_baseline(repo), budget_s=4, noise_runs=2)
+                                "pinned", baseline=_slow_baseline(repo), budget_s=4, noise_runs=2,
+                                overtime_s=120)  # not a test of the wall limit: a loaded host's slow run is not the attack
     experiments = loop.ledger.experiments()
     baseline, attack = experiments[0], experiments[-1]
     noise = load_noise(loop.ledger)
