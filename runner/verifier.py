@@ -45,6 +45,15 @@ def verifier_limits(limits: Limits, run_wall_s: float) -> Limits:
                                startup_grace_s=limits.startup_grace_s + VERIFY_WALL_FACTOR * max(run_wall_s, 0.0))
 
 
+def export_failure(output: str) -> str:
+    """Why the export hook could not export, as it said in the run's output (its last word on it);
+    "" when it said nothing. The run's output is hostile, but this only ever explains a run that
+    is unverified whatever it says."""
+    head = protocol.EXPORT_FAILED_MARK + " "
+    said = [line[len(head):] for line in output.splitlines() if line.startswith(head)]
+    return said[-1].strip() if said else ""
+
+
 class Verifier:
     """Verifies finished runs of one engine (its backend, limits and held-out data)."""
 
@@ -65,6 +74,8 @@ class Verifier:
         report = None
         if run.result.collected:
             report = self._report(run, tag, iteration, stop, slot)
+        elif why := export_failure(run.result.output_tail):
+            report = protocol.VerifyReport.unverified(f"the export failed: {why}")
         outcome = apply_verification(run.outcome, report, self.cfg.verify_tolerance)
         return dataclasses.replace(run, outcome=outcome, verify_s=round(time.monotonic() - t0, 3),
                                    verify_phases=report.seconds if report is not None else None)

@@ -28,6 +28,16 @@ def test_a_report_counts_only_with_its_secret_and_only_once():
     assert parse_report(f"{line}\n{line}\n", SECRET).verdict == Verdict.UNVERIFIED
 
 
+def test_why_an_export_failed_is_the_hooks_last_word_on_it():
+    from runner.verifier import export_failure
+
+    out = ("step 1\nAUTORESEARCH_VERIFY_FAILED RuntimeError: first\ntraining...\n"
+           "AUTORESEARCH_VERIFY_FAILED RuntimeError: the model called with the token ids alone must return logits\n"
+           "---\nval_bpb: 1.0\n")
+    assert export_failure(out) == "RuntimeError: the model called with the token ids alone must return logits"
+    assert export_failure("val_bpb: 1.0\nsaid AUTORESEARCH_VERIFY_FAILED in passing\n") == ""
+
+
 @pytest.mark.parametrize("body", [
     '{"verdict": "ok", "val_bpb": NaN}',
     '{"verdict": "ok", "val_bpb": "1.0"}',

@@ -19,11 +19,11 @@ folded into that evaluation: rows of the very batches it scores, drawn with this
 randomness, are evaluated again after it in batches of the same shape, each row spliced at a
 secret cut with real text from another row and among other companions; its outputs up to the
 cut must not change (causality, and no reading of other rows), compared as log-probabilities
-in nats. For models that return a loss per position given the targets (autoresearch's
-model(x, y, reduction='none')), real rows are evaluated once per vocabulary value with every
-target replaced: the implied probabilities must sum to at most 1 at every position, the variant
-whose target is the real one must give the loss the evaluation scored, and those rows are
-probed for causality too (a model could tell them from scored rows).
+in nats. Where the evaluation gives the model targets (autoresearch's model(x, y,
+reduction='none') returns a loss per position), the program is the model on the ids alone, and
+the loss the evaluation gets is computed here from its logits (log_softmax, the target's entry):
+normalised at every position by construction, so a loss the model would state, which could
+claim more probability than there is on rows no probe samples, is never summed.
 
 The report is one line carrying the secret the runner made for this verification (removed from
 the environment before anything of the run is read), printed only by this file's own code.
@@ -48,7 +48,6 @@ from verify_archive import Refused, check_fake_run, check_program, sanitised_arc
 from verify_protocol import Verdict, VerifyReport  # noqa: E402
 
 DATA_SUFFIX = "/.cache/autoresearch"         # where the evaluation code looks under $HOME
-MASS_TOLERANCE = 1e-2                        # implied probabilities may sum to at most 1 + this
 CALL_MAX_BYTES = 1 << 20                     # call.json
 HELDOUT_SECRET = "0" * protocol.SECRET_CHARS  # the held-out pass answers through a pipe only it holds
 # Each probed row tests one cut for reading the next token, so the probe's power is its rows:
@@ -60,11 +59,7 @@ PROBE_OUTPUT_BYTES = 256 << 20               # the scored outputs kept for compa
 PROBE_POSITIONS = 16                         # compared positions per row, the cut included
 DONOR_ROWS = 256                             # rows whose text fills the spliced suffixes
 WHOLE_ROW_SHARE = 0.125                      # probed rows compared whole, among other companions only
-NORM_TOKEN_SHARE = 1.0                       # the normalisation probe's tokens / the evaluation's ...
-NORM_ROWS_MIN = 8                            # ... unless that is fewer rows than this: a model unnormalised
-                                             # on a share f of rows passes with probability (1 - f) ** rows
 PROBE_EFFECTIVE_MIN = 16                     # spliced rows that really changed, or the run is unverified
-NORM_CAUSAL_POSITIONS = 64                   # per normalisation row: positions checked for reading ahead there too
 # Outputs are compared as log-probabilities (logits through log_softmax: a shift changes nothing)
 # or as the losses themselves, in nats, absolutely. The same row in batches of the same shape is
 # bit-identical on the kernels we know; this absorbs reduced-precision rounding where it is not,
@@ -225,11 +220,9 @@ class Probes:
         self.seen = 0             # rows scored under `key`
         self.sample: list[dict] = []   # rows to compare: their inputs, cut, positions and scored outputs
         self.donors: list[dict] = []   # rows whose text fills the spliced suffixes
-        self.norm_rows: list[dict] = []  # loss models: rows with all their scored losses
-        self.largest_id = -1
         self.capacity = PROBE_ROWS_MIN  # rows the sample holds (set from the output's width at the first call)
         self.unprobeable = ""     # why the outputs cannot be probed, when they cannot
-        self.shape = None         # (index of the ids argument, the target's slot or None, per-position width)
+        self.shape = None         # (index of the ids argument, per-position width)
         self.template_args, self.template_kwargs = [], {}  # the first call's arguments: probe batches replace its rows
 
     @staticmethod
@@ -256,9 +249,6 @@ class Probes:
             self.unprobeable = "the model is not called with a (batch, time) tensor of token ids"
             return
         x = args[ids]
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.numel() and not a.is_floating_point() and a.dtype != torch.bool:
-                self.largest_id = max(self.largest_id, int(a.max()))
         shaped = _per_position(out, x)
         if shaped is None:
             self.unprobeable = ("the model's output is not one tensor with one value or one vector per input position "
@@ -267,9 +257,7 @@ class Probes:
         rows, rest = self._split(args, kwargs, x.shape[0])
         key = (rest, x.shape[1], tuple(sorted(rows)))
         if self.key is None:  # the first call sets what the probe batches look like
-            target = next((s for s, v in rows.items() if s != ("a", ids) and v.shape == x.shape
-                           and not v.is_floating_point() and v.dtype != torch.bool), None)
-            self.key, self.batch, self.shape = key, x.shape[0], (ids, target, shaped.shape[-1])
+            self.key, self.batch, self.shape = key, x.shape[0], (ids, shaped.shape[-1])
             self.template_args, self.template_kwargs = list(args), dict(kwargs)
             width = PROBE_POSITIONS * max(1, shaped.shape[-1]) * 4
             self.capacity = max(self.batch, min(PROBE_ROWS_MAX, PROBE_OUTPUT_BYTES // width))
@@ -286,10 +274,6 @@ class Probes:
                 positions = sorted({cut, *self.rng.sample(range(cut), min(cut, PROBE_POSITIONS - 1))})
                 entry = {"row": row, "cut": cut, "positions": positions, "scored": _comparable(shaped[i, positions])}
                 self._put(self.sample, j, entry)
-            if self.shape[1] is not None and self.shape[2] == 1:
-                k = self._slot(self.norm_rows, max(self.batch, NORM_ROWS_MIN))
-                if k is not None:
-                    self._put(self.norm_rows, k, {"row": row, "scored": shaped[i, :, 0].detach().float().clone()})
 
     def _slot(self, reservoir: list, capacity: int | None = None):
         capacity = capacity or self.capacity
@@ -324,15 +308,29 @@ class Probes:
                 kwargs[slot[1]] = stacked
         return _per_position(_invoke(program, self.rng, args, kwargs), args[self.shape[0]])
 
-    def _spliced(self, row: dict, cut: int, donors: list | None = None) -> dict:
+    def _mixed(self, program, rows: list[dict]):
+        """`_call` on `rows` in a shuffled order (where a row sits in its batch tells nothing);
+        the outputs come back in the order given."""
+        import torch
+
+        order = list(range(len(rows)))
+        self.rng.shuffle(order)
+        out = self._call(program, [rows[i] for i in order])
+        if out is None:
+            return None
+        back = [0] * len(order)
+        for n, i in enumerate(order):
+            back[i] = n
+        return out[torch.tensor(back, device=out.device)]
+
+    def _spliced(self, row: dict, cut: int) -> dict:
         """`row` with every per-position input after `cut` taken from another real row."""
-        donors = donors or self.donors
-        donor = self.rng.choice(donors)
+        donor = self.rng.choice(self.donors)
         ids = ("a", self.shape[0])
         for _ in range(8):  # a donor that differs right after the cut, where one exists
             if cut + 1 >= len(row[ids]) or donor is not row and bool(donor[ids][cut + 1] != row[ids][cut + 1]):
                 break
-            donor = self.rng.choice(donors)
+            donor = self.rng.choice(self.donors)
         spliced = {}
         for slot, value in row.items():
             if value.dim() >= 1 and value.shape[0] == row[ids].shape[0] and slot in donor:
@@ -360,14 +358,11 @@ class Probes:
             while len(batch) < self.batch:  # companions only: spliced like the rest, not compared
                 filler = self.rng.choice(self.donors)
                 batch.append(self._spliced(filler, self.rng.randrange(steps)))
-            order = list(range(self.batch))
-            self.rng.shuffle(order)
-            out = self._call(program, [batch[i] for i in order])
+            out = self._mixed(program, batch)
             if out is None:
                 return False, compared, "the model's output lost its per-position shape on a probe batch"
-            where = {i: n for n, i in enumerate(order)}
             for i, e in enumerate(group):
-                again = _comparable(out[where[i], e["positions"]])
+                again = _comparable(out[i, e["positions"]])
                 if again.shape != e["scored"].shape or not close(again, e["scored"]):
                     worst = (again - e["scored"]).abs().max().item() if again.shape == e["scored"].shape else float("nan")
                     return False, compared, (f"a row's outputs up to position {e['cut']} changed (by up to {worst:.3g}) when "
@@ -377,61 +372,6 @@ class Probes:
             return None, compared, (f"the evaluation scored too few distinct rows to probe ({effective} spliced rows "
                                     f"changed, {PROBE_EFFECTIVE_MIN} needed)")
         return True, compared, ""
-
-    def normalised(self, program, close, tokens_scored: int) -> tuple[bool | None, int, float | None, str]:
-        """Loss models only: real rows once per vocabulary value v, the target at every position
-        p replaced by (v + shift_p) mod V (shift secret). At every position the implied
-        probabilities must sum to at most 1, and the variant whose target is the real one must
-        give the loss the evaluation scored. Rows with targets like these look like no scored
-        row, so the model must be causal here too: at sampled positions p, the variant whose
-        target at p is the real one is run again with the inputs after p from another row, and
-        its losses up to p must not change. Returns (ok or None when not a loss model,
-        positions summed, the largest sum, why not)."""
-        import torch
-
-        if self.shape[1] is None or self.shape[2] != 1 or not self.norm_rows:
-            return None, 0, None, ""
-        ids, target = ("a", self.shape[0]), self.shape[1]
-        vocab = self.largest_id + 1
-        steps = len(self.norm_rows[0]["row"][ids])
-        per_batch = min(len(self.norm_rows), max(NORM_ROWS_MIN, int(NORM_TOKEN_SHARE * tokens_scored) // max(1, vocab * steps)))
-        rows = self.rng.sample(self.norm_rows, per_batch)  # a uniform sample (a reservoir's first slots are not)
-        device = rows[0]["row"][target].device
-        shifts = torch.randint(0, vocab, (per_batch, steps), generator=torch.Generator().manual_seed(self.rng.getrandbits(63))).to(device)
-        mass = torch.zeros(per_batch, steps, dtype=torch.float64, device=device)
-        real = torch.stack([r["row"][target] for r in rows])
-        scored = torch.stack([r["scored"] for r in rows]).to(device)
-        checked = [set(self.rng.sample(range(steps), min(steps, NORM_CAUSAL_POSITIONS))) for _ in rows]
-        for v in range(vocab):
-            targets = (v + shifts) % vocab
-            batch = [{**r["row"], target: targets[i].to(real.dtype)} for i, r in enumerate(rows)]
-            loss = self._call(program, batch)
-            if loss is None:
-                return False, 0, None, "the model's output lost its per-position shape on a probe batch"
-            loss = loss[..., 0].double()
-            mass += torch.exp(-loss)
-            hit = targets == real  # this variant's target is the real one: it must score as the evaluation did
-            if not bool(hit.any()):
-                continue
-            if not close(loss[hit].float(), scored[hit].float()):
-                return False, 0, None, ("a position's loss for its real target differs from the loss the evaluation "
-                                        "scored when the other targets change")
-            cuts = [next((p for p in hit[i].nonzero().flatten().tolist() if p in checked[i] and p + 1 < steps), None)
-                    for i in range(per_batch)]
-            if any(c is not None for c in cuts):
-                # donors: the scored rows' text after p, and targets as random as these
-                again = self._call(program, [b if c is None else self._spliced(b, c, [
-                    {**d, target: targets[i].to(real.dtype)} for d in self.donors]) for i, (b, c) in enumerate(zip(batch, cuts))])
-                for i, c in enumerate(cuts):
-                    if c is not None and (again is None or not close(again[i, : c + 1, 0].float(), loss[i, : c + 1].float())):
-                        return False, 0, None, (f"a loss up to position {c} changed when the inputs after it changed, "
-                                                f"on rows whose targets are not the text's")
-        largest = float(mass.max())
-        counted = int(mass.numel())
-        if not math.isfinite(largest) or largest > 1 + MASS_TOLERANCE:
-            return False, counted, largest, (f"the probabilities implied by the model's losses sum to {largest:.3g} over "
-                                             f"the vocabulary at some position (at most 1 for a real model)")
-        return True, counted, largest, ""
 
 
 def _comparable(out):
@@ -482,7 +422,40 @@ def _per_position(out, x):
     return out.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _scored_model(program, probes: Probes):
+def _ids_and_targets(args, kwargs):
+    """The (batch, time) token ids a loss call gives the model first, and the targets of their
+    shape beside them; or None."""
+    import torch
+
+    ids = args[0] if args else None
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+        return None
+    targets = [v for v in [*args[1:], *kwargs.values()] if isinstance(v, torch.Tensor)
+               and v.shape == ids.shape and not v.is_floating_point() and v.dtype != torch.bool]
+    return (ids, targets[0]) if len(targets) == 1 else None
+
+
+def _loss_from_logits(logits, targets, dims: int):
+    """The loss per position a loss model returns (cross-entropy, reduction 'none'), computed
+    here from its logits: minus the log-probability of the target, 0 where the target is no token
+    (an ignore_index, -1 or -100), in the layout the model's own loss had (1: (batch * time,),
+    2: (batch, time), 3: (batch, time, 1))."""
+    import torch
+
+    vocab = logits.shape[-1]
+    valid = (targets >= 0) & (targets < vocab)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(logits.device.type, enabled=False))
+        logp = logits.float().log_softmax(-1)
+        loss = -logp.gather(-1, targets.clamp(0, vocab - 1).long().unsqueeze(-1)).squeeze(-1) * valid
+    return loss.reshape((-1,) if dims == 1 else (*targets.shape, 1)[:dims])
+
+
+def _scored_model(program, probes: Probes, loss_dims: int = 0):
+    """What the evaluation function gets in place of the model: a module that calls `program`.
+    `loss_dims`: the evaluation gives the model targets and it returned a loss of that many
+    dimensions; `program` is then the model on the ids alone, and the loss is computed from its
+    logits (_loss_from_logits)."""
     import torch
 
     class Scored(torch.nn.Module):
@@ -492,14 +465,22 @@ def _scored_model(program, probes: Probes):
         def __init__(self):
             super().__init__()
             self.program = program
-            self.tokens = 0
 
         def forward(self, *args, **kwargs):
-            out = _invoke(self.program, probes.rng, args, kwargs)
-            probes.observe(args, kwargs, out)
-            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            self.tokens += first.numel() if first is not None else 0
-            return out
+            if not loss_dims:
+                out = _invoke(self.program, probes.rng, args, kwargs)
+                probes.observe(args, kwargs, out)
+                return out
+            pair = _ids_and_targets(args, kwargs)
+            if pair is None:
+                raise Unverifiable("the evaluation called the model without the token ids and targets its first call had")
+            ids, targets = pair
+            logits = _invoke(self.program, probes.rng, (ids,), {})
+            if (not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 3
+                    or logits.shape[:2] != ids.shape or logits.shape[2] < 2):
+                raise Unverifiable(protocol.LOGITS_NEEDED)
+            probes.observe((ids,), {}, logits)
+            return _loss_from_logits(logits, targets, loss_dims)
 
         def train(self, mode=True):  # the exported graph has no modes to switch
             return self
@@ -544,7 +525,10 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     if clock is not None:
         clock.lap("load")
     args, kwargs = _arguments(call, module, function)
-    model = _scored_model(program, probes or Probes(random.Random()))
+    loss_dims = call.get("loss_dims", 0)
+    if type(loss_dims) is not int or loss_dims not in (0, 1, 2, 3):
+        raise Unverifiable(f"call.json's loss_dims is {loss_dims!r}, not 0 to 3")
+    model = _scored_model(program, probes or Probes(random.Random()), loss_dims)
     model.held = _held_tensors(program)
     model.pristine = {name: value.detach().clone() for name, value in model.held.items()}  # before the first call
     if gate is not None:
@@ -659,25 +643,19 @@ def _probe(folder: str, clock: _Clock, gate=None) -> VerifyReport:
     def close(a, b) -> bool:  # equal infinities are close (a logit masked to -inf); NaN never is
         return bool(torch.allclose(a, b, atol=atol, rtol=0.0))
 
+    if probes.shape[1] == 1:  # one value per position: a loss the model states, which nothing here can trust
+        return VerifyReport(Verdict.UNVERIFIED, why=protocol.LOGITS_NEEDED, val_bpb=verified)
     with _autocast(call):
         causal, compared, why = probes.causal(program, close)
         clock.lap("causal_probe")
-        if causal is None:
-            return VerifyReport(Verdict.UNVERIFIED, why=why, val_bpb=verified, probed_positions=compared)
-        if not causal:
-            return VerifyReport(Verdict.NONCAUSAL, why=why, val_bpb=verified, probed_positions=compared)
-        normalised, summed, mass, why = probes.normalised(program, close, model.tokens)
-        clock.lap("normalisation_probe")
-    counts = dict(val_bpb=verified, probed_positions=compared, normalised_positions=summed, probability_mass=mass)
     changed = next((name for name, before in model.pristine.items() if not torch.equal(model.held[name], before)), None)
     if changed is not None:  # whatever a probe saw, the program kept state between calls: nothing of it counts
         return VerifyReport(Verdict.REFUSED, why=f"the program wrote into {changed} while it was evaluated: state across calls")
-    if normalised is False:
-        return VerifyReport(Verdict.UNNORMALISED, why=why, **counts)
-    if normalised is None and probes.shape[2] == 1:
-        return VerifyReport(Verdict.UNVERIFIED, why="the model returns one value per position but is not given "
-                                                    "targets: its outputs cannot be checked as probabilities", **counts)
-    return VerifyReport(Verdict.OK, **counts)
+    if causal is None:
+        return VerifyReport(Verdict.UNVERIFIED, why=why, val_bpb=verified, probed_positions=compared)
+    if not causal:
+        return VerifyReport(Verdict.NONCAUSAL, why=why, val_bpb=verified, probed_positions=compared)
+    return VerifyReport(Verdict.OK, val_bpb=verified, probed_positions=compared)
 
 
 def verify(folder: str, clock: _Clock) -> VerifyReport:

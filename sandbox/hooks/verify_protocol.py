@@ -22,10 +22,15 @@ from enum import Enum
 
 EXPORT_DIR = "/out/verify"
 EXPORT_MARK = "AUTORESEARCH_VERIFY_EXPORTED"   # printed by the hook once its files are written
+EXPORT_FAILED_MARK = "AUTORESEARCH_VERIFY_FAILED"  # printed by the hook, with why, when it could not export
 MODEL_FILE = "model.pt2"                        # torch.export archive (no pickle is ever loaded from it)
 CALL_FILE = "call.json"                         # the evaluation call's plain arguments
 EXPORT_FILES = (MODEL_FILE, CALL_FILE)
 COLLECTED_FILE = ".collected"                   # the runner's word to the hook that it may exit
+# A model the evaluation gives targets (a loss per position) is exported, and scored, by its logits.
+LOGITS_NEEDED = ("the evaluation gives the model targets, so the model called with the token ids alone must return "
+                 "logits (batch, time, vocabulary), as autoresearch's model(x) does: the verifier computes the loss "
+                 "from them, never trusting a loss the model states")
 
 # --- the environment of the hook and the verifier --------------------------------------------
 
@@ -50,7 +55,7 @@ class Verdict(str, Enum):
     UNVERIFIED = "unverified"       # nothing trustworthy to evaluate, or the verifier did not finish cleanly
     FORGED = "forged"               # the run's own number disagrees with the verified one
     NONCAUSAL = "noncausal"         # outputs change with inputs after their position, or with other rows
-    UNNORMALISED = "unnormalised"   # a loss model's implied probabilities sum over 1, or differ from the scored ones
+    UNNORMALISED = "unnormalised"   # (older verifiers) a loss model's implied probabilities summed over 1
     REFUSED = "refused"             # the exported archive or graph is not one the verifier runs
     OVERFIT = "overfit"             # the val gain is not matched on the held-out data (decided by the runner)
     SEED_PINNED = "seed_pinned"     # its runs agree exactly under the runner's different seeds (decided by the runner)
@@ -69,8 +74,8 @@ class VerifyReport:
     heldout_bpb: float | None = None           # the same on the held-out data, when there is some
     heldout_error: str | None = None           # why the held-out evaluation failed, when it did
     probed_positions: int = 0                  # positions the causality probe compared
-    normalised_positions: int = 0              # positions whose probabilities were summed
-    probability_mass: float | None = None      # the largest of those sums
+    normalised_positions: int = 0              # (older verifiers, whose reports images still carry: their
+    probability_mass: float | None = None      # normalisation probe's positions and largest sum; unset now)
     seconds: dict | None = None                # where the verifier's time went: {phase: seconds}
 
     def to_line(self, secret: str) -> str:

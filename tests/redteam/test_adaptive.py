@@ -129,11 +129,14 @@ if reduction == "none":
 '''
 
 
-@pytest.mark.parametrize("cheat,verdict", [(RELATION_HALVED, "unnormalised"), (CONFIRMED_BY_NEXT_INPUT, "noncausal")])
-def test_a_loss_model_that_tells_real_rows_from_probes_is_refused(arlike, tmp_path, cheat, verdict):
+@pytest.mark.parametrize("cheat", [RELATION_HALVED, CONFIRMED_BY_NEXT_INPUT])
+def test_a_loss_model_that_tells_real_rows_from_probes_is_refused(arlike, tmp_path, cheat):
+    """The losses it states are lower where real data's relations hold; the verifier computes them
+    from its logits instead (no stated loss is summed): the number is honest, the run's is not."""
     repo, data = arlike
     record = _attack(repo, data, tmp_path, ARLIKE_LOSS, cheat)
-    _refused(record, verdict)
+    _refused(record, "forged")
+    assert record["self_reported_val_bpb"] < record["val_bpb"], record
 
 
 # --- class 1 and 2: the report channel and the archive ---------------------------------------------
@@ -295,17 +298,25 @@ EVALUATIONS = {"tinylm": "with autocast:\n" + TINYLM_EVAL,
                    if "torch.autocast(\"cpu\"" in line or "evaluate_bpb(model, tokenizer" in line)}
 
 
-@pytest.mark.parametrize("name,verdict", [
-    ("arlike_probe_mode.py", "unnormalised"),
-    ("tinylm_state_through_unsafe_split.py", "refused"),
-    ("tinylm_shifted_logits.py", "noncausal"),
-    ("tinylm_one_row.py", "unverified"),
-    ("arlike_honest_on_val_only.py", "unnormalised"),
-    ("arlike_unnormalised_on_some_rows.py", "unnormalised"),
-    ("tinylm_state_in_a_file.py", "refused"),
+# Loss models whose forward cannot give logits (model(x) alone) have nothing the verifier trusts.
+NO_LOGITS = "must return logits"
+
+
+@pytest.mark.parametrize("name,verdict,detail", [
+    ("arlike_probe_mode.py", "unverified", NO_LOGITS),
+    ("tinylm_state_through_unsafe_split.py", "refused", ""),
+    ("tinylm_shifted_logits.py", "noncausal", ""),
+    ("tinylm_one_row.py", "unverified", ""),
+    ("arlike_honest_on_val_only.py", "unverified", NO_LOGITS),
+    ("arlike_unnormalised_on_some_rows.py", "unverified", NO_LOGITS),
+    ("tinylm_state_in_a_file.py", "refused", ""),
+    ("arlike_mass_slack.py", "forged", "self-reported"),
+    ("arlike_low_precision_tell.py", "forged", "self-reported"),
+    ("arlike_rare_rows.py", "forged", "self-reported"),
 ])
-def test_attacks_from_the_reviews_are_refused(request, tmp_path, name, verdict):
+def test_attacks_from_the_reviews_are_refused(request, tmp_path, name, verdict, detail):
     target = name.split("_")[0]
     repo, data = request.getfixturevalue(target)
     record = _attack(repo, data, tmp_path, EVALUATIONS[target], (ATTACKS / name).read_text(), before=False)
     _refused(record, verdict)
+    assert detail in record["detail"], record

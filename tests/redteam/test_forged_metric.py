@@ -174,15 +174,26 @@ def test_autoresearch_evaluation_signature_is_verified_with_a_rebuilt_tokenizer(
     assert 0 < record["heldout_val_bpb"] < 8
 
 
-def test_a_model_whose_losses_are_not_probabilities_is_unnormalised(arlike, tmp_path):
-    """Halving every per-token loss halves val_bpb, in the run and in the verifier alike (the
-    number is honestly computed from a dishonest model): only the normalisation probe sees it."""
+def test_a_loss_model_is_scored_by_its_logits_never_by_the_losses_it_states(arlike, tmp_path):
+    """Halving every per-token loss the model states halves the run's own val_bpb; the verifier
+    computes each loss from the model's logits (model(x)) with its own cross-entropy, so the
+    verified number is the honest one, twice the run's: forged."""
     repo, data = arlike
     clone = _variant(repo, tmp_path, train_py=("        return loss\n", '        return loss * 0.5 if reduction == "none" else loss\n'))
     record = _run(clone, data)
-    assert record["status"] == "ok" and record["verdict"] == "unnormalised", record
-    assert record["val_bpb"] == pytest.approx(record["self_reported_val_bpb"], rel=1e-3)
-    assert "sum to" in record["detail"]
+    assert record["status"] == "ok" and record["verdict"] == "forged", record
+    assert record["val_bpb"] == pytest.approx(2 * record["self_reported_val_bpb"], rel=1e-3)
+    assert record["heldout_val_bpb"] is not None
+
+
+def test_a_loss_model_without_logits_is_unverified_and_told_why(arlike, tmp_path):
+    """A model that can only state losses (model(x) alone fails) has nothing the verifier can
+    trust: unverified, and the detail says what the model must do."""
+    repo, data = arlike
+    clone = _variant(repo, tmp_path, train_py=("        if targets is None:\n            return logits\n", ""))
+    record = _run(clone, data)
+    assert record["status"] == "ok" and record["verdict"] == "unverified", record
+    assert "must return logits" in record["detail"] and "model(x)" in record["detail"], record
 
 
 def test_a_loss_model_that_reads_the_future_is_noncausal(arlike, tmp_path):

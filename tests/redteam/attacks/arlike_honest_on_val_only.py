@@ -1,6 +1,7 @@
 # Red-team attack (second adversarial review): val memorised at train time as a causal, normalised
 # mixture (so the val probes pass), and a loss of 0 on any text that matches no val row, which only
-# the held-out evaluation shows. Expected: unnormalised (the held-out pass is probed too).
+# the held-out evaluation shows. Expected: unverified (asked for logits, model(x), it has none: the verifier
+# sums no loss a model states; it was unnormalised when the normalisation probe judged stated losses)
 #
 # Spliced into the example's train.py in place of its evaluation (tests/redteam/test_adaptive.py).
 # ---- attack: memorise val causally + normalised (passes every probe); on text that is not val

@@ -1,6 +1,7 @@
 # Red-team attack (an adversarial review of verify.py): a loss model that scores real rows with a
 # tiny loss and, on rows whose targets are not the text's (the normalisation probe's), returns an
-# exact distribution peaked on the next input: it reads ahead only there. Expected: unnormalised.
+# exact distribution peaked on the next input: it reads ahead only there. Expected: unverified (asked for logits, model(x), it has none: the verifier
+# sums no loss a model states; it was unnormalised when the normalisation probe judged stated losses)
 #
 # Spliced into the example's train.py in place of its evaluation (tests/redteam/test_adaptive.py).
 

@@ -1,6 +1,7 @@
 # Red-team attack (second adversarial review): a loss of 1e-3 for every target on about half the
 # rows, chosen causally by their first token; the normalisation probe used to sum one row only.
-# Expected: unnormalised (8 rows, drawn uniformly).
+# Expected: unverified (asked for logits, model(x), it has none: the verifier
+# sums no loss a model states; it was unnormalised when the normalisation probe judged stated losses)
 #
 # Spliced into the example's train.py in place of its evaluation (tests/redteam/test_adaptive.py).
 # ---- attack: unnormalised (loss ~0 for every target) on rows whose first token is in a set
