@@ -437,13 +437,16 @@ def _ids_and_targets(args, kwargs):
 
 def _loss_from_logits(logits, targets, dims: int):
     """The loss per position a loss model returns (cross-entropy, reduction 'none'), computed
-    here from its logits: minus the log-probability of the target, 0 where the target is no token
-    (an ignore_index, -1 or -100), in the layout the model's own loss had (1: (batch * time,),
-    2: (batch, time), 3: (batch, time, 1))."""
+    here from its logits: minus the log-probability of the target, 0 where the target is
+    negative (an ignore_index, -1 or -100: the evaluation's data says so, not the model), in the
+    layout the model's own loss had (1: (batch * time,), 2: (batch, time), 3: (batch, time, 1)).
+    A target beyond the logits has no probability the model could give it: no number at all."""
     import torch
 
     vocab = logits.shape[-1]
-    valid = (targets >= 0) & (targets < vocab)
+    valid = targets >= 0
+    if bool((targets >= vocab).any()):
+        raise Unverifiable(f"a target id ({int(targets.max())}) is beyond the model's logits ({vocab} of them)")
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast(logits.device.type, enabled=False))
         logp = logits.float().log_softmax(-1)

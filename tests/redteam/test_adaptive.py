@@ -313,6 +313,7 @@ NO_LOGITS = "must return logits"
     ("arlike_mass_slack.py", "forged", "self-reported"),
     ("arlike_low_precision_tell.py", "forged", "self-reported"),
     ("arlike_rare_rows.py", "forged", "self-reported"),
+    ("arlike_narrow_logits.py", "unverified", "beyond the model's logits"),
 ])
 def test_attacks_from_the_reviews_are_refused(request, tmp_path, name, verdict, detail):
     target = name.split("_")[0]
