@@ -171,7 +171,8 @@ def apply_verification(outcome: Outcome, report: VerifyReport | None, tolerance:
     Returns:
         verdict ok with the verified val_bpb as the metric (the self-reported one kept beside it,
         the held-out figure when there is one); else the verifier's verdict (unverified,
-        refused, noncausal, unnormalised) or forged, with a detail fit to print. Only ok is kept.
+        refused, noncausal; unnormalised from older verifiers) or forged, with a detail fit to
+        print. Only ok is kept.
     """
     if outcome.status != STATUS_OK or outcome.metrics is None:
         return outcome
