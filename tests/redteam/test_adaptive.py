@@ -314,6 +314,7 @@ NO_LOGITS = "must return logits"
     ("arlike_low_precision_tell.py", "forged", "self-reported"),
     ("arlike_rare_rows.py", "forged", "self-reported"),
     ("arlike_narrow_logits.py", "unverified", "beyond the model's logits"),
+    ("arlike_claimed_autocast.py", "noncausal", ""),
 ])
 def test_attacks_from_the_reviews_are_refused(request, tmp_path, name, verdict, detail):
     target = name.split("_")[0]
