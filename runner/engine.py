@@ -85,6 +85,7 @@ class ExperimentRun:
             verdict=self.outcome.verdict,
             self_reported_val_bpb=self.outcome.self_reported,
             heldout_val_bpb=self.outcome.heldout_bpb,
+            margin_bpb=self.outcome.margin_bpb,
             verify_s=self.verify_s,
             verify_phases=self.verify_phases,
             memory_gb=self.memory_gb,

@@ -561,7 +561,8 @@ class Loop:
                          earlier=earlier)
             self.proposer.observe(job.proposal, DISCARD, val)
             return follow, self._reapply(job)
-        description = job.proposal.description + (" [unconfirmed]" if confirmation and decision.status == DISCARD
+        description = job.proposal.description + (" [within the verifier's margin]" if decision.within_margin else
+                                                  " [unconfirmed]" if confirmation and decision.status == DISCARD
                                                   and run.outcome.verdict in (None, VERDICT_OK) else "")
         self._record(job.iteration, run, decision.status, description, job.proposal, **extra, earlier=earlier)
         self.proposer.observe(job.proposal, decision.status, val)

@@ -129,6 +129,7 @@ class Decision:
     fix: bool = False         # ask the proposer to fix this crash, once
     overfit: str = ""         # why the val gain does not hold on the held-out data (a discard)
     seed_pinned: bool = False  # a would-be keep whose runs ignore the runner's seeds (a discard; see `confirm`)
+    within_margin: bool = False  # better than the best, but by no more than the verifier's margin (a discard)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def overfit(state: RunState, outcome: Outcome, min_delta: float, rule: HeldoutRu
 
 
 def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, heldout: HeldoutRule = HeldoutRule()) -> Decision:
-    """Keep only a finite result better than the current best by more than `min_delta`, proposed
+    """Keep only a finite result better than the current best by more than `min_delta` and its
+    verification's margin (what reading ahead inside the probe's tolerance could gain), proposed
     on that best, verified when it was verified at all (a verdict other than ok is a discard),
     and not an overfit on val (see `overfit`; a discard). If the best moved while it ran, it is
     a near-miss (a discard to re-apply and verify). A timeout is a discard; anything else that
@@ -183,7 +185,10 @@ def decide(state: RunState, job: JobLike, outcome: Outcome, min_delta: float, he
     harness caused it (a node lost twice, NVML gone)."""
     if outcome.status == OutcomeStatus.OK and outcome.verdict not in (None, VERDICT_OK):
         return Decision(RowStatus.DISCARD)  # unverified, forged or noncausal: recorded, never kept
-    improved = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
+    better = outcome.status == OutcomeStatus.OK and outcome.val_bpb < state.best_val_bpb - min_delta
+    improved = better and outcome.val_bpb + outcome.margin_bpb < state.best_val_bpb - min_delta
+    if better and not improved:  # a read-ahead inside the verifier's tolerance could have made the difference
+        return Decision(RowStatus.DISCARD, within_margin=True)
     if improved:
         why = overfit(state, outcome, min_delta, heldout)
         if why:

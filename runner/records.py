@@ -217,6 +217,7 @@ class RunRecord(Typed):
     verdict: Verdict | None = None  # None: not verified (written "")
     self_reported_val_bpb: float | None = None
     heldout_val_bpb: float | None = None
+    margin_bpb: float = 0.0           # what reading ahead inside the verifier's tolerance could gain
     verify_s: float = 0.0
     verify_phases: dict | None = None
     memory_gb: float = 0.0

@@ -108,6 +108,8 @@ class Outcome:
     verdict: Verdict | None = None  # None = not verified (only Verdict.OK may be kept)
     self_reported: float | None = None  # the run's own val_bpb, when a verified one replaced it
     heldout_bpb: float | None = None    # the verifier's evaluation on the held-out data (verify_data), if any
+    margin_bpb: float = 0.0             # what a read-ahead inside the verifier's tolerance could gain
+                                        # (a keep must beat the best by more)
 
     def __post_init__(self):
         # Typed whoever made it: "ok" becomes OutcomeStatus.OK, "" no verdict (anything else a ValueError).
@@ -185,7 +187,7 @@ def apply_verification(outcome: Outcome, report: VerifyReport | None, tolerance:
         return replace(outcome, verdict=verdict, detail=detail or "the verifier gave no number", self_reported=claimed)
     verified = float(report.val_bpb)
     verified_outcome = replace(outcome, metrics=replace(outcome.metrics, val_bpb=verified), self_reported=claimed,
-                               heldout_bpb=report.heldout_bpb, detail=detail)
+                               heldout_bpb=report.heldout_bpb, detail=detail, margin_bpb=report.margin_bpb or 0.0)
     if report.verdict != Verdict.OK:
         return replace(verified_outcome, verdict=report.verdict)
     if not math.isfinite(verified) or abs(claimed - verified) > tolerance * max(abs(verified), 1e-9):

@@ -149,6 +149,27 @@ def test_a_val_gain_without_a_held_out_gain_is_an_overfit_discard():
     assert decide(RunState(best_commit="best", best_val_bpb=4.0), _Job(), _outcome(0.5, 4.1), 0.0).status == "keep"
 
 
+def test_a_gain_no_larger_than_the_verifiers_margin_is_not_kept():
+    """The verifier says what reading ahead inside its probe's tolerance could gain (margin_bpb);
+    a keep must beat the best by more than that as well as min_delta."""
+    from dataclasses import replace
+
+    from runner.summary import apply_verification
+
+    state = RunState(best_commit="best", best_val_bpb=1.9)
+    run = Outcome(STATUS_OK, "", Metrics(val_bpb=1.897))
+    report = VerifyReport(Verdict.OK, val_bpb=1.897, margin_bpb=0.0036)
+    judged = apply_verification(run, report, 0.002)
+    assert judged.verdict == "ok" and judged.margin_bpb == 0.0036
+    inside = decide(state, _Job(), judged, 0.0)
+    assert inside.status == "discard" and inside.within_margin
+    clear = apply_verification(replace(run, metrics=Metrics(val_bpb=1.89)), replace(report, val_bpb=1.89), 0.002)
+    assert decide(state, _Job(), clear, 0.0).status == "keep"
+    assert decide(state, _Job(), clear, 0.008).status == "discard"  # min_delta still holds beside it
+    unmargined = apply_verification(run, replace(report, margin_bpb=None), 0.002)
+    assert unmargined.margin_bpb == 0.0 and decide(state, _Job(), unmargined, 0.0).status == "keep"
+
+
 def test_memorised_val_rides_on_a_real_gain_only_within_the_nights_allowance():
     """From a baseline at val 7.6, held-out 7.7: a real gain of 3 bpb shows on both (the held-out
     text is another distribution: it gains a little less). With a val table worth 0.5 bpb on

@@ -472,6 +472,7 @@ def _scored_model(program, probes: Probes, loss_dims: int = 0):
         def __init__(self):
             super().__init__()
             self.program = program
+            self.handed = []  # loss models: per call, (its ids, the loss handed out, where a target was)
 
         def forward(self, *args, **kwargs):
             if not loss_dims:
@@ -487,7 +488,9 @@ def _scored_model(program, probes: Probes, loss_dims: int = 0):
                     or logits.shape[:2] != ids.shape or logits.shape[2] < 2):
                 raise Unverifiable(protocol.LOGITS_NEEDED)
             probes.observe((ids,), {}, logits)
-            return _loss_from_logits(logits, targets, loss_dims)
+            loss = _loss_from_logits(logits, targets, loss_dims)
+            self.handed.append((ids.clone(), loss.detach(), (targets >= 0).reshape(loss.shape).to(loss.dtype)))
+            return loss
 
         def train(self, mode=True):  # the exported graph has no modes to switch
             return self
@@ -544,7 +547,36 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
         value = function(model, *args, **kwargs)
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise Unverifiable("the evaluation function did not return a number")
+    model.again = lambda replica: float(function(replica, *args, **kwargs))
     return float(value), call, program, model
+
+
+def _per_nat(model, verified: float) -> float:
+    """How much the evaluation's number grows when every loss handed out grows by one nat: the
+    evaluation run again on the losses it was handed the first time, each one nat higher where
+    there was a target (no model call: the same batches, checked id for id). The bpb a model
+    could gain inside the probe's tolerance is that tolerance times this."""
+    import torch
+
+    calls = iter(model.handed)
+
+    class Replica(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            pair, handed = _ids_and_targets(args, kwargs), next(calls, None)
+            if pair is None or handed is None or not torch.equal(pair[0], handed[0]):
+                raise Unverifiable("the evaluation does not score the same batches when run again")
+            return handed[1] + handed[2]
+
+        def train(self, mode=True):
+            return self
+
+    grown = model.again(Replica())
+    if next(calls, None) is not None:
+        raise Unverifiable("the evaluation does not score the same batches when run again")
+    per_nat = grown - verified
+    if not (math.isfinite(per_nat) and per_nat >= 0):
+        raise Unverifiable(f"the evaluation's number does not grow with the losses it sums ({per_nat!r} per nat)")
+    return per_nat
 
 
 class _HeldoutPass:
@@ -631,9 +663,9 @@ class _HeldoutPass:
             self.pid = None
 
 
-def _probe(folder: str, clock: _Clock, gate=None) -> VerifyReport:
+def _probe(folder: str, clock: _Clock, gate=None, margin: bool = True) -> VerifyReport:
     """Evaluate and probe: the report of one pass, on whichever data $HOME points at (`gate`: as
-    for evaluate)."""
+    for evaluate; `margin`: work out the keep margin, which only the val pass's number needs)."""
     import torch
 
     rng = random.Random(int.from_bytes(os.urandom(16), "big"))
@@ -646,7 +678,12 @@ def _probe(folder: str, clock: _Clock, gate=None) -> VerifyReport:
     if probes.unprobeable or not probes.sample:
         return VerifyReport(Verdict.UNVERIFIED, why=probes.unprobeable or "the evaluation never called the model", val_bpb=verified)
     device = probes.template_args[probes.shape[0]].device.type
-    atol = ATOL_NATS["low" if _low_precision(call, device) else "float32"]
+    low = _low_precision(call, device)
+    atol = ATOL_NATS["low" if low else "float32"]
+    # What a read-ahead inside the tolerance could gain, in the number's own units: a keep must
+    # beat the best by more (computable where the losses are the verifier's own; see README)
+    margin = atol * _per_nat(model, verified) if margin and low and model.handed else None
+    clock.lap("margin")
 
     def close(a, b) -> bool:  # equal infinities are close (a logit masked to -inf); NaN never is
         return bool(torch.allclose(a, b, atol=atol, rtol=0.0))
@@ -663,7 +700,7 @@ def _probe(folder: str, clock: _Clock, gate=None) -> VerifyReport:
         return VerifyReport(Verdict.UNVERIFIED, why=why, val_bpb=verified, probed_positions=compared)
     if not causal:
         return VerifyReport(Verdict.NONCAUSAL, why=why, val_bpb=verified, probed_positions=compared)
-    return VerifyReport(Verdict.OK, val_bpb=verified, probed_positions=compared)
+    return VerifyReport(Verdict.OK, val_bpb=verified, probed_positions=compared, margin_bpb=margin)
 
 
 def verify(folder: str, clock: _Clock) -> VerifyReport:
@@ -728,7 +765,7 @@ def heldout_main(folder: str, fd: int, go: int, overlap: bool) -> int:
     if not overlap:
         wait_for_go()
     try:
-        report = _probe(folder, _Clock(), wait_for_go if overlap else None)
+        report = _probe(folder, _Clock(), wait_for_go if overlap else None, margin=False)
     except (Refused, Unverifiable) as exc:
         report = VerifyReport(Verdict.REFUSED if isinstance(exc, Refused) else Verdict.UNVERIFIED, why=str(exc))
     with os.fdopen(fd, "w") as f:

@@ -77,6 +77,8 @@ class VerifyReport:
     normalised_positions: int = 0              # (older verifiers, whose reports images still carry: their
     probability_mass: float | None = None      # normalisation probe's positions and largest sum; unset now)
     seconds: dict | None = None                # where the verifier's time went: {phase: seconds}
+    margin_bpb: float | None = None            # what reading ahead inside the probe's tolerance could gain
+                                               # (in the number's units): a keep must beat the best by more
 
     def to_line(self, secret: str) -> str:
         body = {k: (v.value if isinstance(v, Verdict) else v) for k, v in asdict(self).items()}
@@ -112,7 +114,7 @@ def parse_report(output: str, secret: str) -> VerifyReport:
             raise ValueError("unexpected fields")
         report = VerifyReport(**body)
         verdict = Verdict(report.verdict)
-        for name in ("val_bpb", "heldout_bpb", "probability_mass"):
+        for name in ("val_bpb", "heldout_bpb", "probability_mass", "margin_bpb"):
             value = getattr(report, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(name)

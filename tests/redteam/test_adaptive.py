@@ -322,3 +322,20 @@ def test_attacks_from_the_reviews_are_refused(request, tmp_path, name, verdict, 
     record = _attack(repo, data, tmp_path, EVALUATIONS[target], (ATTACKS / name).read_text(), before=False)
     _refused(record, verdict)
     assert detail in record["detail"], record
+
+
+def test_a_peek_inside_the_tolerance_gains_no_more_than_the_margin_a_keep_must_clear(arlike, tmp_path):
+    """attacks/arlike_subtolerance_peek.py reads the next token by less than the bf16 tolerance:
+    it verifies ok (the probe cannot see it), and the verifier's margin, which a keep must clear
+    beside min_delta (runner/policy.py decide), is at least what the peek gained."""
+    import re
+
+    repo, data = arlike
+    clone = _attack_repo(repo, tmp_path, EVALUATIONS["arlike"], (ATTACKS / "arlike_subtolerance_peek.py").read_text(),
+                         before=False)
+    record, log = run_json(clone, data, "--budget", "2")
+    assert record["verdict"] == "ok", record
+    gain = float(re.search(r"^peek_gain_bpb:\s+(\S+)", log, re.M).group(1))
+    assert gain > 0.001, log                      # the peek works: a real gain, invisible to the probe
+    assert record["margin_bpb"] >= gain, record   # ... and no larger than the margin a keep must clear
+
