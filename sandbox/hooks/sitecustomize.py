@@ -129,7 +129,7 @@ def _wrap(module, name):
 
     def evaluate(model, *args, **kwargs):
         captured = []
-        handles = []
+        handle = None
         autocast = _autocast_state()
 
         def first_call(mod, a, kw, out):  # its arguments, mode, and the shape of a loss it returned
@@ -137,11 +137,11 @@ def _wrap(module, name):
                 captured.append((a, kw, mod.training, _loss_dims(a, kw, out)))
 
         if hasattr(model, "register_forward_hook"):
-            handles.append(model.register_forward_hook(first_call, with_kwargs=True))
+            handle = model.register_forward_hook(first_call, with_kwargs=True)
         try:
             result = original(model, *args, **kwargs)
         finally:
-            for handle in handles:
+            if handle is not None:
                 handle.remove()
         if not getattr(evaluate, "exported", False):
             evaluate.exported = True

@@ -451,18 +451,17 @@ def _loss_from_logits(logits, targets, dims: int):
     valid = targets >= 0
     if bool((targets >= vocab).any()):
         raise Unverifiable(f"a target id ({int(targets.max())}) is beyond the model's logits ({vocab} of them)")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.autocast(logits.device.type, enabled=False))
+    with torch.autocast(logits.device.type, enabled=False):
         logp = logits.float().log_softmax(-1)
         loss = -logp.gather(-1, targets.clamp(0, vocab - 1).long().unsqueeze(-1)).squeeze(-1) * valid
     return loss.reshape((-1,) if dims == 1 else (*targets.shape, 1)[:dims])
 
 
-def _scored_model(program, probes: Probes, loss_dims: int = 0):
+def _scored_model(program, probes: Probes, loss_dims: int = 0, keep: bool = False):
     """What the evaluation function gets in place of the model: a module that calls `program`.
     `loss_dims`: the evaluation gives the model targets and it returned a loss of that many
     dimensions; `program` is then the model on the ids alone, and the loss is computed from its
-    logits (_loss_from_logits)."""
+    logits (_loss_from_logits). `keep`: keep what each call handed out, for _per_nat."""
     import torch
 
     class Scored(torch.nn.Module):
@@ -489,7 +488,8 @@ def _scored_model(program, probes: Probes, loss_dims: int = 0):
                 raise Unverifiable(protocol.LOGITS_NEEDED)
             probes.observe((ids,), {}, logits)
             loss = _loss_from_logits(logits, targets, loss_dims)
-            self.handed.append((ids.clone(), loss.detach(), (targets >= 0).reshape(loss.shape).to(loss.dtype)))
+            if keep:
+                self.handed.append((ids.clone(), loss.detach(), (targets >= 0).reshape(loss.shape).to(loss.dtype)))
             return loss
 
         def train(self, mode=True):  # the exported graph has no modes to switch
@@ -525,9 +525,11 @@ def _load(folder: str, workdir: str, call: dict):
     return program.module()
 
 
-def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Clock | None = None, gate=None):
+def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Clock | None = None, gate=None,
+             margin: bool = False):
     """The repo's own evaluation of the exported program: (val_bpb, the call, the program, the model).
-    `gate`, when given, is called once everything is loaded, just before the evaluation starts."""
+    `gate`, when given, is called once everything is loaded, just before the evaluation starts;
+    `margin`: keep the losses handed out where a margin may be wanted (a reduced-precision autocast)."""
     sys.path.insert(0, os.getcwd())  # the repo (/repo): its fixed evaluation code, never train.py's
     call = _read_call(folder)
     module, function = _evaluation()  # first: the repo's own kernels (verify_ops) register their operators on import
@@ -538,7 +540,8 @@ def evaluate(folder: str, workdir: str, probes: Probes | None = None, clock: _Cl
     loss_dims = call.get("loss_dims", 0)
     if type(loss_dims) is not int or loss_dims not in (0, 1, 2, 3):
         raise Unverifiable(f"call.json's loss_dims is {loss_dims!r}, not 0 to 3")
-    model = _scored_model(program, probes or Probes(random.Random()), loss_dims)
+    keep = margin and any(_low_precision(call, device) for device in ("cpu", "cuda"))
+    model = _scored_model(program, probes or Probes(random.Random()), loss_dims, keep)
     model.held = _held_tensors(program)
     model.pristine = {name: value.detach().clone() for name, value in model.held.items()}  # before the first call
     if gate is not None:
@@ -671,7 +674,7 @@ def _probe(folder: str, clock: _Clock, gate=None, margin: bool = True) -> Verify
     rng = random.Random(int.from_bytes(os.urandom(16), "big"))
     probes = Probes(rng)
     with tempfile.TemporaryDirectory() as workdir:
-        verified, call, program, model = evaluate(folder, workdir, probes, clock, gate)
+        verified, call, program, model = evaluate(folder, workdir, probes, clock, gate, margin)
     clock.lap("evaluate")
     if not math.isfinite(verified):
         return VerifyReport.unverified("the evaluation of the exported program gave no finite number")
